@@ -1,0 +1,45 @@
+"""Install script of the sparse_policy_node ament_python package."""
+
+from glob import glob
+import os
+
+from setuptools import find_packages
+from setuptools import setup
+
+package_name = 'sparse_policy_node'
+
+
+def model_files():
+    """List (install_dir, [files]) pairs for every shipped model directory."""
+    entries = []
+    for directory in sorted(glob('models/*/')):
+        files = sorted(f for f in glob(os.path.join(directory, '*')) if os.path.isfile(f))
+        if files:
+            entries.append((os.path.join('share', package_name, directory), files))
+    return entries
+
+
+setup(
+    name=package_name,
+    version='0.1.0',
+    packages=find_packages(exclude=['test']),
+    data_files=[
+        ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
+        ('share/' + package_name, ['package.xml']),
+        (os.path.join('share', package_name, 'launch'), glob('launch/*.launch.py')),
+        (os.path.join('share', package_name, 'config'), glob('config/*.yaml')),
+        (os.path.join('share', package_name, 'config', 'train'), glob('config/train/*.yaml')),
+    ] + model_files(),
+    install_requires=['setuptools'],
+    zip_safe=True,
+    maintainer='sparse_policy_node maintainers',
+    maintainer_email='maintainers@sparse-policy-node.invalid',
+    description='Diffusion policy server with test-time sparsity for ROS 2.',
+    license='Apache-2.0',
+    tests_require=['pytest'],
+    entry_points={
+        'console_scripts': [
+            'sparse-policy = sparse_policy_node.cli:main',
+        ],
+    },
+)

@@ -1,0 +1,62 @@
+"""Dense denoising loop: the reference the sparse engine must reproduce bit for bit.
+
+The condition memory of all K steps is computed in one batched call (exact, since the memory
+does not depend on the noisy action); every step then runs all units of the decoder.
+"""
+
+from typing import Optional
+
+from sparse_policy_node.core.scheduler import NoiseScheduler
+from sparse_policy_node.core.transformer import DPTransformer
+import torch
+
+
+def initial_noise(shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """Draw standard normal (B, T_a, A) noise drawn on the generator's device."""
+    gen_device = generator.device if generator is not None else 'cpu'
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def dense_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """One dense denoiser call on precomputed memory.
+
+    Args:
+        model: the transformer.
+        sample: (B, T_a, A) noisy normalized actions.
+        memory: (B, T_c, D) memory of this step.
+
+    Returns:
+        (B, T_a, A) predicted noise.
+    """
+    x = model.embed_sample(sample)
+    mask, mem_mask = model.mask, model.memory_mask
+    for layer in model.layers:
+        x = x + layer.sa(x, mask)
+        x = x + layer.ca(x, layer.multihead_attn.memory_kv(memory), mem_mask)
+        x = x + layer.ffn(x)
+    return model.output(x)
+
+
+@torch.no_grad()
+def sample_dense(model: DPTransformer, scheduler: NoiseScheduler, cond: torch.Tensor,
+                 noise: torch.Tensor, step_noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Run the full reverse diffusion with every unit computed.
+
+    Args:
+        model: the transformer (eval mode).
+        scheduler: scheduler with its inference timesteps set.
+        cond: (B, T_o, D_o) observation features.
+        noise: (B, T_a, A) initial noise.
+        step_noise: optional (K, B, T_a, A) DDPM variance noise per step.
+        generator: draws the variance noise when ``step_noise`` is None.
+
+    Returns:
+        (B, T_a, A) denoised normalized actions.
+    """
+    memory = model.encode_condition_all_steps(scheduler.timesteps, cond)  # (B, K, T_c, D)
+    x = noise
+    for k in range(scheduler.num_steps):
+        eps = dense_step(model, x, memory[:, k])
+        x = scheduler.step(eps, k, x, None if step_noise is None else step_noise[k], generator)
+    return x
