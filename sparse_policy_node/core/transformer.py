@@ -206,28 +206,49 @@ class DPTransformer(nn.Module):
         tokens = torch.cat((time_tok, self.cond_obs_emb(cond)), dim=1)  # (B, T_c, D)
         return self.encoder(self.drop(tokens + self.cond_pos_emb))
 
-    def encode_condition_all_steps(self, timesteps: torch.Tensor,
-                                   cond: torch.Tensor) -> torch.Tensor:
-        """Memory for every denoising step in one batched call (exact: it ignores a_k).
+    def encode_condition_parts(self, timesteps: torch.Tensor, cond: torch.Tensor):
+        """Memory split into its step-dependent and observation-dependent tokens.
 
-        The encoder is token-wise, so the observation tokens are identical for every step and
-        are encoded once; only the K time tokens are encoded per step.
+        The encoder is token-wise, so the observation tokens of the memory are identical for
+        every denoising step and the time token does not depend on the observation. Encoding
+        the two parts separately is exact and costs K + B * T_o token passes instead of
+        B * K * T_c.
 
         Args:
             timesteps: (K,) inference timesteps in execution order.
             cond: (B, T_o, D_o) observation features.
 
         Returns:
-            (B, K, T_c, D) memory of every step.
+            time_mem: (K, D) memory time token of every step.
+            obs_mem: (B, T_o, D) memory observation tokens (shared by all steps).
         """
-        B, K = cond.shape[0], timesteps.shape[0]
         time_tok = sinusoidal_embedding(timesteps.to(cond.device), self.n_emb)  # (K, D)
         time_mem = self.encoder(self.drop(time_tok + self.cond_pos_emb[0, :1]))  # (K, D)
         obs_tok = self.cond_obs_emb(cond) + self.cond_pos_emb[:, 1:]  # (B, T_o, D)
-        obs_mem = self.encoder(self.drop(obs_tok))  # (B, T_o, D)
-        time_mem = time_mem[None, :, None].expand(B, K, 1, self.n_emb)  # (B, K, 1, D)
-        obs_mem = obs_mem[:, None].expand(B, K, obs_mem.shape[1], self.n_emb)
-        return torch.cat((time_mem, obs_mem), dim=2)  # (B, K, T_c, D)
+        return time_mem, self.encoder(self.drop(obs_tok))
+
+    @staticmethod
+    def assemble_memory(time_mem: torch.Tensor, obs_mem: torch.Tensor) -> torch.Tensor:
+        """(K, D) time tokens + (B, T_o, D) obs tokens -> (B, K, T_c, D) memory of every step."""
+        B, T_o, D = obs_mem.shape
+        K = time_mem.shape[0]
+        time_part = time_mem[None, :, None].expand(B, K, 1, D)  # (B, K, 1, D)
+        obs_part = obs_mem[:, None].expand(B, K, T_o, D)  # (B, K, T_o, D)
+        return torch.cat((time_part, obs_part), dim=2)  # (B, K, T_c, D)
+
+    def encode_condition_all_steps(self, timesteps: torch.Tensor,
+                                   cond: torch.Tensor) -> torch.Tensor:
+        """Memory for every denoising step in one batched call (exact: it ignores a_k).
+
+        Args:
+            timesteps: (K,) inference timesteps in execution order.
+            cond: (B, T_o, D_o) observation features.
+
+        Returns:
+            (B, K, T_c, D) memory of every step; ``[:, k]`` equals :meth:`encode_condition`
+            at ``timesteps[k]`` up to float rounding.
+        """
+        return self.assemble_memory(*self.encode_condition_parts(timesteps, cond))
 
     # ==== decoder units ====
 

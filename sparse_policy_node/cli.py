@@ -1,0 +1,62 @@
+"""``sparse-policy`` command line: one subcommand per pipeline stage.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``
+(returning an exit code); modules are imported only when their command runs, so
+``sparse-policy --help`` stays fast and works without the simulator or ROS installed.
+"""
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    'info': ('sparse_policy_node.tools.info',
+             'describe a model directory or preset (sizes, FLOPs, a timed smoke chunk)'),
+    'import-dp': ('sparse_policy_node.tools.import_dp',
+                  'convert a Diffusion Policy DP-T checkpoint into a model directory'),
+    'demos': ('sparse_policy_node.training.demos',
+              'collect scripted demonstrations of a robosuite task into robomimic HDF5'),
+    'train-policy': ('sparse_policy_node.training.train_policy',
+                     'train a diffusion policy from a YAML config (torchrun for several '
+                     'processes)'),
+    'eval': ('sparse_policy_node.training.evaluate',
+             'success rate of a model over a seed range in the simulator'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Create the top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog='sparse-policy',
+        description='Diffusion policy with test-time sparsity: train, evaluate, benchmark, '
+                    'serve.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``sparse-policy`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0] in ('-h', '--help') or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ('-h', '--help'):
+            parser.print_usage(sys.stderr)
+            print(f'sparse-policy: unknown command {argv[0]!r}; choose from '
+                  f'{", ".join(COMMANDS)}', file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f'sparse-policy {name}', description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The three feature caches of omnidirectional reuse (tts_method.md §6).
+
+For chunk (control step) r, denoising step k and unit b = 3 l + j:
+
+==========  =======================  ==========  =====================================
+direction   slot                      slots       lifetime
+==========  =======================  ==========  =====================================
+forward F   unit kind j (SA/CA/FFN)   3           cleared at the start of every chunk
+timestep T  unit b                    U           cleared at the start of every chunk
+rollout R   (step k, unit b)          K * U       kept across chunks until reset()
+==========  =======================  ==========  =====================================
+
+Computing a unit refreshes all three slots with its branch output; reusing refreshes none.
+Slots hold references to branch outputs (no copies), so memory is bounded by
+``(3 + U + K * U)`` tensors of (B, T_a, D) whatever the number of chunks. The rollout cache is
+tied to one inference schedule (sampler, K); a schedule change clears it, so the next chunk
+runs dense again.
+"""
+
+from typing import List
+from typing import Optional
+from typing import Tuple
+
+import torch
+
+COMPUTE, REUSE_FORWARD, REUSE_TIMESTEP, REUSE_ROLLOUT = 0, 1, 2, 3
+CHOICE_NAMES = ('compute', 'forward', 'timestep', 'rollout')
+
+
+class FeatureCache:
+    """Forward / timestep / rollout caches for one policy instance (one robot)."""
+
+    def __init__(self, num_units: int):
+        self.num_units = num_units
+        self.forward: List[Optional[torch.Tensor]] = [None] * 3
+        self.timestep: List[Optional[torch.Tensor]] = [None] * num_units
+        self.rollout: List[List[Optional[torch.Tensor]]] = []
+        self.schedule: Optional[Tuple] = None
+        self.chunks_since_reset = 0
+
+    def reset(self) -> None:
+        """Start a new episode: clear every slot; the next chunk must be dense."""
+        self.forward = [None] * 3
+        self.timestep = [None] * self.num_units
+        self.rollout = []
+        self.schedule = None
+        self.chunks_since_reset = 0
+
+    def begin_chunk(self, schedule: Tuple, num_steps: int) -> bool:
+        """Prepare for a new chunk of ``num_steps`` steps on inference ``schedule``.
+
+        ``schedule`` identifies what the rollout cache depends on (sampler, timesteps, batch
+        size). Clears the per-chunk caches (F, T), and the rollout cache too when the schedule
+        differs from the one it was filled with.
+
+        Returns:
+            True when the chunk must run dense (first chunk since reset or schedule change).
+        """
+        self.forward = [None] * 3
+        self.timestep = [None] * self.num_units
+        if schedule != self.schedule:
+            self.rollout = [[None] * self.num_units for _ in range(num_steps)]
+            self.schedule = schedule
+            self.chunks_since_reset = 0
+        must_be_dense = self.chunks_since_reset == 0
+        self.chunks_since_reset += 1
+        return must_be_dense
+
+    def store(self, step: int, unit: int, value: torch.Tensor) -> None:
+        """Refresh all three directions with a computed (B, T_a, D) branch output."""
+        self.forward[unit % 3] = value
+        self.timestep[unit] = value
+        self.rollout[step][unit] = value
+
+    def lookup(self, choice: int, step: int, unit: int) -> Optional[torch.Tensor]:
+        """Cached (B, T_a, D) value for a reuse ``choice``, or None when the slot is empty."""
+        if choice == REUSE_FORWARD:
+            return self.forward[unit % 3]
+        if choice == REUSE_TIMESTEP:
+            return self.timestep[unit]
+        if choice == REUSE_ROLLOUT:
+            return self.rollout[step][unit]
+        raise ValueError(f'reuse choice must be 1, 2 or 3, got {choice!r}')
+
+    def num_tensors(self) -> int:
+        """Count the filled slots (for memory-boundedness checks)."""
+        filled = sum(v is not None for v in self.forward)
+        filled += sum(v is not None for v in self.timestep)
+        filled += sum(v is not None for row in self.rollout for v in row)
+        return filled
+
+    def detach_(self) -> None:
+        """Detach every cached tensor (training carries R across frames without gradients)."""
+        self.forward = [None if v is None else v.detach() for v in self.forward]
+        self.timestep = [None if v is None else v.detach() for v in self.timestep]
+        self.rollout = [[None if v is None else v.detach() for v in row] for row in self.rollout]

@@ -1,0 +1,248 @@
+"""Stateful sparse inference engine: one per robot, keeps the rollout cache across chunks.
+
+Per chunk (control step)::
+
+    obs --encode--> cond --encoder (all K steps, one call)--> memory (1, K, T_c, D)
+                                   |                          |
+                                   +--> pruner (worker thread / side CUDA stream) --> gates
+                                                              |                       |
+                         step 0: dense decoder  <-------------+                       |
+                         steps 1..K-1: gated decoder  <--- wait for gates once, at k=1 +
+
+The pruner overlaps the mandatory dense step 0. On CPU it runs in a worker thread (torch ops
+release the GIL); on CUDA it runs on a side stream that waits for the encoder's stream, and
+its gate map is copied to pinned host memory without blocking; the host waits on one event
+just before step 1, never inside the per-step loop.
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from typing import Dict
+from typing import Optional
+
+from sparse_policy_node.core import keys
+from sparse_policy_node.core.cache import FeatureCache
+from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import RuntimeConfig
+from sparse_policy_node.core.flops import chunk_macs
+from sparse_policy_node.core.gates import argmax_gates
+from sparse_policy_node.core.gates import dense_gates
+from sparse_policy_node.core.gates import dial_gates
+from sparse_policy_node.core.gates import gate_counts
+from sparse_policy_node.core.gates import random_gates
+from sparse_policy_node.core.gates import static_gates
+from sparse_policy_node.core.sampler import initial_noise
+from sparse_policy_node.core.scheduler import NoiseScheduler
+from sparse_policy_node.core.sparse_sampler import sample_soft
+from sparse_policy_node.core.sparse_sampler import sample_sparse
+import torch
+import torch.nn.functional as F
+
+
+class SparseEngine:
+    """Sparse diffusion-policy inference with caches that live across control steps."""
+
+    def __init__(self, policy, pruner=None, runtime: Optional[RuntimeConfig] = None):
+        self.policy = policy.eval()
+        self.pruner = None if pruner is None else pruner.eval()
+        self.device = next(policy.parameters()).device
+        if runtime is None:
+            runtime = RuntimeConfig(
+                sparsity_enabled=pruner is not None,
+                sampler=policy.config.scheduler.sampler,
+                num_inference_steps=policy.config.scheduler.num_inference_steps)
+        self._check_runtime(runtime)
+        self._runtime = runtime
+        self._pending: Optional[RuntimeConfig] = None
+        self._reset_requested = False
+        self._lock = threading.Lock()
+        self.scheduler = NoiseScheduler(policy.config.scheduler)
+        self.cache = FeatureCache(policy.transformer.num_units)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='pruner')
+        self._side_stream = None
+        self.random_generator = torch.Generator().manual_seed(0)
+        self.last_gates = None
+
+    # ==== runtime knobs ====
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        """The knobs in force for the next chunk (pending changes included)."""
+        with self._lock:
+            return self._pending or self._runtime
+
+    def _check_runtime(self, cfg: RuntimeConfig) -> None:
+        n_train = self.policy.config.scheduler.num_train_timesteps
+        if cfg.num_inference_steps > n_train:
+            raise ConfigError(f'RuntimeConfig.num_inference_steps={cfg.num_inference_steps} '
+                              f'exceeds the model\'s num_train_timesteps={n_train}')
+        if cfg.sparsity_enabled and cfg.gate_source == 'pruner' and self.pruner is None:
+            raise ConfigError('RuntimeConfig.gate_source=pruner but this model has no pruner; '
+                              'use static, random or dense, or train a pruner')
+
+    def set_runtime(self, cfg: RuntimeConfig) -> None:
+        """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
+        self._check_runtime(cfg)
+        with self._lock:
+            self._pending = cfg
+
+    def reset(self) -> None:
+        """Start a new episode: the next chunk clears every cache and runs dense."""
+        with self._lock:
+            self._reset_requested = True
+
+    def _apply_pending(self) -> RuntimeConfig:
+        with self._lock:
+            if self._pending is not None:
+                self._runtime, self._pending = self._pending, None
+            if self._reset_requested:
+                self.cache.reset()
+                self._reset_requested = False
+            runtime = self._runtime
+        if (self.scheduler.sampler, self.scheduler.num_steps) != (
+                runtime.sampler, runtime.num_inference_steps):
+            self.scheduler.set_timesteps(runtime.num_inference_steps, runtime.sampler)
+        return runtime
+
+    # ==== gates ====
+
+    def _gate_map(self, runtime: RuntimeConfig, time_mem, obs_mem) -> torch.Tensor:
+        """(B, K, U) integer gate maps for one chunk (before the first-chunk dense rule)."""
+        B = obs_mem.shape[0]
+        K, U = self.scheduler.num_steps, self.policy.transformer.num_units
+        s = runtime.target_sparsity
+        if not runtime.sparsity_enabled or runtime.gate_source == 'dense':
+            return dense_gates(K, U).expand(B, K, U)
+        if runtime.gate_source == 'static':
+            return static_gates(K, U, s).expand(B, K, U)
+        if runtime.gate_source == 'random':
+            return torch.stack([random_gates(K, U, s, runtime.directions,
+                                             self.random_generator) for _ in range(B)])
+        logits = self.pruner(time_mem, obs_mem)  # (B, K, U, 4)
+        if s >= 0:
+            return torch.stack([dial_gates(z, s, runtime.directions) for z in logits])
+        return argmax_gates(logits, runtime.directions)
+
+    def _launch_gates(self, runtime: RuntimeConfig, time_mem, obs_mem):
+        """Start gate prediction concurrently with step 0; return a callable that waits."""
+        timing = {}
+
+        def compute():
+            t0 = time.perf_counter()
+            with torch.no_grad():  # grad mode is thread-local
+                gates = self._gate_map(runtime, time_mem, obs_mem)
+            timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
+            return gates
+
+        if runtime.gate_source != 'pruner' or not runtime.sparsity_enabled:
+            gates = compute()
+            return lambda: gates[0].tolist(), timing
+        if self.device.type == 'cuda':
+            main = torch.cuda.current_stream(self.device)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            side = self._side_stream
+            side.wait_stream(main)  # the encoder output must be complete before the pruner
+            with torch.cuda.stream(side):
+                time_mem.record_stream(side)
+                obs_mem.record_stream(side)
+                gates = compute()
+                host = torch.empty(gates.shape[1:], dtype=gates.dtype, pin_memory=True)
+                host.copy_(gates[0], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+
+            def wait_cuda():
+                done.synchronize()
+                return host.tolist()
+            return wait_cuda, timing
+        future = self._worker.submit(compute)
+        return lambda: future.result()[0].tolist(), timing
+
+    # ==== inference ====
+
+    @torch.no_grad()
+    def predict_action(self, obs: Dict[str, torch.Tensor], noise: Optional[torch.Tensor] = None,
+                       generator: Optional[torch.Generator] = None,
+                       step_noise: Optional[torch.Tensor] = None) -> Dict:
+        """Sample one action chunk, reusing cached features where the gates say so.
+
+        Args:
+            obs: observation window, each key (B, T_o, ...) (see
+                ``DiffusionPolicy.expected_obs_shapes``). B = 1 truly skips units; B > 1
+                runs the batched soft-gated path (same outputs, no speedup).
+            noise: optional (B, T_a, A) initial noise.
+            generator: random generator for noise not given explicitly.
+            step_noise: optional (K, B, T_a, A) DDPM variance noise.
+
+        Returns:
+            ``action`` (B, n_action_steps, A), ``action_pred`` (B, T_a, A) and ``stats``
+            (realized sparsity, choice counts, whether the chunk was forced dense, latency,
+            pruner time, MACs).
+        """
+        t_start = time.perf_counter()
+        policy = self.policy
+        B = policy.check_obs(obs)
+        runtime = self._apply_pending()
+        cond = policy.encode_obs(obs)
+        if noise is None:
+            noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
+        model, sched = policy.transformer, self.scheduler
+        time_mem, obs_mem = model.encode_condition_parts(sched.timesteps, cond)
+        memory = model.assemble_memory(time_mem, obs_mem)  # (B, K, T_c, D)
+        schedule = (sched.sampler, B, *sched.timesteps.tolist())
+        forced_dense = self.cache.begin_chunk(schedule, sched.num_steps)
+        K, U = sched.num_steps, model.num_units
+        timing = {}
+        if B == 1:
+            gates_fn = None
+            if not forced_dense:
+                gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
+            nactions, executed = sample_sparse(model, sched, memory, noise, gates_fn,
+                                               self.cache, step_noise, generator)
+            executed = torch.tensor(executed)  # (K, U)
+        else:
+            # Batched evaluation: soft path with one-hot gates, per-sample caches.
+            if forced_dense:
+                gate_maps = dense_gates(K, U).expand(B, K, U)
+            else:
+                t0 = time.perf_counter()
+                gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
+                timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
+            onehot = F.one_hot(gate_maps, 4).to(cond.dtype)  # (B, K, U, 4)
+            nactions = sample_soft(model, sched, memory, noise, onehot, self.cache, step_noise,
+                                   generator)
+            executed = gate_maps.cpu()  # (B, K, U)
+        action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)
+        self.last_gates = executed
+        stats = gate_counts(executed)
+        per_sample = executed.reshape(-1, K, U)
+        kinds = [int((per_sample[..., j::3] == 0).sum()) // per_sample.shape[0]
+                 for j in range(3)]
+        macs = chunk_macs(policy.config.transformer, policy.config.obs.obs_feature_dim,
+                          sched.num_steps, kinds,
+                          self.pruner.config if runtime.gate_source == 'pruner'
+                          and 'pruner_ms' in timing else None)
+        stats.update(dense=forced_dense, num_steps=sched.num_steps, sampler=sched.sampler,
+                     latency_ms=(time.perf_counter() - t_start) * 1e3,
+                     pruner_ms=timing.get('pruner_ms', 0.0),
+                     gmacs=macs['total'] / 1e9, gmacs_pruner=macs['pruner'] / 1e9)
+        return {'action_pred': action_pred,
+                'action': policy.chunk_from_prediction(action_pred),
+                'stats': stats}
+
+    def close(self) -> None:
+        """Stop the pruner worker thread."""
+        self._worker.shutdown(wait=True)
+
+
+def load_engine(model_dir: str, device: str = 'cpu',
+                runtime: Optional[RuntimeConfig] = None) -> SparseEngine:
+    """Load a model directory (policy + pruner when present) into a :class:`SparseEngine`."""
+    from sparse_policy_node.core.checkpoint import has_pruner
+    from sparse_policy_node.core.checkpoint import load_policy
+    from sparse_policy_node.core.checkpoint import load_pruner
+    policy = load_policy(model_dir, device)
+    pruner = load_pruner(model_dir, device) if has_pruner(model_dir) else None
+    return SparseEngine(policy, pruner, runtime)

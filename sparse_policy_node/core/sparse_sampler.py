@@ -1,0 +1,176 @@
+"""Sparse denoising loops: a truly skipping batch-1 loop and a batched soft-gated twin.
+
+Per unit b = 3 l + j at step k (tts_method.md §6.2)::
+
+    choice C: d = f_b(LN_j(x)); x = x + d; refresh F[j], T[b], R[k][b] with d
+    choice F: x = x + F[j]        choice T: x = x + T[b]        choice R: x = x + R[k][b]
+
+:func:`sample_sparse` branches in Python per unit, so a reused unit costs one tensor add and
+no kernel of the unit runs at all (no compute-then-mask). With every gate set to compute it
+executes exactly the operations of :func:`sampler.dense_step`, hence identical bits.
+
+:func:`sample_soft` is the batched, differentiable path used for training and batched
+evaluation: it always computes and mixes ``x + g_C d + g_F F + g_T T + g_R R`` with one-hot
+(straight-through) gates, refreshing the caches per sample where ``g_C = 1``. Its outputs
+equal the hard path's for the same gates.
+"""
+
+from typing import Callable
+from typing import List
+from typing import Optional
+
+from sparse_policy_node.core.cache import FeatureCache
+from sparse_policy_node.core.scheduler import NoiseScheduler
+from sparse_policy_node.core.transformer import DPTransformer
+import torch
+
+GateRows = List[List[int]]
+
+
+def sparse_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor,
+                gates: Optional[List[int]], cache: FeatureCache, step: int,
+                executed: List[int]) -> torch.Tensor:
+    """One batch-1 denoiser call that skips reused units.
+
+    Args:
+        model: the transformer (eval mode).
+        sample: (1, T_a, A) noisy normalized actions.
+        memory: (1, T_c, D) memory of this step.
+        gates: U choices for this step, or None to compute every unit.
+        cache: feature caches, updated in place.
+        step: denoising step index k.
+        executed: U ints, overwritten with the choices actually executed (a reuse whose cache
+            slot is empty falls back to compute).
+
+    Returns:
+        (1, T_a, A) predicted noise.
+    """
+    x = model.embed_sample(sample)
+    mask, mem_mask = model.mask, model.memory_mask
+    fwd, ts, roll = cache.forward, cache.timestep, cache.rollout[step]
+    for b in range(len(executed)):
+        choice = 0 if gates is None else gates[b]
+        d = None
+        if choice == 1:
+            d = fwd[b % 3]
+        elif choice == 2:
+            d = ts[b]
+        elif choice == 3:
+            d = roll[b]
+        if d is None:
+            layer, kind = model.layers[b // 3], b % 3
+            if kind == 0:
+                d = layer.sa(x, mask)
+            elif kind == 1:
+                d = layer.ca(x, layer.multihead_attn.memory_kv(memory), mem_mask)
+            else:
+                d = layer.ffn(x)
+            fwd[kind] = d
+            ts[b] = d
+            roll[b] = d
+            choice = 0
+        executed[b] = choice
+        x = x + d
+    return model.output(x)
+
+
+@torch.no_grad()
+def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.Tensor,
+                  noise: torch.Tensor, gates_fn: Optional[Callable[[], GateRows]],
+                  cache: FeatureCache, step_noise: Optional[torch.Tensor] = None,
+                  generator: Optional[torch.Generator] = None):
+    """Reverse diffusion at batch 1 with per-(step, unit) gates.
+
+    Step 0 always computes every unit; ``gates_fn`` is called once, just before step 1, so
+    that gates can be produced concurrently with step 0 (see :mod:`engine`).
+
+    Args:
+        model: the transformer (eval mode).
+        scheduler: scheduler with its inference timesteps set.
+        memory: (1, K, T_c, D) memory of every step.
+        noise: (1, T_a, A) initial noise.
+        gates_fn: returns K rows of U choices; None computes everything.
+        cache: feature caches; :meth:`FeatureCache.begin_chunk` must have been called.
+        step_noise: optional (K, 1, T_a, A) DDPM variance noise.
+        generator: draws variance noise when ``step_noise`` is None.
+
+    Returns:
+        x: (1, T_a, A) denoised normalized actions.
+        executed: K rows of U executed choices.
+    """
+    K, U = scheduler.num_steps, model.num_units
+    executed = [[0] * U for _ in range(K)]
+    x = noise
+    gates = None
+    for k in range(K):
+        if k == 1 and gates_fn is not None:
+            gates = gates_fn()
+        eps = sparse_step(model, x, memory[:, k], None if k == 0 or gates is None else gates[k],
+                          cache, k, executed[k])
+        x = scheduler.step(eps, k, x, None if step_noise is None else step_noise[k], generator)
+    return x, executed
+
+
+def _mix(x, d, gate, candidates):
+    # x + g_C d + sum_c g_c * candidate_c. An empty candidate falls back to compute (as the
+    # hard path does), so its gate weight moves to d. gate: (B, 4). Returns (x, g_compute).
+    g_compute = gate[:, 0]
+    for c, value in enumerate(candidates, start=1):
+        if value is None:
+            g_compute = g_compute + gate[:, c]
+    x = x + g_compute[:, None, None] * d
+    for c, value in enumerate(candidates, start=1):
+        if value is not None:
+            x = x + gate[:, c, None, None] * value
+    return x, g_compute
+
+
+def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.Tensor,
+                noise: torch.Tensor, gates: torch.Tensor, cache: FeatureCache,
+                step_noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Batched reverse diffusion with soft (one-hot valued) gates; differentiable in ``gates``.
+
+    Every unit is computed for every sample; caches are refreshed per sample where the compute
+    gate is 1 and are stored detached, so gradients flow through the residual stream across
+    units and steps but not through cached values.
+
+    Args:
+        model: the transformer (its parameters may be frozen).
+        scheduler: scheduler with its inference timesteps set.
+        memory: (B, K, T_c, D) memory of every step.
+        noise: (B, T_a, A) initial noise.
+        gates: (B, K, U, 4) one-hot valued gates (straight-through in training).
+        cache: feature caches holding (B, T_a, D) tensors; begin_chunk must have been called.
+        step_noise: optional (K, B, T_a, A) DDPM variance noise.
+        generator: draws variance noise when ``step_noise`` is None.
+
+    Returns:
+        (B, T_a, A) denoised normalized actions.
+    """
+    K, U = scheduler.num_steps, model.num_units
+    mask, mem_mask = model.mask, model.memory_mask
+    x_a = noise
+    for k in range(K):
+        x = model.embed_sample(x_a)
+        mem_k = memory[:, k]
+        roll = cache.rollout[k]
+        for b in range(U):
+            layer, kind = model.layers[b // 3], b % 3
+            if kind == 0:
+                d = layer.sa(x, mask)
+            elif kind == 1:
+                d = layer.ca(x, layer.multihead_attn.memory_kv(mem_k), mem_mask)
+            else:
+                d = layer.ffn(x)
+            candidates = (cache.forward[kind], cache.timestep[b], roll[b])
+            x, g_compute = _mix(x, d, gates[:, k, b], candidates)
+            computed = (g_compute > 0.5)[:, None, None]  # (B, 1, 1)
+            fresh = d.detach()
+            for slots, idx in ((cache.forward, kind), (cache.timestep, b), (roll, b)):
+                old = slots[idx]
+                slots[idx] = fresh if old is None else torch.where(computed, fresh, old)
+        eps = model.output(x)
+        x_a = scheduler.step(eps, k, x_a, None if step_noise is None else step_noise[k],
+                             generator)
+    return x_a

@@ -1,0 +1,184 @@
+"""The bring-up's launch arguments and node plan: pure data, no ``launch`` import.
+
+Both ``launch/policy.launch.py`` (``ros2 launch``, for users with a ROS 2 distribution) and
+``sparse-policy launch`` (rclpy-only, for pip-installed ROS 2 wheels) call
+:func:`plan_nodes` on the same argument values, so they start the same nodes with the same
+parameter files and overrides by construction; ``test/test_ros_launch.py`` checks it.
+"""
+
+from dataclasses import dataclass
+from dataclasses import field
+import os
+import sys
+from typing import Dict
+from typing import List
+from typing import Optional
+from typing import Tuple
+
+PACKAGE = 'sparse_policy_node'
+
+
+@dataclass(frozen=True)
+class LaunchArg:
+    """One ``name:=value`` launch argument."""
+
+    name: str
+    default: str
+    description: str
+    choices: Optional[Tuple[str, ...]] = None
+
+
+LAUNCH_ARGS = (
+    LaunchArg('sim', 'robosuite', 'Simulator bridge started next to the policy node; "none" '
+              'serves a real robot (inputs from its drivers).', ('robosuite', 'none')),
+    LaunchArg('task', 'lift', 'Simulation task the bridge runs (sim:=robosuite only).'),
+    LaunchArg('model', '', 'Model directory (config.json + model.safetensors [+ pruner]); '
+              'empty: model_dir of params_file (the shipped model).'),
+    LaunchArg('device', '', 'Torch device: cpu, cuda or cuda:N; empty: params_file value.'),
+    LaunchArg('sparsity', '', 'Sparsity dial: "off" (dense), "learned" (pruner gates as '
+              'trained) or a target share of reused units in [0, 0.99]; empty: params_file.'),
+    LaunchArg('steps', '', 'Denoising steps per chunk; empty: params_file value.'),
+    LaunchArg('params_file', '', 'Policy node parameter file; empty: config/policy.yaml of '
+              'this package.'),
+    LaunchArg('bridge_params_file', '', 'Simulator bridge parameter file; empty: '
+              'config/sim_bridge.yaml of this package.'),
+    LaunchArg('episodes', '10', 'Episodes the bridge runs; the bring-up ends after them '
+              '(0: run until stopped).'),
+    LaunchArg('seed', '0', 'Seed of the first episode (episode i uses seed + i).'),
+    LaunchArg('use_sim_time', '', 'Run on the simulator\'s /clock; empty: true with a '
+              'simulator, false without.', ('', 'true', 'false')),
+    LaunchArg('summary_dir', '', 'Directory where each node writes <node>.json, a run '
+              'summary, at exit; empty: none.'),
+    LaunchArg('log_level', 'info', 'Log level of the nodes.',
+              ('debug', 'info', 'warn', 'error')),
+)
+ARG_NAMES = tuple(a.name for a in LAUNCH_ARGS)
+
+
+@dataclass
+class NodePlan:
+    """One node to start: the same for ``ros2 launch`` and the rclpy bring-up."""
+
+    name: str
+    executable: str     # console script (setup.py entry point) used by ros2 launch
+    module: str         # python -m module used by the rclpy bring-up
+    params_files: List[str]
+    overrides: Dict[str, object] = field(default_factory=dict)
+    log_level: str = 'info'
+
+
+def package_share_dir() -> str:
+    """Locate the directory holding ``config/`` and ``models/``.
+
+    Order: the ament index (colcon install), ``<prefix>/share/sparse_policy_node`` (pip
+    install), then the source tree this module lives in.
+    """
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        from ament_index_python.packages import PackageNotFoundError
+        try:
+            return get_package_share_directory(PACKAGE)
+        except (PackageNotFoundError, KeyError, ValueError):
+            pass
+    except ImportError:
+        pass
+    installed = os.path.join(sys.prefix, 'share', PACKAGE)
+    if os.path.isfile(os.path.join(installed, 'config', 'policy.yaml')):
+        return installed
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_launch_args(tokens: List[str]) -> Dict[str, str]:
+    """Parse ``name:=value`` tokens (as ``ros2 launch`` does) into a complete value dict.
+
+    Raises:
+        ValueError: unknown name, malformed token or a value outside the choices.
+    """
+    values = {a.name: a.default for a in LAUNCH_ARGS}
+    for token in tokens:
+        name, sep, value = token.partition(':=')
+        if not sep or not name:
+            raise ValueError(f'launch arguments look like name:=value, got {token!r}')
+        if name not in values:
+            raise ValueError(f'unknown launch argument {name!r}; valid: {", ".join(ARG_NAMES)}')
+        values[name] = value
+    return check_values(values)
+
+
+def check_values(values: Dict[str, str]) -> Dict[str, str]:
+    """Check every value against its choices; return ``values``."""
+    for arg in LAUNCH_ARGS:
+        if arg.choices is not None and values[arg.name] not in arg.choices:
+            raise ValueError(f'launch argument {arg.name}:={values[arg.name]!r} is not one of '
+                             f'{list(arg.choices)}')
+    return values
+
+
+def show_args() -> str:
+    """Render the arguments the way ``ros2 launch --show-args`` does."""
+    lines = ["Arguments (pass arguments as '<name>:=<value>'):", '']
+    for arg in LAUNCH_ARGS:
+        lines.append(f"    '{arg.name}':")
+        lines.append(f'        {arg.description}')
+        if arg.choices is not None:
+            lines.append(f"        Valid choices are: {list(arg.choices)}")
+        lines.append(f"        (default: '{arg.default}')")
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def sparsity_overrides(value: str) -> Dict[str, object]:
+    """Map the ``sparsity`` launch argument to ``sparsity.*`` parameters."""
+    if value == '':
+        return {}
+    if value == 'off':
+        return {'sparsity.enabled': False}
+    if value == 'learned':
+        return {'sparsity.enabled': True, 'sparsity.target': -1.0}
+    try:
+        target = float(value)
+    except ValueError:
+        raise ValueError(f'sparsity:={value!r} must be off, learned or a number in [0, 0.99]')
+    if not 0.0 <= target <= 0.99:
+        raise ValueError(f'sparsity:={value!r} must be in [0, 0.99]')
+    return {'sparsity.enabled': True, 'sparsity.target': target}
+
+
+def _int(values, name):
+    try:
+        return int(values[name])
+    except ValueError:
+        raise ValueError(f'{name}:={values[name]!r} must be an integer')
+
+
+def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[NodePlan]:
+    """Return the nodes to start for complete, checked launch argument values."""
+    share = share_dir or package_share_dir()
+    config = os.path.join(share, 'config')
+    sim = values['sim'] != 'none'
+    use_sim_time = sim if values['use_sim_time'] == '' else values['use_sim_time'] == 'true'
+
+    policy = {'use_sim_time': use_sim_time}
+    if values['model']:
+        policy['model_dir'] = os.path.abspath(values['model'])
+    if values['device']:
+        policy['device'] = values['device']
+    if values['steps']:
+        policy['sampler.steps'] = _int(values, 'steps')
+    policy.update(sparsity_overrides(values['sparsity']))
+    if values['summary_dir']:
+        policy['summary_file'] = os.path.join(values['summary_dir'], 'policy_node.json')
+    nodes = [NodePlan('policy_node', 'policy_node', f'{PACKAGE}.ros.policy_node',
+                      [values['params_file'] or os.path.join(config, 'policy.yaml')],
+                      policy, values['log_level'])]
+    if sim:
+        # The bridge is the clock source: it publishes /clock instead of listening to it.
+        bridge = {'task': values['task'], 'episodes': _int(values, 'episodes'),
+                  'seed': _int(values, 'seed'), 'publish_clock': use_sim_time}
+        if values['summary_dir']:
+            bridge['summary_file'] = os.path.join(values['summary_dir'], 'sim_bridge.json')
+        nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',
+                              [values['bridge_params_file']
+                               or os.path.join(config, 'sim_bridge.yaml')],
+                              bridge, values['log_level']))
+    return nodes

@@ -1,0 +1,137 @@
+"""Timestamped observation history aligned to the policy rate (no ROS, unit-testable).
+
+Each model key (camera image or low-dim vector) is a stream of ``(stamp, value, arrival)``
+entries. A window is built at the newest stamp all streams have reached, ``t_ref``; step
+``i`` of ``T_o`` takes, per stream, the entry nearest ``t_ref - (T_o - 1 - i) * dt`` within
+the sync tolerance. Right after a reset a stream may be shorter than the window: missing
+earlier steps repeat its first entry (what Diffusion Policy's multi-step wrapper does at an
+episode start). A gap later in the episode is a sync failure, never padded.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+import threading
+import time
+from typing import Dict
+from typing import List
+from typing import Optional
+from typing import Sequence
+
+import numpy as np
+
+ACCEPTED = 'accepted'
+OUT_OF_ORDER = 'out_of_order'
+DUPLICATE = 'duplicate'
+BEFORE_RESET = 'before_reset'
+TIME_JUMP = 'time_jump'
+
+
+@dataclass
+class Window:
+    """A synchronized observation window: per key a (T_o, ...) array, stamped at t_ref."""
+
+    stamp_ns: int
+    arrays: Dict[str, np.ndarray]
+    newest_arrival: float   # time.monotonic() when its newest entry arrived
+
+
+class ObservationHistory:
+    """Per-key bounded history of stamped observations; thread-safe."""
+
+    def __init__(self, keys: Sequence[str], n_steps: int, dt_ns: int, tolerance_ns: int,
+                 jump_ns: int, maxlen: int = 64):
+        self.keys = tuple(keys)
+        self.n_steps, self.dt_ns = n_steps, dt_ns
+        self.tolerance_ns, self.jump_ns = tolerance_ns, jump_ns
+        self._maxlen = maxlen
+        self._lock = threading.Lock()
+        self.clear(floor_ns=None)
+
+    def clear(self, floor_ns: Optional[int] = -1) -> None:
+        """Forget everything (new episode).
+
+        Args:
+            floor_ns: entries stamped at or before this are late messages of the previous
+                episode and get dropped; ``-1`` uses the newest stamp seen so far (explicit
+                resets), None disables it (time jumps, where new stamps are smaller).
+        """
+        with self._lock:
+            if floor_ns == -1:
+                floor_ns = getattr(self, '_newest_seen', None)
+            self._streams = {k: deque(maxlen=self._maxlen) for k in self.keys}
+            self._first = {k: None for k in self.keys}     # first stamp since the reset
+            self._floor = floor_ns
+            self._newest_seen = None
+
+    def add(self, key: str, stamp_ns: int, value: np.ndarray,
+            arrival: Optional[float] = None) -> str:
+        """Append one entry; return ACCEPTED or why it was not (TIME_JUMP: caller resets)."""
+        arrival = time.monotonic() if arrival is None else arrival
+        with self._lock:
+            stream = self._streams[key]
+            if self._floor is not None and stamp_ns <= self._floor:
+                if stamp_ns < self._floor - self.jump_ns:
+                    return TIME_JUMP
+                return BEFORE_RESET
+            if stream:
+                newest = stream[-1][0]
+                if stamp_ns == newest:
+                    return DUPLICATE
+                if stamp_ns < newest:
+                    return TIME_JUMP if stamp_ns < newest - self.jump_ns else OUT_OF_ORDER
+            stream.append((stamp_ns, value, arrival))
+            if self._first[key] is None:
+                self._first[key] = stamp_ns
+            if self._newest_seen is None or stamp_ns > self._newest_seen:
+                self._newest_seen = stamp_ns
+            return ACCEPTED
+
+    def newest_stamps(self) -> Dict[str, Optional[int]]:
+        """Newest stamp per key (None for an empty stream)."""
+        with self._lock:
+            return {k: (s[-1][0] if s else None) for k, s in self._streams.items()}
+
+    def window(self) -> (Optional[Window], str):
+        """Return the newest synchronized window, or (None, reason)."""
+        with self._lock:
+            empty = [k for k, s in self._streams.items() if not s]
+            if empty:
+                return None, f'waiting for {", ".join(empty)}'
+            t_ref = min(s[-1][0] for s in self._streams.values())
+            arrays, newest_arrival = {}, 0.0
+            for key, stream in self._streams.items():
+                picked = []
+                for i in range(self.n_steps):
+                    target = t_ref - (self.n_steps - 1 - i) * self.dt_ns
+                    entry = self._nearest(stream, target)
+                    if entry is None and target < self._first[key]:
+                        entry = stream[0]  # episode start: repeat the first observation
+                    if entry is None:
+                        return None, (f'{key} has no entry within '
+                                      f'{self.tolerance_ns / 1e6:.0f} ms of step {i} '
+                                      f'({target / 1e9:.3f} s)')
+                    picked.append(entry)
+                arrays[key] = np.stack([e[1] for e in picked])  # (T_o, ...)
+                newest_arrival = max(newest_arrival, picked[-1][2])
+            return Window(t_ref, arrays, newest_arrival), ''
+
+    def _nearest(self, stream, target: int):
+        best = min(stream, key=lambda e: abs(e[0] - target))
+        return best if abs(best[0] - target) <= self.tolerance_ns else None
+
+    def set_timing(self, tolerance_ns: int, jump_ns: int) -> None:
+        """Change the sync tolerance and the time-jump threshold (run-time parameters)."""
+        with self._lock:
+            self.tolerance_ns, self.jump_ns = tolerance_ns, jump_ns
+
+    def last_arrivals(self) -> Dict[str, Optional[float]]:
+        """Monotonic arrival time of each stream's newest entry (None if empty)."""
+        with self._lock:
+            return {k: (s[-1][2] if s else None) for k, s in self._streams.items()}
+
+
+def stale_streams(arrivals: Dict[str, Optional[float]], max_age_s: float,
+                  now: Optional[float] = None) -> List[str]:
+    """Keys whose newest entry arrived more than ``max_age_s`` ago on the wall clock."""
+    now = time.monotonic() if now is None else now
+    return [k for k, t in arrivals.items() if t is not None and now - t > max_age_s]

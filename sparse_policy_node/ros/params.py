@@ -1,0 +1,363 @@
+"""Every ROS parameter of the package: declared here and nowhere else.
+
+The policy node's parameters are the :class:`RuntimeConfig` fields under dotted names
+(``sparsity.target``, ``sampler.steps``, ...) plus node settings (:class:`NodeSettings`). The
+bridge's parameters are :class:`BridgeSettings`. Each table row carries the description and
+range that ``ros2 param describe`` shows. Validation reuses the dataclasses' own checks, so a
+rejected ``ros2 param set`` returns the same message a bad YAML file produces.
+"""
+
+from dataclasses import dataclass
+from dataclasses import fields
+import re
+from typing import Callable
+from typing import Dict
+from typing import List
+from typing import Optional
+from typing import Tuple
+
+from rcl_interfaces.msg import FloatingPointRange
+from rcl_interfaces.msg import IntegerRange
+from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import SetParametersResult
+from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import GATE_SOURCES
+from sparse_policy_node.core.config import REUSE_DIRECTIONS
+from sparse_policy_node.core.config import RuntimeConfig
+from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.ros.conversions import ConversionError
+from sparse_policy_node.ros.conversions import parse_lowdim_map
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: ROS name, the dataclass field it fills, and how it is described."""
+
+    name: str
+    attr: str
+    default: object
+    description: str
+    read_only: bool = False
+    min_value: Optional[float] = None
+    max_value: Optional[float] = None
+    constraints: str = ''
+
+    def descriptor(self) -> ParameterDescriptor:
+        """Build the descriptor (description, range, read-only flag)."""
+        d = ParameterDescriptor(description=self.description, read_only=self.read_only,
+                                additional_constraints=self.constraints)
+        if self.min_value is not None and isinstance(self.default, int):
+            d.integer_range = [IntegerRange(from_value=int(self.min_value),
+                                            to_value=int(self.max_value), step=1)]
+        elif self.min_value is not None:
+            d.floating_point_range = [FloatingPointRange(from_value=float(self.min_value),
+                                                         to_value=float(self.max_value))]
+        return d
+
+
+_RT = RuntimeConfig()
+RUNTIME_PARAMS = (
+    Param('sparsity.enabled', 'sparsity_enabled', _RT.sparsity_enabled,
+          'Sparse inference on/off; false runs every unit at every step (dense).'),
+    Param('sparsity.gate_source', 'gate_source', _RT.gate_source,
+          'Where the compute/reuse gates come from.', constraints=f'one of {GATE_SOURCES}'),
+    Param('sparsity.target', 'target_sparsity', float(_RT.target_sparsity),
+          'The sparsity dial: negative uses the pruner\'s gates as trained; a value in '
+          '[0, 0.99] reuses exactly that share of (step, unit) entries.', min_value=-1.0,
+          max_value=0.99),
+    Param('sparsity.directions', 'directions', list(_RT.directions),
+          'Allowed reuse directions.', constraints=f'non-empty subset of {REUSE_DIRECTIONS}'),
+    Param('sampler.name', 'sampler', _RT.sampler, 'Denoising sampler.',
+          constraints=f'one of {SAMPLERS}'),
+    Param('sampler.steps', 'num_inference_steps', _RT.num_inference_steps,
+          'Denoising steps per chunk (K).', min_value=1, max_value=1000),
+)
+
+
+@dataclass
+class NodeSettings:
+    """Policy node settings that are not part of the engine's :class:`RuntimeConfig`."""
+
+    model_dir: str = 'models/lift_small'
+    device: str = 'cpu'
+    num_threads: int = 0
+    control_rate_hz: float = 20.0
+    execution_horizon: int = 0
+    sync_tolerance_s: float = 0.025
+    max_obs_age_s: float = 1.0
+    time_jump_reset_s: float = 0.5
+    image_topic_format: str = '{camera}/image_raw'
+    lowdim_map: Tuple[str, ...] = (
+        'robot0_eef_pos=pose:ee_pose:position',
+        'robot0_eef_quat=pose:ee_pose:orientation',
+        'robot0_gripper_qpos=joint_state:joint_states:position:'
+        'panda_finger_joint1,panda_finger_joint2')
+    action_names: Tuple[str, ...] = ('dx', 'dy', 'dz', 'dax', 'day', 'daz', 'gripper')
+    action_lower: Tuple[float, ...] = (-1.0,)
+    action_upper: Tuple[float, ...] = (1.0,)
+    summary_file: str = ''
+    diagnostics_period_s: float = 1.0
+
+    def __post_init__(self):
+        self.lowdim_map = tuple(self.lowdim_map)
+        self.action_names = tuple(self.action_names)
+        self.action_lower = tuple(float(v) for v in self.action_lower)
+        self.action_upper = tuple(float(v) for v in self.action_upper)
+        check_device(self.device)
+        if '{camera}' not in self.image_topic_format:
+            raise ConfigError(f'image_topic_format must contain {{camera}}, '
+                              f'got {self.image_topic_format!r}')
+        try:
+            parse_lowdim_map(self.lowdim_map)
+        except ConversionError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not self.action_lower or not self.action_upper:
+            raise ConfigError('action.lower and action.upper need at least one value')
+        if len(self.action_lower) == len(self.action_upper) and any(
+                lo >= hi for lo, hi in zip(self.action_lower, self.action_upper)):
+            raise ConfigError(f'action.lower must be below action.upper, got '
+                              f'{list(self.action_lower)} and {list(self.action_upper)}')
+        if len(set(self.action_names)) != len(self.action_names):
+            raise ConfigError(f'action.names must be unique, got {list(self.action_names)}')
+
+
+_NS = NodeSettings()
+NODE_PARAMS = (
+    Param('model_dir', 'model_dir', _NS.model_dir,
+          'Model directory (config.json + model.safetensors [+ pruner.json]); relative paths '
+          'resolve against the working directory, then the package share directory. A change '
+          'reloads the model between chunks.'),
+    Param('device', 'device', _NS.device, 'Torch device; a change moves the model between '
+          'chunks.', constraints='cpu, cuda, cuda:N or mps (must be available)'),
+    Param('num_threads', 'num_threads', _NS.num_threads,
+          'Torch intra-op threads for inference (0: torch default).', min_value=0,
+          max_value=256),
+    Param('control_rate_hz', 'control_rate_hz', _NS.control_rate_hz,
+          'Rate of the observation steps and of the actions in a chunk (the training '
+          'data\'s control rate).', read_only=True, min_value=0.1, max_value=1000.0),
+    Param('execution_horizon', 'execution_horizon', _NS.execution_horizon,
+          'Actions published per chunk, executed before the next chunk is computed '
+          '(0: the model\'s n_action_steps).', min_value=0, max_value=1000),
+    Param('sync_tolerance_s', 'sync_tolerance_s', _NS.sync_tolerance_s,
+          'Largest stamp difference between an input and an observation step.',
+          min_value=0.0, max_value=1.0),
+    Param('max_obs_age_s', 'max_obs_age_s', _NS.max_obs_age_s,
+          'Inputs older than this (stamp, or arrival on the wall clock) are stale: no chunks.',
+          min_value=0.01, max_value=60.0),
+    Param('time_jump_reset_s', 'time_jump_reset_s', _NS.time_jump_reset_s,
+          'A stamp this far behind its stream\'s newest is a time jump (sim reset, bag '
+          'loop) and starts a new episode; smaller steps back are dropped as out of order.',
+          min_value=0.0, max_value=3600.0),
+    Param('image_topic_format', 'image_topic_format', _NS.image_topic_format,
+          'Image topic of each camera the model needs.', read_only=True,
+          constraints='contains {camera}'),
+    Param('lowdim_map', 'lowdim_map', list(_NS.lowdim_map),
+          'Where each low-dim observation key comes from.', read_only=True,
+          constraints='key=pose:<topic>:<position|orientation|pose> or '
+                      'key=joint_state:<topic>:<position|velocity|effort>:<joint>[,<joint>]'),
+    Param('action.names', 'action_names', list(_NS.action_names),
+          'Names of the action dimensions in the published trajectory (a0.. if the count '
+          'does not match the model).', read_only=True),
+    Param('action.lower', 'action_lower', list(_NS.action_lower),
+          'Lower action limits (one value for all dimensions, or one per dimension).'),
+    Param('action.upper', 'action_upper', list(_NS.action_upper),
+          'Upper action limits (one value for all dimensions, or one per dimension).'),
+    Param('summary_file', 'summary_file', _NS.summary_file,
+          'Write a JSON run summary here at exit (empty: none).', read_only=True),
+    Param('diagnostics_period_s', 'diagnostics_period_s', _NS.diagnostics_period_s,
+          'Period of /diagnostics (wall clock).', read_only=True, min_value=0.05,
+          max_value=60.0),
+)
+
+
+@dataclass
+class BridgeSettings:
+    """Settings of the robosuite bridge node."""
+
+    task: str = 'lift'
+    cameras: Tuple[str, ...] = ('agentview',)
+    image_size: Tuple[int, ...] = (84, 84)
+    control_rate_hz: float = 20.0
+    episodes: int = 10
+    max_episode_steps: int = 300
+    terminate_on_success: bool = True
+    seed: int = 0
+    lockstep: bool = True
+    publish_clock: bool = True
+    chunk_timeout_s: float = 30.0
+    image_topic_format: str = '{camera}/image_raw'
+    joint_states_topic: str = 'joint_states'
+    pose_topic: str = 'ee_pose'
+    gripper_joint_names: Tuple[str, ...] = ('panda_finger_joint1', 'panda_finger_joint2')
+    action_topic: str = 'policy_node/action_chunk'
+    reset_service: str = 'policy_node/reset'
+    frame_id: str = 'base'
+    summary_file: str = ''
+
+    def __post_init__(self):
+        self.cameras = tuple(self.cameras)
+        self.image_size = tuple(int(v) for v in self.image_size)
+        self.gripper_joint_names = tuple(self.gripper_joint_names)
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise ConfigError(f'image_size must be [height, width] >= 8, '
+                              f'got {list(self.image_size)}')
+        if '{camera}' not in self.image_topic_format:
+            raise ConfigError(f'image_topic_format must contain {{camera}}, '
+                              f'got {self.image_topic_format!r}')
+
+
+_BS = BridgeSettings()
+BRIDGE_PARAMS = (
+    Param('task', 'task', _BS.task, 'Simulation task.', read_only=True),
+    Param('cameras', 'cameras', list(_BS.cameras), 'Cameras to render and publish.',
+          read_only=True),
+    Param('image_size', 'image_size', list(_BS.image_size),
+          'Rendered [height, width] (the policy node resizes to its model).', read_only=True),
+    Param('control_rate_hz', 'control_rate_hz', _BS.control_rate_hz,
+          'Simulator control rate.', read_only=True, min_value=1.0, max_value=500.0),
+    Param('episodes', 'episodes', _BS.episodes, 'Episodes to run, then exit (0: forever).',
+          read_only=True, min_value=0, max_value=1000000),
+    Param('max_episode_steps', 'max_episode_steps', _BS.max_episode_steps,
+          'Control steps before an episode counts as failed.', read_only=True, min_value=1,
+          max_value=100000),
+    Param('terminate_on_success', 'terminate_on_success', _BS.terminate_on_success,
+          'End an episode as soon as the task succeeds.', read_only=True),
+    Param('seed', 'seed', _BS.seed, 'Seed of the first episode (episode i: seed + i).',
+          read_only=True, min_value=0, max_value=2 ** 31 - 1),
+    Param('lockstep', 'lockstep', _BS.lockstep,
+          'true: wait for the chunk of each observation before stepping (sim time pauses '
+          'during inference; deterministic). false: step on the wall clock and execute the '
+          'newest chunk, holding still when none covers the current step.', read_only=True),
+    Param('publish_clock', 'publish_clock', _BS.publish_clock,
+          'Publish /clock and stamp with sim time (for use_sim_time nodes); false: wall '
+          'time.', read_only=True),
+    Param('chunk_timeout_s', 'chunk_timeout_s', _BS.chunk_timeout_s,
+          'Lockstep: wall seconds to wait for a chunk before re-sending the observation.',
+          read_only=True, min_value=0.1, max_value=3600.0),
+    Param('image_topic_format', 'image_topic_format', _BS.image_topic_format,
+          'Image topic of each camera.', read_only=True),
+    Param('joint_states_topic', 'joint_states_topic', _BS.joint_states_topic,
+          'sensor_msgs/JointState topic (gripper fingers, and arm joints when known).',
+          read_only=True),
+    Param('pose_topic', 'pose_topic', _BS.pose_topic,
+          'geometry_msgs/PoseStamped end-effector pose topic.', read_only=True),
+    Param('gripper_joint_names', 'gripper_joint_names', list(_BS.gripper_joint_names),
+          'Joint names of the two gripper fingers.', read_only=True),
+    Param('action_topic', 'action_topic', _BS.action_topic,
+          'trajectory_msgs/JointTrajectory chunks to execute.', read_only=True),
+    Param('reset_service', 'reset_service', _BS.reset_service,
+          'std_srvs/Trigger called before each episode (starts a new policy episode).',
+          read_only=True),
+    Param('frame_id', 'frame_id', _BS.frame_id, 'Frame of the published pose.',
+          read_only=True),
+    Param('summary_file', 'summary_file', _BS.summary_file,
+          'Write a JSON run summary here at exit (empty: none).', read_only=True),
+)
+
+
+# ==== declare / read ====
+
+def declare(node, table) -> None:
+    """Declare every parameter of ``table`` on ``node`` with its descriptor."""
+    for p in table:
+        node.declare_parameter(p.name, p.default, p.descriptor())
+
+
+def declare_policy_parameters(node) -> None:
+    """Declare the policy node's runtime and node parameters."""
+    declare(node, RUNTIME_PARAMS + NODE_PARAMS)
+
+
+def declare_bridge_parameters(node) -> None:
+    """Declare the bridge node's parameters."""
+    declare(node, BRIDGE_PARAMS)
+
+
+def _kwargs(table, values: Dict[str, object]) -> dict:
+    out = {}
+    for p in table:
+        value = values[p.name]
+        out[p.attr] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def current_values(node, table) -> Dict[str, object]:
+    """Read ``table``'s parameters from ``node`` as plain python values."""
+    return {p.name: node.get_parameter(p.name).value for p in table}
+
+
+def config_from_values(values: Dict[str, object]) -> RuntimeConfig:
+    """Build (and validate) a RuntimeConfig from parameter values."""
+    return RuntimeConfig(**_kwargs(RUNTIME_PARAMS, values))
+
+
+def config_from_params(node) -> RuntimeConfig:
+    """Read the node's runtime parameters into a validated :class:`RuntimeConfig`."""
+    return config_from_values(current_values(node, RUNTIME_PARAMS))
+
+
+def settings_from_params(node) -> NodeSettings:
+    """Read the node's own settings into a validated :class:`NodeSettings`."""
+    return NodeSettings(**_kwargs(NODE_PARAMS, current_values(node, NODE_PARAMS)))
+
+
+def bridge_settings_from_params(node) -> BridgeSettings:
+    """Read the bridge's parameters into a validated :class:`BridgeSettings`."""
+    return BridgeSettings(**_kwargs(BRIDGE_PARAMS, current_values(node, BRIDGE_PARAMS)))
+
+
+def runtime_to_params(config: RuntimeConfig) -> Dict[str, object]:
+    """Map a RuntimeConfig to ``{parameter name: value}`` (YAML / overrides form)."""
+    return {p.name: (list(getattr(config, p.attr)) if p.attr == 'directions'
+                     else getattr(config, p.attr)) for p in RUNTIME_PARAMS}
+
+
+# ==== validation ====
+
+_DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
+
+
+def check_device(device: str) -> None:
+    """Reject malformed or unavailable torch devices with a reason."""
+    if not _DEVICE.match(device):
+        raise ConfigError(f'device must be cpu, cuda, cuda:N or mps, got {device!r}')
+    import torch
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ConfigError(f'device {device!r}: CUDA is not available on this machine')
+        index = int(device.partition(':')[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f'device {device!r}: only {torch.cuda.device_count()} CUDA '
+                              f'device(s)')
+    if device == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError('device \'mps\' is not available on this machine')
+
+
+def make_validator(node, check: Optional[Callable[[RuntimeConfig, NodeSettings], None]] = None):
+    """Return an ``on_set_parameters`` callback that validates without side effects.
+
+    The proposed values are merged with the current ones and rebuilt into RuntimeConfig and
+    NodeSettings, so a rejection carries the dataclass's own message; ``check`` adds
+    model-dependent checks (e.g. the execution horizon against the model's chunk length).
+    """
+    table = RUNTIME_PARAMS + NODE_PARAMS
+
+    def on_set_parameters(params: List) -> SetParametersResult:
+        values = current_values(node, table)
+        values.update({p.name: p.value for p in params if p.name in values})
+        try:
+            runtime = config_from_values(values)
+            settings = NodeSettings(**_kwargs(NODE_PARAMS, values))
+            if check is not None:
+                check(runtime, settings)
+        except (ConfigError, ValueError, TypeError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    return on_set_parameters
+
+
+def runtime_fields_covered() -> bool:
+    """Return True when every RuntimeConfig field has exactly one parameter."""
+    return sorted(p.attr for p in RUNTIME_PARAMS) == sorted(f.name
+                                                            for f in fields(RuntimeConfig))

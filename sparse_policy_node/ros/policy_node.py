@@ -1,0 +1,365 @@
+"""Policy node: a thin ROS 2 adapter around the sparse inference engine.
+
+Inputs (sensor-data QoS): ``<camera>/image_raw`` (sensor_msgs/Image) per model camera and the
+low-dim topics of ``lowdim_map`` (sensor_msgs/JointState, geometry_msgs/PoseStamped).
+Outputs: ``~/action_chunk`` (trajectory_msgs/JointTrajectory stamped with the observation
+time, point k at k * dt), ``~/next_action`` (std_msgs/Float64MultiArray at the control rate,
+for simple consumers) and ``/diagnostics``. Service: ``~/reset`` (std_srvs/Trigger).
+
+Intake callbacks only convert and store; a worker thread runs one chunk at a time, so
+inference never blocks observation intake. Heavy parameter changes (model, device) and
+resets are applied by the worker between chunks.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import PoseStamped
+import rclpy
+from rclpy.clock import Clock
+from rclpy.clock import ClockType
+from rclpy.executors import ExternalShutdownException
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import JointState
+from sparse_policy_node.core import keys
+from sparse_policy_node.core.checkpoint import CheckpointError
+from sparse_policy_node.core.checkpoint import load_policy_config
+from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.engine import load_engine
+from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import params
+from sparse_policy_node.ros.launch_args import package_share_dir
+from sparse_policy_node.ros.obs_history import ACCEPTED
+from sparse_policy_node.ros.obs_history import ObservationHistory
+from sparse_policy_node.ros.obs_history import TIME_JUMP
+from sparse_policy_node.ros.stats import RunStats
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+import torch
+from trajectory_msgs.msg import JointTrajectory
+
+
+def resolve_model_dir(path: str) -> str:
+    """Resolve a relative model path against the working directory, then the share dir."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    return os.path.join(package_share_dir(), path)
+
+
+def model_signature(cfg) -> tuple:
+    """What a replacement model must share with the running one: inputs and action size."""
+    return (tuple(cfg.obs.vision.cameras), tuple(cfg.obs.vision.image_size),
+            tuple(cfg.obs.lowdim), cfg.transformer.n_obs_steps, cfg.transformer.action_dim)
+
+
+class PolicyNode(Node):
+    """Serve action chunks from synchronized camera and proprioception topics."""
+
+    def __init__(self, **kwargs):
+        super().__init__('policy_node', **kwargs)
+        params.declare_policy_parameters(self)
+        s = self.settings = params.settings_from_params(self)
+        if s.num_threads:
+            torch.set_num_threads(s.num_threads)
+        self.engine = load_engine(resolve_model_dir(s.model_dir), s.device,
+                                  params.config_from_params(self))
+        cfg = self.engine.policy.config
+        self.signature = model_signature(cfg)
+        self.dt_ns = int(round(1e9 / s.control_rate_hz))
+        self.action_dim, self.n_action_steps = cfg.transformer.action_dim, cfg.n_action_steps
+        self._check(self.engine.runtime, s)
+        self.names = list(s.action_names)
+        if len(self.names) != self.action_dim:
+            self.get_logger().warn(f'action.names has {len(self.names)} entries but the model '
+                                   f'has {self.action_dim} action dimensions; using a0..')
+            self.names = conv.default_action_names(self.action_dim)
+        sources = conv.parse_lowdim_map(s.lowdim_map)
+        self._check_sources(cfg, sources)
+        self.image_size = tuple(cfg.obs.vision.image_size)
+        self.keys = [keys.image_key(c) for c in cfg.obs.vision.cameras] + [k for k, _ in
+                                                                           cfg.obs.lowdim]
+        self.history = ObservationHistory(self.keys, cfg.transformer.n_obs_steps, self.dt_ns,
+                                          *self._timing_ns(s))
+        self.stats = RunStats()
+        self._lock = threading.Lock()
+        self._wake, self._stop, self._dirty = threading.Event(), threading.Event(), False
+        self._episode, self._reset_pending = 0, False
+        self._last = None        # (stamp_ns, n_points) of the last published chunk
+        self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
+        self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
+        for cam in cfg.obs.vision.cameras:
+            self.create_subscription(
+                Image, s.image_topic_format.format(camera=cam),
+                lambda m, k=keys.image_key(cam): self._on_image(k, m), qos_profile_sensor_data)
+        by_topic = {}
+        for src in sources:
+            by_topic.setdefault((src.kind, src.topic), []).append(src)
+        for (kind, topic), group in by_topic.items():
+            self.create_subscription(PoseStamped if kind == 'pose' else JointState, topic,
+                                     lambda m, g=group: self._on_lowdim(g, m),
+                                     qos_profile_sensor_data)
+        self.chunk_pub = self.create_publisher(JointTrajectory, '~/action_chunk', 10)
+        self.next_pub = self.create_publisher(Float64MultiArray, '~/next_action', 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self.create_service(Trigger, '~/reset', self._on_reset)
+        self.create_timer(self.dt_ns / 1e9, self._on_control_tick)
+        # Diagnostics tick on the wall clock so they keep flowing when sim time stops.
+        self.create_timer(s.diagnostics_period_s, self._publish_diagnostics,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.add_on_set_parameters_callback(params.make_validator(self, self._check))
+        self.add_post_set_parameters_callback(lambda _: self._mark_dirty())
+        self._worker = threading.Thread(target=self._work, name='inference', daemon=True)
+        self._worker.start()
+        self.get_logger().info(f'serving {s.model_dir} on {s.device}: inputs {self.keys}, '
+                               f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz')
+
+    # ==== validation (no side effects) ====
+
+    def _timing_ns(self, s):
+        return int(s.sync_tolerance_s * 1e9), int(s.time_jump_reset_s * 1e9)
+
+    def _check(self, runtime, s) -> None:
+        if s.model_dir != self.settings.model_dir:
+            try:
+                new = load_policy_config(resolve_model_dir(s.model_dir))
+            except CheckpointError as exc:
+                raise ConfigError(f'model_dir: {exc}') from exc
+            if model_signature(new) != self.signature:
+                raise ConfigError(f'model_dir {s.model_dir!r} needs other inputs or actions '
+                                  f'than the running model; restart the node to switch')
+        else:
+            self.engine._check_runtime(runtime)
+        if s.execution_horizon > self.n_action_steps:
+            raise ConfigError(f'execution_horizon={s.execution_horizon} exceeds the model\'s '
+                              f'n_action_steps={self.n_action_steps}')
+        try:
+            conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower')
+            conv.broadcast_limits(s.action_upper, self.action_dim, 'action.upper')
+        except conv.ConversionError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def _check_sources(self, cfg, sources) -> None:
+        by_key = {src.key: src for src in sources}
+        for key, dim in cfg.obs.lowdim:
+            if key not in by_key or by_key[key].dim != dim:
+                raise ConfigError(f'lowdim_map must map model key {key!r} to a {dim}-D source, '
+                                  f'got {by_key.get(key)}')
+
+    # ==== intake (executor thread; cheap) ====
+
+    def _on_image(self, key, msg) -> None:
+        try:
+            self._add(key, msg.header.stamp, conv.image_to_chw(msg, self.image_size))
+        except conv.ConversionError as exc:
+            self._reject(key, exc)
+
+    def _on_lowdim(self, group, msg) -> None:
+        for src in group:
+            try:
+                self._add(src.key, msg.header.stamp, conv.extract_lowdim(src, msg))
+            except conv.ConversionError as exc:
+                self._reject(src.key, exc)
+
+    def _add(self, key, stamp, value) -> None:
+        ns = conv.stamp_to_ns(stamp)
+        if ns == 0:
+            raise conv.ConversionError('message is not stamped (header.stamp is 0)')
+        status = self.history.add(key, ns, value)
+        if status == TIME_JUMP:
+            self._reset(f'time jumped back on {key}', keep_floor=False)
+            status = self.history.add(key, ns, value)
+        if status != ACCEPTED:
+            self.stats.count(f'dropped_{status}')
+            return
+        self.stats.arrived(key)
+        self._wake.set()
+
+    def _reject(self, key, exc) -> None:
+        self.stats.count(f'rejected_{key}')
+        self.get_logger().warn(f'rejected {key}: {exc}', throttle_duration_sec=5.0)
+
+    def _reset(self, reason: str, keep_floor: bool = True) -> None:
+        with self._lock:
+            self._episode += 1
+            self.history.clear(-1 if keep_floor else None)
+            self._last = self._current = None
+            self._reset_pending = True
+        self.stats.count('resets')
+        self.get_logger().info(f'new episode ({reason}): caches cleared, next chunk dense')
+        self._wake.set()
+
+    def _on_reset(self, request, response):
+        self._reset('reset service')
+        response.success, response.message = True, 'new episode; next chunk is dense'
+        return response
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self._wake.set()
+
+    # ==== worker thread: one chunk at a time ====
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            try:
+                self._apply_changes()
+                self._maybe_run_chunk()
+            except Exception as exc:  # noqa: B902 - keep serving; the error is diagnosed
+                self.stats.count('worker_errors')
+                self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=5.0)
+
+    def _apply_changes(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, False
+            reset, self._reset_pending = self._reset_pending, False
+        if dirty:
+            s, old = params.settings_from_params(self), self.settings
+            runtime = params.config_from_params(self)
+            if (s.model_dir, s.device) != (old.model_dir, old.device):
+                try:
+                    new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
+                except (CheckpointError, ConfigError, RuntimeError) as exc:
+                    self.stats.count('model_load_failures')
+                    self.get_logger().error(f'keeping the running model: {exc}')
+                    s.model_dir, s.device = old.model_dir, old.device
+                else:
+                    self.engine.close()
+                    self.engine, reset = new, True
+                    self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
+            self.engine.set_runtime(runtime)
+            if s.num_threads and s.num_threads != old.num_threads:
+                torch.set_num_threads(s.num_threads)
+            self.history.set_timing(*self._timing_ns(s))
+            self.settings = s
+        if reset:
+            self.engine.reset()
+
+    def _maybe_run_chunk(self) -> None:
+        s, dt = self.settings, self.dt_ns
+        window, why = self.history.window()
+        if window is None or window.stamp_ns == self._skip_stamp:
+            return
+        if self._last is not None and window.stamp_ns < self._last[0] + self._last[1] * dt \
+                - dt // 2:
+            return  # the previous chunk is still being executed
+        age = (self.get_clock().now().nanoseconds - window.stamp_ns) / 1e9
+        if max(age, time.monotonic() - window.newest_arrival) > s.max_obs_age_s:
+            self._skip_stamp = window.stamp_ns
+            self.stats.count('stale_skips')
+            self.get_logger().warn(f'observation is {age:.2f} s old: no chunk',
+                                   throttle_duration_sec=5.0)
+            return
+        episode = self._episode
+        device = self.engine.device
+        obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
+        try:
+            out = self.engine.predict_action(obs)
+        except ObservationError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('observation', exc)
+            return
+        horizon = s.execution_horizon or self.n_action_steps
+        try:
+            actions = conv.clamp_actions(
+                out['action'][0, :horizon].double().cpu().numpy(),
+                conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower'),
+                conv.broadcast_limits(s.action_upper, self.action_dim, 'action.upper'))
+        except conv.ConversionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
+            return
+        with self._lock:
+            if episode != self._episode:
+                self.stats.count('discarded_after_reset')  # computed for the old episode
+                return
+            self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
+                                                                          actions)
+        self.chunk_pub.publish(conv.chunk_to_trajectory(
+            actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
+        st = out['stats']
+        self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
+                         st['realized_sparsity'], st['dense'])
+        self.get_logger().debug(f'chunk at {window.stamp_ns / 1e9:.3f} s: '
+                                f'{st["latency_ms"]:.1f} ms, sparsity '
+                                f'{st["realized_sparsity"]:.2f}')
+
+    # ==== outputs on timers ====
+
+    def _on_control_tick(self) -> None:
+        current = self._current
+        if current is None:
+            return
+        k = round((self.get_clock().now().nanoseconds - current[0]) / self.dt_ns)
+        if 0 <= k < len(current[1]):
+            self.next_pub.publish(Float64MultiArray(data=current[1][k].tolist()))
+
+    def _publish_diagnostics(self) -> None:
+        snap = self.stats.snapshot()
+        ages = self.stats.obs_ages(self.keys)
+        stale = [k for k, a in ages.items() if a > self.settings.max_obs_age_s]
+        counters = {k: v for k, v in snap.items() if k.startswith(('dropped', 'rejected'))}
+        inputs = conv.make_status(
+            'policy_node: inputs', DiagnosticStatus.WARN if stale else DiagnosticStatus.OK,
+            f'stale or missing: {", ".join(stale)}' if stale else 'all inputs fresh',
+            dict({f'age_s.{k}': a for k, a in ages.items()}, **counters))
+        runtime = self.engine.runtime
+        values = {k: v for k, v in snap.items() if k not in counters}
+        values.update(sparsity_enabled=runtime.sparsity_enabled,
+                      target_sparsity=runtime.target_sparsity,
+                      steps=runtime.num_inference_steps, device=self.settings.device)
+        level = DiagnosticStatus.ERROR if snap.get('model_load_failures') else (
+            DiagnosticStatus.WARN if stale else DiagnosticStatus.OK)
+        inference = conv.make_status('policy_node: inference', level,
+                                     'no new chunks: inputs stale' if stale else 'serving',
+                                     values)
+        msg = DiagnosticArray(status=[inputs, inference])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(msg)
+
+    def close(self) -> dict:
+        """Stop the worker, write the summary file; return the whole-run summary."""
+        self._stop.set()
+        self._wake.set()
+        self._worker.join(timeout=10.0)
+        self.engine.close()
+        summary = self.stats.snapshot(recent=False)
+        if self.settings.summary_file:
+            with open(self.settings.summary_file, 'w') as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+
+def main(args=None) -> int:
+    """Run the policy node; exit 1 when the model or the parameters cannot be loaded."""
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = PolicyNode()
+            except (CheckpointError, ConfigError, conv.ConversionError) as exc:
+                print(f'[policy_node] cannot start: {exc}', file=sys.stderr)
+                return 1
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            try:
+                executor.spin()
+            finally:
+                summary = node.close()
+                print(f'[policy_node] summary: {json.dumps(summary)}', file=sys.stderr)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

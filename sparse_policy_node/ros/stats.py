@@ -1,0 +1,94 @@
+"""Run statistics of the policy node: latency percentiles, chunk rate, counters (no ROS)."""
+
+from collections import Counter
+from collections import deque
+import threading
+import time
+from typing import Dict
+from typing import Optional
+
+import numpy as np
+
+# Bounded so that a node running for days keeps a flat memory profile.
+HISTORY = 5000
+RECENT = 200
+
+
+def percentile(values, q: float) -> float:
+    """Percentile of a sequence, NaN when empty."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float(
+        'nan')
+
+
+class RunStats:
+    """Thread-safe counters and rolling windows for diagnostics and the exit summary."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.inference_ms = deque(maxlen=HISTORY)
+        self.obs_to_chunk_ms = deque(maxlen=HISTORY)
+        self.sparsity = deque(maxlen=HISTORY)
+        self.chunk_times = deque(maxlen=HISTORY)
+        self.counters = Counter()
+        self.last_arrival: Dict[str, float] = {}
+        self.started = time.monotonic()
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Increment a named counter (rejections, drops, resets, ...)."""
+        with self._lock:
+            self.counters[what] += n
+
+    def arrived(self, key: str) -> None:
+        """Record that an input for ``key`` was accepted now."""
+        with self._lock:
+            self.last_arrival[key] = time.monotonic()
+
+    def chunk(self, inference_ms: float, obs_to_chunk_ms: float, sparsity: float,
+              dense: bool) -> None:
+        """Record one published chunk."""
+        with self._lock:
+            self.inference_ms.append(inference_ms)
+            self.obs_to_chunk_ms.append(obs_to_chunk_ms)
+            self.sparsity.append(sparsity)
+            self.chunk_times.append(time.monotonic())
+            self.counters['chunks'] += 1
+            self.counters['dense_chunks'] += int(dense)
+
+    def obs_ages(self, keys, now: Optional[float] = None) -> Dict[str, float]:
+        """Seconds since each key's last accepted input (inf if never)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return {k: now - self.last_arrival[k] if k in self.last_arrival else float('inf')
+                    for k in keys}
+
+    def chunk_rate(self, window_s: float = 10.0) -> float:
+        """Chunks per second over the last ``window_s`` seconds of wall time."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self.chunk_times if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(1e-9, recent[-1] - recent[0])
+
+    def snapshot(self, recent: bool = True) -> Dict[str, float]:
+        """Latency percentiles, rate, sparsity and counters (recent window or whole run)."""
+        with self._lock:
+            n = RECENT if recent else HISTORY
+            inf = list(self.inference_ms)[-n:]
+            o2c = list(self.obs_to_chunk_ms)[-n:]
+            sp = list(self.sparsity)[-n:]
+            times = list(self.chunk_times)
+            counters = dict(self.counters)
+        out = {
+            'latency_p50_ms': percentile(inf, 50), 'latency_p99_ms': percentile(inf, 99),
+            'obs_to_chunk_p50_ms': percentile(o2c, 50),
+            'obs_to_chunk_p99_ms': percentile(o2c, 99),
+            'realized_sparsity': float(np.mean(sp)) if sp else float('nan'),
+        }
+        if recent:
+            out['chunk_rate_hz'] = self.chunk_rate()
+        else:
+            span = times[-1] - times[0] if len(times) > 1 else 0.0
+            out['chunk_rate_hz'] = (len(times) - 1) / span if span > 0 else 0.0
+        out.update(counters)
+        return out

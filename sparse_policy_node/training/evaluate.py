@@ -1,0 +1,213 @@
+"""``sparse-policy eval``: success rate of a model over a seed range in the simulator.
+
+Every registered variant (``dense`` here; the sparse engine adds its own) is a factory that
+turns the loaded :class:`DiffusionPolicy` into a policy-like object with ``reset()`` and
+``predict_action(obs) -> {'action': (1, n, A)}``. Each episode resets the simulator and
+torch's global generator with the episode seed, so variants see identical initial states and
+initial noise. Results: a printed table, ``report.json`` and ``success.png`` in ``--out``;
+``--json`` prints one JSON object instead of the table.
+"""
+
+import argparse
+from collections import deque
+import json
+import multiprocessing
+import os
+import sys
+import time
+from typing import Callable
+from typing import Dict
+from typing import List
+
+import numpy as np
+from sparse_policy_node.core.checkpoint import load_policy
+from sparse_policy_node.core.checkpoint import read_metadata
+from sparse_policy_node.core.config import SAMPLERS
+import torch
+from tqdm import tqdm
+
+
+class DensePolicy:
+    """Dense sampling of a :class:`DiffusionPolicy` with an optional sampler override."""
+
+    def __init__(self, policy, sampler: str = None, steps: int = None):
+        self.policy = policy
+        sched = policy.config.scheduler
+        policy.scheduler.set_timesteps(steps or sched.num_inference_steps,
+                                       sampler or sched.sampler)
+
+    def reset(self) -> None:
+        """Nothing to clear between episodes."""
+
+    def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One dense chunk; noise comes from torch's global generator."""
+        return self.policy.predict_action(obs)
+
+
+# name -> factory(policy, args) returning a policy-like object; issue 5 adds sparse variants.
+VARIANTS: Dict[str, Callable] = {
+    'dense': lambda policy, args: DensePolicy(policy, args.get('sampler'), args.get('steps')),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    parser.add_argument('--model', default='models/lift', help='model directory')
+    parser.add_argument('--episodes', type=int, default=50)
+    parser.add_argument('--seed-start', type=int, default=100000,
+                        help='first reset seed; keep it disjoint from the training seeds')
+    parser.add_argument('--task', help='task (default: the one the model was trained on)')
+    parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
+    parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
+    parser.add_argument('--max-steps', type=int, help='episode limit (default: the task\'s)')
+    parser.add_argument('--variants', nargs='+', default=['dense'], choices=sorted(VARIANTS))
+    parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    parser.add_argument('--out', help='report directory (report.json, success.png)')
+    parser.add_argument('--json', action='store_true', help='print one JSON object')
+
+
+def model_task(model_dir: str) -> str:
+    """Task recorded in the model's training metadata, ``lift`` when absent."""
+    return read_metadata(model_dir).get('env_args', {}).get('task', 'lift')
+
+
+def obs_window(history: deque) -> Dict[str, torch.Tensor]:
+    """Stack T_o observations into a (1, T_o, ...) batch."""
+    return {k: torch.from_numpy(np.stack([o[k] for o in history]))[None] for k in history[0]}
+
+
+def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
+    """Run one closed-loop episode; return success, steps, seconds and mean chunk time."""
+    torch.manual_seed(seed)
+    policy.reset()
+    obs = env.reset(seed)
+    # Before the second step the window repeats the first frame, as in training.
+    history = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
+    start, chunk_s, chunks = time.time(), 0.0, 0
+    done, info = False, {'success': False}
+    while not done:
+        t0 = time.perf_counter()
+        actions = policy.predict_action(obs_window(history))['action'][0].cpu().numpy()
+        chunk_s += time.perf_counter() - t0
+        chunks += 1
+        for action in actions:
+            obs, _, done, info = env.step(action)
+            history.append(obs)
+            if done:
+                break
+    return {'seed': seed, 'success': bool(info['success']), 'steps': env.steps,
+            'seconds': round(time.time() - start, 2),
+            'chunk_ms': round(1000 * chunk_s / max(chunks, 1), 2)}
+
+
+_WORKER = {}
+
+
+def _init_worker(model_dir, task, max_steps, variant, options, threads):
+    from sparse_policy_node.sim.robosuite_env import make_env
+    torch.set_num_threads(threads)
+    policy = load_policy(model_dir)
+    vision = policy.config.obs.vision
+    _WORKER['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
+    _WORKER['policy'] = VARIANTS[variant](policy, options)
+    _WORKER['n_obs_steps'] = policy.config.transformer.n_obs_steps
+
+
+def _episode(seed):
+    return run_episode(_WORKER['env'], _WORKER['policy'], seed, _WORKER['n_obs_steps'])
+
+
+def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str = 'dense',
+                     options: dict = None, max_steps: int = None, workers: int = 1,
+                     threads: int = 1, progress: bool = True) -> List[dict]:
+    """Run ``variant`` of the model on every seed; return per-episode results in seed order."""
+    init = (model_dir, task, max_steps, variant, options or {}, threads)
+    bar = tqdm(total=len(seeds), desc=f'eval {variant}', unit='ep', disable=not progress,
+               file=sys.stderr)
+    results = []
+    if workers > 1:
+        with multiprocessing.get_context('spawn').Pool(workers, _init_worker, init) as pool:
+            for result in pool.imap(_episode, seeds):
+                results.append(result)
+                bar.update(1)
+                bar.set_postfix(success=sum(r['success'] for r in results))
+    else:
+        _init_worker(*init)
+        for seed in seeds:
+            results.append(_episode(seed))
+            bar.update(1)
+            bar.set_postfix(success=sum(r['success'] for r in results))
+        _WORKER['env'].close()
+    bar.close()
+    return results
+
+
+def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]]) -> dict:
+    """Build the JSON report: ``success_<variant>`` rates plus per-episode details."""
+    config = load_policy(model_dir).config.scheduler
+    report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
+              'sampler': options.get('sampler') or config.sampler,
+              'num_inference_steps': options.get('steps') or config.num_inference_steps}
+    for name, results in per_variant.items():
+        report[f'success_{name}'] = float(np.mean([r['success'] for r in results]))
+        report[f'chunk_ms_{name}'] = float(np.mean([r['chunk_ms'] for r in results]))
+        report[f'episodes_{name}'] = results
+    return report
+
+
+def print_table(report: dict, variants: List[str]) -> None:
+    """Print one row per variant."""
+    print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}, '
+          f'{report["sampler"]}-{report["num_inference_steps"]}')
+    print(f'{"variant":<10} {"success":>9} {"rate":>6} {"chunk ms":>9} {"mean steps":>11}')
+    for name in variants:
+        results = report[f'episodes_{name}']
+        wins = sum(r['success'] for r in results)
+        print(f'{name:<10} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
+              f'{report[f"chunk_ms_{name}"]:>9.1f} '
+              f'{np.mean([r["steps"] for r in results]):>11.1f}')
+
+
+def plot_report(report: dict, variants: List[str], path: str) -> None:
+    """Save a plot of the cumulative success rate over episodes per variant."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in variants:
+        wins = np.array([r['success'] for r in report[f'episodes_{name}']], dtype=float)
+        curve = np.cumsum(wins) / np.arange(1, len(wins) + 1)
+        ax.plot(np.arange(1, len(wins) + 1), curve,
+                label=f'{name}: {report[f"success_{name}"]:.0%}')
+    ax.set_xlabel('episodes')
+    ax.set_ylabel('cumulative success rate')
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f'{report["task"]}, seeds {report["seed_start"]}+')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate as the arguments say."""
+    task = args.task or model_task(args.model)
+    seeds = list(range(args.seed_start, args.seed_start + args.episodes))
+    options = {'sampler': args.sampler, 'steps': args.steps}
+    per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
+                                          args.workers, args.threads)
+                   for name in args.variants}
+    report = summarize(args.model, task, seeds, options, per_variant)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, 'report.json'), 'w') as f:
+            json.dump(report, f, indent=2)
+        plot_report(report, args.variants, os.path.join(args.out, 'success.png'))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report, args.variants)
+        if args.out:
+            print(f'report -> {os.path.join(args.out, "report.json")}')
+    return 0
