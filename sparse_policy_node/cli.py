@@ -13,6 +13,8 @@ import sys
 COMMANDS = {
     'info': ('sparse_policy_node.tools.info',
              'describe a model directory or preset (sizes, FLOPs, a timed smoke chunk)'),
+    'bench': ('sparse_policy_node.tools.bench',
+              'benchmark dense vs sparse chunk latency and FLOPs side by side'),
     'import-dp': ('sparse_policy_node.tools.import_dp',
                   'convert a Diffusion Policy DP-T checkpoint into a model directory'),
     'demos': ('sparse_policy_node.training.demos',
@@ -22,6 +24,8 @@ COMMANDS = {
                      'processes)'),
     'eval': ('sparse_policy_node.training.evaluate',
              'success rate of a model over a seed range in the simulator'),
+    'launch': ('sparse_policy_node.ros.bringup',
+               'start the policy node (and the robosuite bridge) like ros2 launch, rclpy only'),
 }
 
 

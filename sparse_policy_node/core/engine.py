@@ -165,7 +165,8 @@ class SparseEngine:
     @torch.no_grad()
     def predict_action(self, obs: Dict[str, torch.Tensor], noise: Optional[torch.Tensor] = None,
                        generator: Optional[torch.Generator] = None,
-                       step_noise: Optional[torch.Tensor] = None) -> Dict:
+                       step_noise: Optional[torch.Tensor] = None,
+                       gates: Optional[torch.Tensor] = None) -> Dict:
         """Sample one action chunk, reusing cached features where the gates say so.
 
         Args:
@@ -175,6 +176,8 @@ class SparseEngine:
             noise: optional (B, T_a, A) initial noise.
             generator: random generator for noise not given explicitly.
             step_noise: optional (K, B, T_a, A) DDPM variance noise.
+            gates: optional precomputed (K, U) gate map for batch 1, used instead of the
+                runtime's gate source (benchmarks compare against it).
 
         Returns:
             ``action`` (B, n_action_steps, A), ``action_pred`` (B, T_a, A) and ``stats``
@@ -197,10 +200,14 @@ class SparseEngine:
         timing = {}
         if B == 1:
             gates_fn = None
-            if not forced_dense:
+            if not forced_dense and gates is not None:
+                gates_fn = gates.tolist
+            elif not forced_dense:
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
+            t_dec = time.perf_counter()
             nactions, executed = sample_sparse(model, sched, memory, noise, gates_fn,
                                                self.cache, step_noise, generator)
+            timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
             executed = torch.tensor(executed)  # (K, U)
         else:
             # Batched evaluation: soft path with one-hot gates, per-sample caches.
@@ -217,16 +224,18 @@ class SparseEngine:
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)
         self.last_gates = executed
         stats = gate_counts(executed)
+        pruner_ran = (not forced_dense and gates is None and runtime.sparsity_enabled
+                      and runtime.gate_source == 'pruner')
         per_sample = executed.reshape(-1, K, U)
         kinds = [int((per_sample[..., j::3] == 0).sum()) // per_sample.shape[0]
                  for j in range(3)]
         macs = chunk_macs(policy.config.transformer, policy.config.obs.obs_feature_dim,
                           sched.num_steps, kinds,
-                          self.pruner.config if runtime.gate_source == 'pruner'
-                          and 'pruner_ms' in timing else None)
+                          self.pruner.config if pruner_ran else None)
         stats.update(dense=forced_dense, num_steps=sched.num_steps, sampler=sched.sampler,
                      latency_ms=(time.perf_counter() - t_start) * 1e3,
                      pruner_ms=timing.get('pruner_ms', 0.0),
+                     decoder_ms=timing.get('decoder_ms', 0.0),
                      gmacs=macs['total'] / 1e9, gmacs_pruner=macs['pruner'] / 1e9)
         return {'action_pred': action_pred,
                 'action': policy.chunk_from_prediction(action_pred),

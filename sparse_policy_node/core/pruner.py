@@ -15,7 +15,7 @@ what is constant:
 - the memory of step k is [time token of t_k, observation tokens]; observation tokens are the
   same for every step and time tokens the same for every sample, so their projections and
   keys/values cost K + B * T_o token passes instead of B * K * T_c;
-- a narrower default width (H = 128, FFN 256).
+- a narrower default width (H = 64, FFN 128).
 
 Only the attention output projection, the FFN and the head run per (sample, step, unit).
 """

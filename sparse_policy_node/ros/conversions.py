@@ -233,7 +233,7 @@ def extract_lowdim(source: LowdimSource, msg) -> np.ndarray:
 # ==== actions ====
 
 def default_action_names(action_dim: int) -> List[str]:
-    """Generic names ``a0 .. a{A-1}`` for models whose dimensions are not named."""
+    """Name the dimensions ``a0 .. a{A-1}`` for models whose dimensions are not named."""
     return [f'a{i}' for i in range(action_dim)]
 
 

@@ -42,10 +42,11 @@ LAUNCH_ARGS = (
               'this package.'),
     LaunchArg('bridge_params_file', '', 'Simulator bridge parameter file; empty: '
               'config/sim_bridge.yaml of this package.'),
-    LaunchArg('episodes', '10', 'Episodes the bridge runs; the bring-up ends after them '
-              '(0: run until stopped).'),
-    LaunchArg('seed', '0', 'Seed of the first episode (episode i uses seed + i).'),
-    LaunchArg('use_sim_time', '', 'Run on the simulator\'s /clock; empty: true with a '
+    LaunchArg('episodes', '', 'Episodes the bridge runs, then the bring-up ends (0: run until '
+              'stopped); empty: bridge_params_file value.'),
+    LaunchArg('seed', '', 'Seed of the first episode (episode i uses seed + i); empty: '
+              'bridge_params_file value.'),
+    LaunchArg('use_sim_time', '', 'Run on the /clock of the simulator; empty: true with a '
               'simulator, false without.', ('', 'true', 'false')),
     LaunchArg('summary_dir', '', 'Directory where each node writes <node>.json, a run '
               'summary, at exit; empty: none.'),
@@ -78,7 +79,7 @@ def package_share_dir() -> str:
         from ament_index_python.packages import PackageNotFoundError
         try:
             return get_package_share_directory(PACKAGE)
-        except (PackageNotFoundError, KeyError, ValueError):
+        except (PackageNotFoundError, LookupError, ValueError, OSError):
             pass
     except ImportError:
         pass
@@ -121,7 +122,7 @@ def show_args() -> str:
         lines.append(f"    '{arg.name}':")
         lines.append(f'        {arg.description}')
         if arg.choices is not None:
-            lines.append(f"        Valid choices are: {list(arg.choices)}")
+            lines.append(f'        Valid choices are: {list(arg.choices)}')
         lines.append(f"        (default: '{arg.default}')")
         lines.append('')
     return '\n'.join(lines)
@@ -173,8 +174,10 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
                       policy, values['log_level'])]
     if sim:
         # The bridge is the clock source: it publishes /clock instead of listening to it.
-        bridge = {'task': values['task'], 'episodes': _int(values, 'episodes'),
-                  'seed': _int(values, 'seed'), 'publish_clock': use_sim_time}
+        bridge = {'task': values['task'], 'publish_clock': use_sim_time}
+        for name in ('episodes', 'seed'):
+            if values[name]:
+                bridge[name] = _int(values, name)
         if values['summary_dir']:
             bridge['summary_file'] = os.path.join(values['summary_dir'], 'sim_bridge.json')
         nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',

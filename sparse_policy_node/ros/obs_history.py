@@ -59,7 +59,7 @@ class ObservationHistory:
             if floor_ns == -1:
                 floor_ns = getattr(self, '_newest_seen', None)
             self._streams = {k: deque(maxlen=self._maxlen) for k in self.keys}
-            self._first = {k: None for k in self.keys}     # first stamp since the reset
+            self._first = dict.fromkeys(self.keys)     # first stamp since the reset
             self._floor = floor_ns
             self._newest_seen = None
 

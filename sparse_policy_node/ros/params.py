@@ -29,6 +29,25 @@ from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
 
 
+_DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
+
+
+def check_device(device: str) -> None:
+    """Reject malformed or unavailable torch devices with a reason."""
+    if not _DEVICE.match(device):
+        raise ConfigError(f'device must be cpu, cuda, cuda:N or mps, got {device!r}')
+    import torch
+    if device.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise ConfigError(f'device {device!r}: CUDA is not available on this machine')
+        index = int(device.partition(':')[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f'device {device!r}: only {torch.cuda.device_count()} CUDA '
+                              f'device(s)')
+    if device == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' is not available on this machine")
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter: ROS name, the dataclass field it fills, and how it is described."""
@@ -43,7 +62,7 @@ class Param:
     constraints: str = ''
 
     def descriptor(self) -> ParameterDescriptor:
-        """Build the descriptor (description, range, read-only flag)."""
+        """Return the ROS descriptor: description, range and read-only flag."""
         d = ParameterDescriptor(description=self.description, read_only=self.read_only,
                                 additional_constraints=self.constraints)
         if self.min_value is not None and isinstance(self.default, int):
@@ -62,7 +81,7 @@ RUNTIME_PARAMS = (
     Param('sparsity.gate_source', 'gate_source', _RT.gate_source,
           'Where the compute/reuse gates come from.', constraints=f'one of {GATE_SOURCES}'),
     Param('sparsity.target', 'target_sparsity', float(_RT.target_sparsity),
-          'The sparsity dial: negative uses the pruner\'s gates as trained; a value in '
+          "The sparsity dial: negative uses the pruner's gates as trained; a value in "
           '[0, 0.99] reuses exactly that share of (step, unit) entries.', min_value=-1.0,
           max_value=0.99),
     Param('sparsity.directions', 'directions', list(_RT.directions),
@@ -134,10 +153,10 @@ NODE_PARAMS = (
           max_value=256),
     Param('control_rate_hz', 'control_rate_hz', _NS.control_rate_hz,
           'Rate of the observation steps and of the actions in a chunk (the training '
-          'data\'s control rate).', read_only=True, min_value=0.1, max_value=1000.0),
+          "data's control rate).", read_only=True, min_value=0.1, max_value=1000.0),
     Param('execution_horizon', 'execution_horizon', _NS.execution_horizon,
           'Actions published per chunk, executed before the next chunk is computed '
-          '(0: the model\'s n_action_steps).', min_value=0, max_value=1000),
+          "(0: the model's n_action_steps).", min_value=0, max_value=1000),
     Param('sync_tolerance_s', 'sync_tolerance_s', _NS.sync_tolerance_s,
           'Largest stamp difference between an input and an observation step.',
           min_value=0.0, max_value=1.0),
@@ -145,7 +164,7 @@ NODE_PARAMS = (
           'Inputs older than this (stamp, or arrival on the wall clock) are stale: no chunks.',
           min_value=0.01, max_value=60.0),
     Param('time_jump_reset_s', 'time_jump_reset_s', _NS.time_jump_reset_s,
-          'A stamp this far behind its stream\'s newest is a time jump (sim reset, bag '
+          "A stamp this far behind its stream's newest is a time jump (sim reset, bag "
           'loop) and starts a new episode; smaller steps back are dropped as out of order.',
           min_value=0.0, max_value=3600.0),
     Param('image_topic_format', 'image_topic_format', _NS.image_topic_format,
@@ -179,7 +198,7 @@ class BridgeSettings:
     image_size: Tuple[int, ...] = (84, 84)
     control_rate_hz: float = 20.0
     episodes: int = 10
-    max_episode_steps: int = 300
+    max_episode_steps: int = 400
     terminate_on_success: bool = True
     seed: int = 0
     lockstep: bool = True
@@ -313,25 +332,6 @@ def runtime_to_params(config: RuntimeConfig) -> Dict[str, object]:
 
 
 # ==== validation ====
-
-_DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
-
-
-def check_device(device: str) -> None:
-    """Reject malformed or unavailable torch devices with a reason."""
-    if not _DEVICE.match(device):
-        raise ConfigError(f'device must be cpu, cuda, cuda:N or mps, got {device!r}')
-    import torch
-    if device.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise ConfigError(f'device {device!r}: CUDA is not available on this machine')
-        index = int(device.partition(':')[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f'device {device!r}: only {torch.cuda.device_count()} CUDA '
-                              f'device(s)')
-    if device == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError('device \'mps\' is not available on this machine')
-
 
 def make_validator(node, check: Optional[Callable[[RuntimeConfig, NodeSettings], None]] = None):
     """Return an ``on_set_parameters`` callback that validates without side effects.

@@ -56,7 +56,7 @@ def resolve_model_dir(path: str) -> str:
 
 
 def model_signature(cfg) -> tuple:
-    """What a replacement model must share with the running one: inputs and action size."""
+    """Return what a replacement model must share with the running one (inputs, actions)."""
     return (tuple(cfg.obs.vision.cameras), tuple(cfg.obs.vision.image_size),
             tuple(cfg.obs.lowdim), cfg.transformer.n_obs_steps, cfg.transformer.action_dim)
 
@@ -79,7 +79,7 @@ class PolicyNode(Node):
         self._check(self.engine.runtime, s)
         self.names = list(s.action_names)
         if len(self.names) != self.action_dim:
-            self.get_logger().warn(f'action.names has {len(self.names)} entries but the model '
+            self.get_logger().warning(f'action.names has {len(self.names)} entries but the model '
                                    f'has {self.action_dim} action dimensions; using a0..')
             self.names = conv.default_action_names(self.action_dim)
         sources = conv.parse_lowdim_map(s.lowdim_map)
@@ -139,7 +139,7 @@ class PolicyNode(Node):
         else:
             self.engine._check_runtime(runtime)
         if s.execution_horizon > self.n_action_steps:
-            raise ConfigError(f'execution_horizon={s.execution_horizon} exceeds the model\'s '
+            raise ConfigError(f"execution_horizon={s.execution_horizon} exceeds the model's "
                               f'n_action_steps={self.n_action_steps}')
         try:
             conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower')
@@ -185,7 +185,7 @@ class PolicyNode(Node):
 
     def _reject(self, key, exc) -> None:
         self.stats.count(f'rejected_{key}')
-        self.get_logger().warn(f'rejected {key}: {exc}', throttle_duration_sec=5.0)
+        self.get_logger().warning(f'rejected {key}: {exc}', throttle_duration_sec=5.0)
 
     def _reset(self, reason: str, keep_floor: bool = True) -> None:
         with self._lock:
@@ -257,7 +257,7 @@ class PolicyNode(Node):
         if max(age, time.monotonic() - window.newest_arrival) > s.max_obs_age_s:
             self._skip_stamp = window.stamp_ns
             self.stats.count('stale_skips')
-            self.get_logger().warn(f'observation is {age:.2f} s old: no chunk',
+            self.get_logger().warning(f'observation is {age:.2f} s old: no chunk',
                                    throttle_duration_sec=5.0)
             return
         episode = self._episode

@@ -104,7 +104,7 @@ def demo_names(path: str) -> List[str]:
 
 
 def read_env_args(path: str) -> dict:
-    """The ``env_args`` JSON of a dataset (empty dict when absent)."""
+    """Return the ``env_args`` JSON of a dataset (empty dict when absent)."""
     with h5py.File(path, 'r') as f:
         return json.loads(f['data'].attrs.get('env_args', '{}'))
 

@@ -21,6 +21,7 @@ from typing import List
 
 import numpy as np
 from sparse_policy_node.core.checkpoint import load_policy
+from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import SAMPLERS
 import torch
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--task', help='task (default: the one the model was trained on)')
     parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
     parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
-    parser.add_argument('--max-steps', type=int, help='episode limit (default: the task\'s)')
+    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
     parser.add_argument('--variants', nargs='+', default=['dense'], choices=sorted(VARIANTS))
     parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
@@ -145,7 +146,7 @@ def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str =
 
 def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]]) -> dict:
     """Build the JSON report: ``success_<variant>`` rates plus per-episode details."""
-    config = load_policy(model_dir).config.scheduler
+    config = load_policy_config(model_dir).scheduler
     report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
               'sampler': options.get('sampler') or config.sampler,
               'num_inference_steps': options.get('steps') or config.num_inference_steps}

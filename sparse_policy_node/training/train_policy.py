@@ -97,7 +97,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def make_optimizer(policy: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and kernels only (not biases, norms, embeddings)."""
+    """Build AdamW that decays matrices and kernels only (not biases, norms, embeddings)."""
     decay, no_decay = [], []
     for name, p in policy.named_parameters():
         is_embedding = name.split('.')[-1].endswith('emb')  # learned position embeddings
@@ -146,7 +146,7 @@ def save_checkpoint(cfg, step, elapsed, epoch, policy, ema, optimizer, scheduler
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train as ``cfg`` says; return a summary (steps, final loss, minutes, model dir)."""
+    """Train as ``cfg`` says; return a summary (steps, loss, minutes, model dir, modules)."""
     rank, world, device = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if world > 1:
         dist.barrier()
     return {'steps': step, 'loss': last_loss, 'minutes': elapsed / 60, 'world_size': world,
-            'model_dir': os.path.join(cfg.out_dir, 'model')}
+            'model_dir': os.path.join(cfg.out_dir, 'model'), 'policy': policy, 'ema': ema.model}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,274 @@
+"""robosuite bridge node: stands in for a real arm and its drivers.
+
+Publishes what an arm driver would: ``<camera>/image_raw`` (sensor_msgs/Image, rgb8),
+``joint_states`` (gripper fingers) and ``ee_pose`` (geometry_msgs/PoseStamped), all stamped
+with the simulation time it also publishes on ``/clock`` (or with wall time). It executes
+incoming ``trajectory_msgs/JointTrajectory`` chunks action by action, calls the policy's
+``~/reset`` before each episode and publishes each episode's result on ``~/episode_result``.
+
+Lockstep mode (default) waits for the chunk computed from the current observation before
+stepping, so sim time pauses during inference and results do not depend on CPU speed. Real
+time mode steps on the wall clock and executes whichever chunk covers the current step.
+"""
+
+import json
+import sys
+import threading
+import time
+
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import PoseStamped
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from rclpy.task import Future
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import JointState
+from sparse_policy_node.core import keys
+from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import params
+from sparse_policy_node.ros.stats import percentile
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+SIM_START_NS = 1_000_000_000  # sim time starts at 1 s: a zero stamp means "not stamped"
+
+
+def robosuite_env(settings):
+    """Create the simulation-layer environment (imported lazily: robosuite is optional)."""
+    from sparse_policy_node.sim.robosuite_env import make_env
+    return make_env(settings.task, settings.cameras, tuple(settings.image_size),
+                    max_steps=settings.max_episode_steps)
+
+
+class SimBridgeNode(Node):
+    """Run episodes of a simulated task and exchange observations and chunks over ROS."""
+
+    def __init__(self, env_factory=robosuite_env, **kwargs):
+        super().__init__('sim_bridge', **kwargs)
+        params.declare_bridge_parameters(self)
+        s = self.settings = params.bridge_settings_from_params(self)
+        self.dt_ns = int(round(1e9 / s.control_rate_hz))
+        self.env = env_factory(s)
+        self.image_pubs = {c: self.create_publisher(Image, s.image_topic_format.format(
+            camera=c), qos_profile_sensor_data) for c in s.cameras}
+        self.joint_pub = self.create_publisher(JointState, s.joint_states_topic,
+                                               qos_profile_sensor_data)
+        self.pose_pub = self.create_publisher(PoseStamped, s.pose_topic,
+                                              qos_profile_sensor_data)
+        self.clock_pub = self.create_publisher(Clock, '/clock', 10) if s.publish_clock else None
+        self.result_pub = self.create_publisher(DiagnosticStatus, '~/episode_result', 10)
+        self.create_subscription(JointTrajectory, s.action_topic, self._on_chunk, 10)
+        self.reset_client = self.create_client(Trigger, s.reset_service)
+        self.t_ns = SIM_START_NS if s.publish_clock else self.get_clock().now().nanoseconds
+        self._cond = threading.Condition()
+        self._chunk = None            # (stamp_ns, (n, A) actions)
+        self._sent = {}               # obs stamp -> monotonic publish time (round trip)
+        self.round_trip_ms, self.results = [], []
+        self.counters = {'chunks': 0, 'underruns': 0, 'republished': 0, 'bad_chunks': 0}
+        self.stop = threading.Event()
+        self.finished = Future()
+        self._thread = threading.Thread(target=self._run, name='episodes', daemon=True)
+        self._thread.start()
+
+    # ==== ROS I/O ====
+
+    def _on_chunk(self, msg) -> None:
+        try:
+            stamp, _, actions = conv.trajectory_to_chunk(msg)
+        except conv.ConversionError as exc:
+            self.counters['bad_chunks'] += 1
+            self.get_logger().warning(f'ignoring chunk: {exc}', throttle_duration_sec=5.0)
+            return
+        with self._cond:
+            sent = self._sent.pop(stamp, None)
+            if sent is not None:
+                self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
+            self._chunk = (stamp, actions)
+            self.counters['chunks'] += 1
+            self._cond.notify_all()
+
+    def _publish(self, obs) -> None:
+        stamp = conv.ns_to_stamp(self.t_ns)
+        if self.clock_pub is not None:
+            self.clock_pub.publish(Clock(clock=stamp))
+        for cam, pub in self.image_pubs.items():
+            pub.publish(conv.rgb_to_image(obs[keys.image_key(cam)], 'rgb8', stamp,
+                                          f'{cam}_optical_frame'))
+        js = JointState(name=list(self.settings.gripper_joint_names),
+                        position=[float(v) for v in obs['robot0_gripper_qpos']])
+        js.header.stamp = stamp
+        self.joint_pub.publish(js)
+        pose = PoseStamped()
+        pose.header.stamp, pose.header.frame_id = stamp, self.settings.frame_id
+        p, q = obs['robot0_eef_pos'], obs['robot0_eef_quat']  # quaternion x, y, z, w
+        pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = map(float, p)
+        (pose.pose.orientation.x, pose.pose.orientation.y, pose.pose.orientation.z,
+         pose.pose.orientation.w) = map(float, q)
+        self.pose_pub.publish(pose)
+        with self._cond:
+            self._sent = {self.t_ns: time.monotonic()}
+
+    def _reset_policy(self, first: bool) -> None:
+        """Call the policy's reset; at start-up wait until the policy node is up."""
+        while not self.stop.is_set():
+            if self.reset_client.wait_for_service(timeout_sec=1.0):
+                done = threading.Event()
+                future = self.reset_client.call_async(Trigger.Request())
+                future.add_done_callback(lambda _: done.set())
+                if done.wait(5.0):
+                    return
+            if not first:
+                self.get_logger().warning('policy reset service did not answer; continuing')
+                return
+            self.get_logger().info('waiting for the policy node...', throttle_duration_sec=10.0)
+
+    # ==== episodes (worker thread) ====
+
+    def _wait_chunk(self, obs):
+        """Lockstep: wait for the chunk of the current observation; re-send it now and then."""
+        waited = 0.0
+        while not self.stop.is_set():
+            with self._cond:
+                if self._cond.wait_for(lambda: self._chunk is not None
+                                       and self._chunk[0] == self.t_ns, timeout=1.0):
+                    return self._chunk[1]
+            waited += 1.0
+            # A best-effort message may have been lost, or the policy node restarted.
+            self.counters['republished'] += 1
+            self._publish(obs)
+            if waited % self.settings.chunk_timeout_s < 1.0:
+                self.get_logger().warning(f'no chunk for t={self.t_ns / 1e9:.2f} s after '
+                                       f'{waited:.0f} s; is the policy node running?')
+        return None
+
+    def _realtime_action(self, hold):
+        with self._cond:
+            chunk = self._chunk
+        if chunk is not None:
+            k = (self.t_ns - chunk[0]) // self.dt_ns
+            if 0 <= k < len(chunk[1]):
+                return chunk[1][k]
+        self.counters['underruns'] += 1
+        return hold
+
+    def _episode(self, index: int) -> dict:
+        s = self.settings
+        self._reset_policy(first=index == 0)
+        seed = s.seed + index
+        obs = self.env.reset(seed)
+        # Time moves on across a reset: the policy drops late messages stamped at or before
+        # the last step of the previous episode.
+        self.t_ns += self.dt_ns
+        with self._cond:
+            self._chunk = None
+        self._publish(obs)
+        steps, success, start, next_tick = 0, False, time.monotonic(), time.monotonic()
+        hold = np.zeros(7)
+        while steps < s.max_episode_steps and not self.stop.is_set():
+            actions = self._wait_chunk(obs) if s.lockstep else [self._realtime_action(hold)]
+            for action in actions if actions is not None else []:
+                if len(action) != len(hold):
+                    self.counters['bad_chunks'] += 1
+                    break
+                hold = np.concatenate([np.zeros(len(action) - 1), action[-1:]])
+                # The env's own done flag is ignored: the episode ends on the bridge's rules.
+                obs, _, _, info = self.env.step(action)
+                steps += 1
+                self.t_ns += self.dt_ns
+                self._publish(obs)
+                success = success or bool(info.get('success', False))
+                if (success and s.terminate_on_success) or steps >= s.max_episode_steps:
+                    break
+            if success and s.terminate_on_success:
+                break
+            if not s.lockstep:
+                next_tick += self.dt_ns / 1e9
+                time.sleep(max(0.0, next_tick - time.monotonic()))
+        result = {'episode': index, 'seed': seed, 'success': success, 'length': steps,
+                  'wall_s': round(time.monotonic() - start, 3)}
+        self.result_pub.publish(conv.make_status(
+            f'sim_bridge: episode {index}',
+            DiagnosticStatus.OK if success else DiagnosticStatus.WARN,
+            'success' if success else 'failure', result))
+        self.get_logger().info(f'episode {index} (seed {seed}): '
+                               f'{"success" if success else "failure"} in {steps} steps')
+        return result
+
+    def _run(self) -> None:
+        code = 0
+        try:
+            index = 0
+            while not self.stop.is_set() and (self.settings.episodes == 0
+                                              or index < self.settings.episodes):
+                result = self._episode(index)
+                if not self.stop.is_set():
+                    self.results.append(result)
+                index += 1
+        except Exception as exc:  # noqa: B902 - report, then end the node with an error
+            if not self.stop.is_set():
+                self.get_logger().error(f'episode loop failed: {exc!r}')
+                code = 1
+        if not self.finished.done():
+            self.finished.set_result(code)
+
+    def summary(self) -> dict:
+        """Success rate, episode lengths, chunk round trip and counters of the run so far."""
+        n = len(self.results)
+        wins = sum(r['success'] for r in self.results)
+        wall = sum(r['wall_s'] for r in self.results)
+        steps = sum(r['length'] for r in self.results)
+        return dict({'task': self.settings.task, 'episodes': n, 'successes': wins,
+                     'success_rate': wins / n if n else float('nan'),
+                     'mean_length': steps / n if n else float('nan'),
+                     'steps_per_wall_s': steps / wall if wall else float('nan'),
+                     'round_trip_p50_ms': percentile(self.round_trip_ms, 50),
+                     'round_trip_p99_ms': percentile(self.round_trip_ms, 99),
+                     'results': self.results}, **self.counters)
+
+    def close(self) -> dict:
+        """Stop the episode loop, release the simulator and write the summary file."""
+        self.stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=10.0)
+        summary = self.summary()
+        if self.settings.summary_file:
+            with open(self.settings.summary_file, 'w') as f:
+                json.dump(summary, f, indent=2)
+        close = getattr(self.env, 'close', None)
+        if close is not None:
+            close()
+        return summary
+
+
+def main(args=None) -> int:
+    """Run the bridge until its episodes are done (exit 0) or it is stopped."""
+    code = 0
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = SimBridgeNode()
+            except (ConfigError, ImportError, ValueError, RuntimeError) as exc:
+                print(f'[sim_bridge] cannot start: {exc}', file=sys.stderr)
+                return 1
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            try:
+                executor.spin_until_future_complete(node.finished)
+                code = node.finished.result() if node.finished.done() else 0
+            finally:
+                summary = node.close()
+                print(f'[sim_bridge] summary: {json.dumps(summary)}', file=sys.stderr)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""A fake robot driver and DDS isolation for tests and benchmarks of the policy node.
+
+:class:`FakeRobot` publishes what the bridge would (images, joint states, end-effector pose)
+with chosen stamps and defects, and collects chunks, next actions and diagnostics.
+"""
+
+import os
+import threading
+import time
+from typing import Optional
+
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped
+import numpy as np
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from sensor_msgs.msg import JointState
+from sparse_policy_node.ros import conversions as conv
+from std_msgs.msg import Float64MultiArray
+from trajectory_msgs.msg import JointTrajectory
+
+FINGERS = ['panda_finger_joint1', 'panda_finger_joint2']
+
+
+def isolate_ros(log_dir: str) -> None:
+    """Keep DDS traffic on this host and in a domain of its own; logs under ``log_dir``."""
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 200))
+    os.environ['ROS_LOG_DIR'] = log_dir
+
+
+class Spinner:
+    """Spin nodes in a background thread (a context manager)."""
+
+    def __init__(self, context, *nodes):
+        self.executor = SingleThreadedExecutor(context=context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self):
+        try:
+            self.executor.spin()
+        except Exception:  # noqa: B902 - the context was shut down under the executor
+            pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.executor.shutdown(timeout_sec=2.0)
+        self._thread.join(timeout=5.0)
+
+
+class FakeRobot(Node):
+    """Publish synthetic observations; record chunks, next actions and diagnostics."""
+
+    def __init__(self, camera='agentview', image_size=(32, 32), policy='policy_node',
+                 **kwargs):
+        super().__init__('fake_robot', **kwargs)
+        self.image_size = image_size
+        self.rng = np.random.default_rng(0)
+        self.image_pub = self.create_publisher(Image, f'{camera}/image_raw',
+                                               qos_profile_sensor_data)
+        self.joint_pub = self.create_publisher(JointState, 'joint_states',
+                                               qos_profile_sensor_data)
+        self.pose_pub = self.create_publisher(PoseStamped, 'ee_pose', qos_profile_sensor_data)
+        self.cond = threading.Condition()
+        self.chunks, self.next_actions, self.diagnostics = [], [], []
+        self.create_subscription(JointTrajectory, f'{policy}/action_chunk', self._on_chunk, 10)
+        self.create_subscription(Float64MultiArray, f'{policy}/next_action',
+                                 lambda m: self.next_actions.append(list(m.data)), 10)
+        self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+
+    def _on_chunk(self, msg):
+        with self.cond:
+            self.chunks.append(msg)
+            self.cond.notify_all()
+
+    def _on_diag(self, msg):
+        with self.cond:
+            self.diagnostics.append(msg)
+            del self.diagnostics[:-20]
+            self.cond.notify_all()
+
+    def publish_image(self, t_ns: int, image: Optional[Image] = None, encoding='rgb8'):
+        """Publish a camera image stamped ``t_ns`` (random pixels unless given)."""
+        if image is None:
+            pixels = self.rng.integers(0, 256, (*self.image_size, 3), dtype=np.uint8)
+            image = conv.rgb_to_image(pixels, encoding)
+        image.header.stamp = conv.ns_to_stamp(t_ns)
+        self.image_pub.publish(image)
+
+    def publish_joints(self, t_ns: int, position=(0.02, -0.02), names=None):
+        """Publish the gripper joint state stamped ``t_ns``."""
+        msg = JointState(name=list(FINGERS if names is None else names),
+                         position=[float(v) for v in position])
+        msg.header.stamp = conv.ns_to_stamp(t_ns)
+        self.joint_pub.publish(msg)
+
+    def publish_pose(self, t_ns: int, position=(0.1, 0.0, 1.0), quat=(0.0, 1.0, 0.0, 0.0)):
+        """Publish the end-effector pose stamped ``t_ns``."""
+        msg = PoseStamped()
+        msg.header.stamp = conv.ns_to_stamp(t_ns)
+        p, q = msg.pose.position, msg.pose.orientation
+        p.x, p.y, p.z = map(float, position)
+        q.x, q.y, q.z, q.w = map(float, quat)
+        self.pose_pub.publish(msg)
+
+    def publish_obs(self, t_ns: int, camera: bool = True):
+        """Publish one complete observation step stamped ``t_ns``."""
+        if camera:
+            self.publish_image(t_ns)
+        self.publish_joints(t_ns)
+        self.publish_pose(t_ns)
+
+    def wait_chunk(self, stamp_ns: Optional[int] = None, timeout: float = 5.0,
+                   count: Optional[int] = None):
+        """Wait for a chunk stamped ``stamp_ns`` (or for ``count`` chunks); return it/None."""
+        def ready():
+            if count is not None:
+                return len(self.chunks) >= count
+            return any(conv.stamp_to_ns(c.header.stamp) == stamp_ns for c in self.chunks)
+        with self.cond:
+            if not self.cond.wait_for(ready, timeout):
+                return None
+            if count is not None:
+                return self.chunks[count - 1]
+            return [c for c in self.chunks if conv.stamp_to_ns(c.header.stamp) == stamp_ns][0]
+
+    def drive(self, t_ns: int, timeout: float = 5.0, retry: float = 0.5):
+        """Publish an observation and wait for its chunk, re-sending lost messages."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.publish_obs(t_ns)
+            chunk = self.wait_chunk(t_ns, timeout=min(retry, deadline - time.monotonic()))
+            if chunk is not None:
+                return chunk
+        return None
+
+    def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
+        """Wait for a diagnostics message and return the named status from it."""
+        def ready():
+            return len(self.diagnostics) > newer_than
+        with self.cond:
+            self.cond.wait_for(ready, timeout)
+            for msg in reversed(self.diagnostics):
+                for status in msg.status:
+                    if status.name == name:
+                        return status
+        return None
+
+
+def status_values(status) -> dict:
+    """KeyValue list of a DiagnosticStatus as a dict."""
+    return {kv.key: kv.value for kv in status.values}
