@@ -1,5 +1,6 @@
-"""Sparse engine: cache semantics against an independent reference, forced-dense rules,
-soft == hard, knob validation, bounded memory.
+"""Sparse engine: cache semantics against an independent reference, and engine rules.
+
+Covers forced-dense rules, soft == hard, knob validation and bounded memory.
 """
 
 from conftest import make_obs
@@ -39,7 +40,8 @@ class ReferenceTTS:
     def chunk(self, obs, noise, step_noise, gates, scheduler):
         model = self.policy.transformer
         cond = self.policy.encode_obs(obs)
-        memory = model.encode_condition_all_steps(scheduler.timesteps, cond)
+        time_mem, obs_mem = model.encode_condition_parts(scheduler.timesteps, cond)
+        kv_all = model.memory_kv_all_steps(time_mem, obs_mem)
         forward, timestep = {}, {}
         x_a = noise
         for k in range(scheduler.num_steps):
@@ -48,7 +50,8 @@ class ReferenceTTS:
                 layer, kind = divmod(b, 3)
                 s = 0 if self.first or k == 0 else gates[k][b]
                 if s == 0:
-                    d = model.unit(layer, kind, x, memory[:, k])
+                    k_all, v_all = kv_all[layer]
+                    d = model.unit(layer, kind, x, kv=(k_all[:, k], v_all[:, k]))
                     forward[kind] = timestep[b] = self.rollout[(k, b)] = d
                 elif s == 1:
                     d = forward[kind]
@@ -194,8 +197,10 @@ def test_soft_path_equals_hard_path(tiny_policy):
         used[0] = 0
         with torch.no_grad():
             cond = tiny_policy.encode_obs(obs)
-            memory = tiny_policy.transformer.encode_condition_all_steps(sched.timesteps, cond)
-            soft = sample_soft(tiny_policy.transformer, sched, memory, noise,
+            model = tiny_policy.transformer
+            kv_all = model.memory_kv_all_steps(*model.encode_condition_parts(sched.timesteps,
+                                                                             cond))
+            soft = sample_soft(model, sched, kv_all, noise,
                                F.one_hot(used, 4).float()[None], soft_cache, step_noise)
         soft = tiny_policy.normalizer.unnormalize('action', soft)
         assert torch.allclose(soft, hard['action_pred'], atol=1e-6), chunk

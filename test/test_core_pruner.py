@@ -55,7 +55,7 @@ def test_straight_through_gates_are_one_hot_and_pass_gradients_to_the_pruner(tin
     K, U = sched.num_steps, model.num_units
     cond = tiny_policy.encode_obs(make_obs(tiny_policy, batch=2)).detach()
     time_mem, obs_mem = model.encode_condition_parts(sched.timesteps, cond)
-    memory = model.assemble_memory(time_mem, obs_mem).detach()
+    kv_all = [(k.detach(), v.detach()) for k, v in model.memory_kv_all_steps(time_mem, obs_mem)]
     gates = straight_through_gates(pruner(time_mem.detach(), obs_mem.detach()),
                                    ('forward', 'timestep', 'rollout'))
     assert gates.shape == (2, K, U, 4)
@@ -68,7 +68,7 @@ def test_straight_through_gates_are_one_hot_and_pass_gradients_to_the_pruner(tin
     for k in range(K):
         for b in range(U):
             cache.rollout[k][b] = torch.randn(2, model.config.horizon, model.n_emb)
-    out = sample_soft(model, sched, memory, torch.randn(2, 6, 7), gates, cache,
+    out = sample_soft(model, sched, kv_all, torch.randn(2, 6, 7), gates, cache,
                       torch.randn(K, 2, 6, 7))
     loss = out.abs().mean() + (1 - gates[..., 0]).mean()
     loss.backward()

@@ -9,9 +9,9 @@ diffusers = pytest.importorskip('diffusers')
 
 
 def reference(kind):
-    common = dict(num_train_timesteps=100, beta_start=0.0001, beta_end=0.02,
-                  beta_schedule='squaredcos_cap_v2', clip_sample=True,
-                  prediction_type='epsilon')
+    common = {'num_train_timesteps': 100, 'beta_start': 0.0001, 'beta_end': 0.02,
+              'beta_schedule': 'squaredcos_cap_v2', 'clip_sample': True,
+              'prediction_type': 'epsilon'}
     if kind == 'ddpm':
         return diffusers.DDPMScheduler(variance_type='fixed_small', **common)
     return diffusers.DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)

@@ -73,7 +73,7 @@ class FeatureCache:
         self.rollout[step][unit] = value
 
     def lookup(self, choice: int, step: int, unit: int) -> Optional[torch.Tensor]:
-        """Cached (B, T_a, D) value for a reuse ``choice``, or None when the slot is empty."""
+        """Return the cached (B, T_a, D) value for a reuse ``choice`` (None: empty slot)."""
         if choice == REUSE_FORWARD:
             return self.forward[unit % 3]
         if choice == REUSE_TIMESTEP:

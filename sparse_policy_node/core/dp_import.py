@@ -51,7 +51,7 @@ def infer_config(state: Dict[str, torch.Tensor], n_head: int = 4,
     def need(key):
         if key not in state:
             raise DPImportError(f'state dict has no {key!r}: not a DP-T image policy '
-                               f'(TransformerForDiffusion with obs_as_cond)')
+                                f'(TransformerForDiffusion with obs_as_cond)')
         return state[key]
 
     pos = need('model.pos_emb')  # (1, T_a, D)
@@ -73,8 +73,8 @@ def infer_config(state: Dict[str, torch.Tensor], n_head: int = 4,
     extra = sorted(set(norm) - set(lowdim_order) - {'action'}
                    - {f'{c}_image' for c in cameras})
     if extra:
-        raise DPImportError(f'low-dim keys {extra} are not in lowdim_order={list(lowdim_order)}; '
-                           f'pass their order explicitly')
+        raise DPImportError(f'low-dim keys {extra} are not in '
+                            f'lowdim_order={list(lowdim_order)}; pass their order explicitly')
     if crop_size is None:
         crop_size = (76, 76) if tuple(image_size) == (84, 84) else tuple(image_size)
     trunk = 'resnet18'
@@ -136,5 +136,5 @@ def check_image_normalizer(state: Dict[str, torch.Tensor]) -> None:
             scale, offset = params['scale'], params['offset']
             if not (torch.allclose(scale, torch.full_like(scale, 2.0))
                     and torch.allclose(offset, torch.full_like(offset, -1.0))):
-                raise DPImportError(f'image normalizer of {key!r} is not the [0, 1] -> [-1, 1] '
-                                   f'range map this package assumes')
+                raise DPImportError(f'image normalizer of {key!r} is not the [0, 1] -> '
+                                    f'[-1, 1] range map this package assumes')

@@ -2,7 +2,7 @@
 
 Per chunk (control step)::
 
-    obs --encode--> cond --encoder (all K steps, one call)--> memory (1, K, T_c, D)
+    obs --encode--> cond --encoder + cross-attn K/V (all K steps, one pass)--> memory
                                    |                          |
                                    +--> pruner (worker thread / side CUDA stream) --> gates
                                                               |                       |
@@ -76,7 +76,7 @@ class SparseEngine:
         n_train = self.policy.config.scheduler.num_train_timesteps
         if cfg.num_inference_steps > n_train:
             raise ConfigError(f'RuntimeConfig.num_inference_steps={cfg.num_inference_steps} '
-                              f'exceeds the model\'s num_train_timesteps={n_train}')
+                              f'exceeds num_train_timesteps={n_train} of the model')
         if cfg.sparsity_enabled and cfg.gate_source == 'pruner' and self.pruner is None:
             raise ConfigError('RuntimeConfig.gate_source=pruner but this model has no pruner; '
                               'use static, random or dense, or train a pruner')
@@ -193,7 +193,7 @@ class SparseEngine:
             noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
         model, sched = policy.transformer, self.scheduler
         time_mem, obs_mem = model.encode_condition_parts(sched.timesteps, cond)
-        memory = model.assemble_memory(time_mem, obs_mem)  # (B, K, T_c, D)
+        kv_all = model.memory_kv_all_steps(time_mem, obs_mem)  # per layer (B, K, nh, T_c, dh)
         schedule = (sched.sampler, B, *sched.timesteps.tolist())
         forced_dense = self.cache.begin_chunk(schedule, sched.num_steps)
         K, U = sched.num_steps, model.num_units
@@ -205,7 +205,7 @@ class SparseEngine:
             elif not forced_dense:
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
             t_dec = time.perf_counter()
-            nactions, executed = sample_sparse(model, sched, memory, noise, gates_fn,
+            nactions, executed = sample_sparse(model, sched, kv_all, noise, gates_fn,
                                                self.cache, step_noise, generator)
             timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
             executed = torch.tensor(executed)  # (K, U)
@@ -218,7 +218,7 @@ class SparseEngine:
                 gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
                 timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
             onehot = F.one_hot(gate_maps, 4).to(cond.dtype)  # (B, K, U, 4)
-            nactions = sample_soft(model, sched, memory, noise, onehot, self.cache, step_noise,
+            nactions = sample_soft(model, sched, kv_all, noise, onehot, self.cache, step_noise,
                                    generator)
             executed = gate_maps.cpu()  # (B, K, U)
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)

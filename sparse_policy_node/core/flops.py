@@ -13,24 +13,30 @@ from sparse_policy_node.core.config import TransformerConfig
 
 
 def unit_macs(cfg: TransformerConfig) -> tuple:
-    """MACs of one (SA, CA, FFN) unit evaluation at batch 1, LayerNorms ignored."""
+    """Count the MACs of one (SA, CA, FFN) unit evaluation at batch 1, LayerNorms ignored."""
     D, T, S = cfg.n_emb, cfg.horizon, 1 + cfg.n_obs_steps
     sa = 4 * T * D * D + 2 * T * T * D
-    ca = 2 * T * D * D + 2 * S * D * D + 2 * T * S * D  # q/out + memory k/v + attention
+    ca = 2 * T * D * D + 2 * T * S * D  # q/out projections + attention (k/v: memory_kv_macs)
     ffn = 2 * T * D * 4 * D
     return sa, ca, ffn
 
 
 def step_overhead_macs(cfg: TransformerConfig) -> int:
-    """MACs per step outside the units: input embedding and output head."""
+    """Count the MACs per step outside the units: input embedding and output head."""
     return 2 * cfg.horizon * cfg.n_emb * cfg.action_dim
 
 
 def encoder_macs(cfg: TransformerConfig, cond_dim: int, num_steps: int) -> int:
-    """Condition encoder per chunk: K time tokens + T_o observation tokens (batched, exact)."""
+    """Count the condition encoder and cross-attention K/V projections per chunk.
+
+    Both are token-wise and evaluated once per chunk on K time tokens + T_o observation
+    tokens (exact, see ``DPTransformer.encode_condition_parts``).
+    """
     D = cfg.n_emb
+    tokens = num_steps + cfg.n_obs_steps
     mlp = 2 * D * 4 * D
-    return (num_steps + cfg.n_obs_steps) * mlp + cfg.n_obs_steps * cond_dim * D
+    kv = cfg.n_layer * 2 * D * D
+    return tokens * (mlp + kv) + cfg.n_obs_steps * cond_dim * D
 
 
 def pruner_macs(pcfg: PrunerConfig, num_units: int, cond_dim: int, num_steps: int,
@@ -46,7 +52,7 @@ def pruner_macs(pcfg: PrunerConfig, num_units: int, cond_dim: int, num_steps: in
 
 def chunk_macs(cfg: TransformerConfig, cond_dim: int, num_steps: int,
                counts: Optional[list] = None, pruner: Optional[PrunerConfig] = None) -> dict:
-    """MACs of one chunk.
+    """Count the MACs of one chunk.
 
     Args:
         cfg: transformer config.

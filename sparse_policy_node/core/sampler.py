@@ -1,7 +1,8 @@
 """Dense denoising loop: the reference the sparse engine must reproduce bit for bit.
 
-The condition memory of all K steps is computed in one batched call (exact, since the memory
-does not depend on the noisy action); every step then runs all units of the decoder.
+The condition memory of all K steps, and the cross-attention keys/values derived from it, are
+computed in one batched pass (exact, since the memory does not depend on the noisy action);
+every step then runs all units of the decoder.
 """
 
 from typing import Optional
@@ -17,22 +18,24 @@ def initial_noise(shape, generator: Optional[torch.Generator], device, dtype) ->
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def dense_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """One dense denoiser call on precomputed memory.
+def dense_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
+               step: int) -> torch.Tensor:
+    """One dense denoiser call on precomputed memory keys/values.
 
     Args:
         model: the transformer.
         sample: (B, T_a, A) noisy normalized actions.
-        memory: (B, T_c, D) memory of this step.
+        kv_all: per layer (k, v) of every step (:meth:`DPTransformer.memory_kv_all_steps`).
+        step: denoising step index k.
 
     Returns:
         (B, T_a, A) predicted noise.
     """
     x = model.embed_sample(sample)
     mask, mem_mask = model.mask, model.memory_mask
-    for layer in model.layers:
+    for layer, (k, v) in zip(model.layers, kv_all):
         x = x + layer.sa(x, mask)
-        x = x + layer.ca(x, layer.multihead_attn.memory_kv(memory), mem_mask)
+        x = x + layer.ca(x, (k[:, step], v[:, step]), mem_mask)
         x = x + layer.ffn(x)
     return model.output(x)
 
@@ -54,9 +57,10 @@ def sample_dense(model: DPTransformer, scheduler: NoiseScheduler, cond: torch.Te
     Returns:
         (B, T_a, A) denoised normalized actions.
     """
-    memory = model.encode_condition_all_steps(scheduler.timesteps, cond)  # (B, K, T_c, D)
+    time_mem, obs_mem = model.encode_condition_parts(scheduler.timesteps, cond)
+    kv_all = model.memory_kv_all_steps(time_mem, obs_mem)
     x = noise
     for k in range(scheduler.num_steps):
-        eps = dense_step(model, x, memory[:, k])
+        eps = dense_step(model, x, kv_all, k)
         x = scheduler.step(eps, k, x, None if step_noise is None else step_noise[k], generator)
     return x

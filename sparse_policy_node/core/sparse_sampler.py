@@ -27,7 +27,7 @@ import torch
 GateRows = List[List[int]]
 
 
-def sparse_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor,
+def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
                 gates: Optional[List[int]], cache: FeatureCache, step: int,
                 executed: List[int]) -> torch.Tensor:
     """One batch-1 denoiser call that skips reused units.
@@ -35,7 +35,7 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor
     Args:
         model: the transformer (eval mode).
         sample: (1, T_a, A) noisy normalized actions.
-        memory: (1, T_c, D) memory of this step.
+        kv_all: per layer memory (k, v) of every step (``memory_kv_all_steps``).
         gates: U choices for this step, or None to compute every unit.
         cache: feature caches, updated in place.
         step: denoising step index k.
@@ -62,7 +62,8 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor
             if kind == 0:
                 d = layer.sa(x, mask)
             elif kind == 1:
-                d = layer.ca(x, layer.multihead_attn.memory_kv(memory), mem_mask)
+                k, v = kv_all[b // 3]
+                d = layer.ca(x, (k[:, step], v[:, step]), mem_mask)
             else:
                 d = layer.ffn(x)
             fwd[kind] = d
@@ -75,7 +76,7 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, memory: torch.Tensor
 
 
 @torch.no_grad()
-def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.Tensor,
+def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
                   noise: torch.Tensor, gates_fn: Optional[Callable[[], GateRows]],
                   cache: FeatureCache, step_noise: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None):
@@ -87,7 +88,7 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, memory: torch
     Args:
         model: the transformer (eval mode).
         scheduler: scheduler with its inference timesteps set.
-        memory: (1, K, T_c, D) memory of every step.
+        kv_all: per layer memory (k, v) of every step (``memory_kv_all_steps``).
         noise: (1, T_a, A) initial noise.
         gates_fn: returns K rows of U choices; None computes everything.
         cache: feature caches; :meth:`FeatureCache.begin_chunk` must have been called.
@@ -105,7 +106,7 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, memory: torch
     for k in range(K):
         if k == 1 and gates_fn is not None:
             gates = gates_fn()
-        eps = sparse_step(model, x, memory[:, k], None if k == 0 or gates is None else gates[k],
+        eps = sparse_step(model, x, kv_all, None if k == 0 or gates is None else gates[k],
                           cache, k, executed[k])
         x = scheduler.step(eps, k, x, None if step_noise is None else step_noise[k], generator)
     return x, executed
@@ -125,7 +126,7 @@ def _mix(x, d, gate, candidates):
     return x, g_compute
 
 
-def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.Tensor,
+def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
                 noise: torch.Tensor, gates: torch.Tensor, cache: FeatureCache,
                 step_noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -138,7 +139,7 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.T
     Args:
         model: the transformer (its parameters may be frozen).
         scheduler: scheduler with its inference timesteps set.
-        memory: (B, K, T_c, D) memory of every step.
+        kv_all: per layer memory (k, v) of every step (``memory_kv_all_steps``).
         noise: (B, T_a, A) initial noise.
         gates: (B, K, U, 4) one-hot valued gates (straight-through in training).
         cache: feature caches holding (B, T_a, D) tensors; begin_chunk must have been called.
@@ -153,14 +154,14 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, memory: torch.T
     x_a = noise
     for k in range(K):
         x = model.embed_sample(x_a)
-        mem_k = memory[:, k]
         roll = cache.rollout[k]
         for b in range(U):
             layer, kind = model.layers[b // 3], b % 3
             if kind == 0:
                 d = layer.sa(x, mask)
             elif kind == 1:
-                d = layer.ca(x, layer.multihead_attn.memory_kv(mem_k), mem_mask)
+                mk, mv = kv_all[b // 3]
+                d = layer.ca(x, (mk[:, k], mv[:, k]), mem_mask)
             else:
                 d = layer.ffn(x)
             candidates = (cache.forward[kind], cache.timestep[b], roll[b])

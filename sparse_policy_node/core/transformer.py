@@ -256,18 +256,47 @@ class DPTransformer(nn.Module):
         """(B, T_a, A) noisy actions -> (B, T_a, D) residual stream input."""
         return self.drop(self.input_emb(sample) + self.pos_emb)
 
-    def memory_kv(self, layer: int, memory: torch.Tensor):
-        """Cross-attention key/value heads of ``layer`` for (B, T_c, D) memory."""
-        return self.layers[layer].multihead_attn.memory_kv(memory)
+    def memory_kv_all_steps(self, time_mem: torch.Tensor,
+                            obs_mem: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of every layer for every step, in one batched pass.
 
-    def unit(self, layer: int, kind: int, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        Like the encoder, the key/value projections are token-wise: K time tokens and
+        B * T_o observation tokens are projected once per layer, instead of B * K * T_c tokens
+        inside each of the K * L cross-attention calls.
+
+        Args:
+            time_mem: (K, D) memory time tokens.
+            obs_mem: (B, T_o, D) memory observation tokens.
+
+        Returns:
+            per layer (k, v), each (B, K, n_head, T_c, D / n_head); ``[:, step]`` is the
+            ``kv`` argument of :meth:`DecoderLayer.ca` at that step.
+        """
+        B, T_o, D = obs_mem.shape
+        K = time_mem.shape[0]
+        out = []
+        for blk in self.layers:
+            k_t, v_t = blk.multihead_attn.memory_kv(time_mem[None])  # (1, nh, K, dh)
+            k_o, v_o = blk.multihead_attn.memory_kv(obs_mem)  # (B, nh, T_o, dh)
+            pair = []
+            for t_part, o_part in ((k_t, k_o), (v_t, v_o)):
+                nh, dh = o_part.shape[1], o_part.shape[3]
+                t_part = t_part.permute(0, 2, 1, 3)[:, :, :, None].expand(B, K, nh, 1, dh)
+                o_part = o_part[:, None].expand(B, K, nh, T_o, dh)
+                pair.append(torch.cat((t_part, o_part), dim=3))  # (B, K, nh, T_c, dh)
+            out.append(tuple(pair))
+        return out
+
+    def unit(self, layer: int, kind: int, x: torch.Tensor, memory: torch.Tensor = None,
+             kv: Tuple[torch.Tensor, torch.Tensor] = None) -> torch.Tensor:
         """Compute one residual unit and return its branch output (not added to ``x``).
 
         Args:
             layer: decoder layer l.
             kind: 0 self-attention, 1 cross-attention, 2 feed-forward.
             x: (B, T_a, D) residual stream before the unit.
-            memory: (B, T_c, D) condition memory (used by cross-attention only).
+            memory: (B, T_c, D) condition memory (cross-attention only), or
+            kv: this layer's precomputed memory keys/values, each (B, n_head, T_c, D / n_head).
 
         Returns:
             (B, T_a, D) branch output d, so that the dense update is ``x + d``.
@@ -276,7 +305,9 @@ class DPTransformer(nn.Module):
         if kind == SA:
             return blk.sa(x, self.mask)
         if kind == CA:
-            return blk.ca(x, blk.multihead_attn.memory_kv(memory), self.memory_mask)
+            if kv is None:
+                kv = blk.multihead_attn.memory_kv(memory)
+            return blk.ca(x, kv, self.memory_mask)
         if kind == FFN:
             return blk.ffn(x)
         raise ValueError(f'unit kind must be 0 (SA), 1 (CA) or 2 (FFN), got {kind!r}')

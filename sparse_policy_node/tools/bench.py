@@ -160,7 +160,8 @@ def run_benchmark(args) -> dict:
         'sparse_ms_p90': round(sorted(rows['sparse'])[int(0.9 * (len(rows['sparse']) - 1))],
                                2),
         'note': 'gflops are multiply-accumulate counts of the transformer (+ pruner), the '
-                'paper\'s convention; the vision encoder is in the latencies, not the gflops',
+                'convention of the paper; the vision encoder is in the latencies, not the '
+                'gflops',
     }
     for engine in (dense, sparse, replay):
         engine.close()

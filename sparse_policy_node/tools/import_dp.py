@@ -13,10 +13,9 @@ the error explains how to extract the state dict with DP's own environment.
 import os
 
 EXTRACT_HINT = (
-    'extract the weights once in your Diffusion Policy environment: python -c "import torch, '
-    'dill; from safetensors.torch import save_file; p = torch.load(\'IN.ckpt\', '
-    'pickle_module=dill); save_file({k: v.contiguous() for k, v in '
-    'p[\'state_dicts\'][\'ema_model\'].items()}, \'ema.safetensors\')" and import that file')
+    'extract the weights once in your Diffusion Policy environment, e.g. with '
+    'torch.load(IN.ckpt, pickle_module=dill)["state_dicts"]["ema_model"] written by '
+    'safetensors.torch.save_file (tensors made contiguous), and import that .safetensors file')
 
 
 def add_arguments(parser):
