@@ -126,7 +126,8 @@ def test_pruner_costs_far_less_than_the_papers():
     paper_pruner = chunk_macs(t, cfg.obs.obs_feature_dim, 100, pruner=PrunerConfig(
         hidden_dim=512, n_head=8, dim_feedforward=1024))['pruner']
     ours = chunk_macs(t, cfg.obs.obs_feature_dim, 100, pruner=PrunerConfig())['pruner']
-    # Dense DP-T over 100 steps is about 7.8 GMAC (paper: 7.88 "GFLOPs").
-    assert 7.5e9 < dense['total'] < 8.0e9
+    # Dense DP-T over 100 steps: 7.88 "GFLOPs" (MACs) in the paper, which re-encodes the
+    # memory and its cross-attention K/V at every step; ours does that once per schedule.
+    assert 7.3e9 < dense['total'] < 7.88e9
     assert ours < 0.01 * dense['total']
     assert ours < paper_pruner / 10

@@ -3,6 +3,7 @@
 Per chunk (control step)::
 
     obs --encode--> cond --encoder + cross-attn K/V (all K steps, one pass)--> memory
+    (time tokens depend only on the schedule: encoded once per schedule, not per chunk)
                                    |                          |
                                    +--> pruner (worker thread / side CUDA stream) --> gates
                                                               |                       |
@@ -62,6 +63,7 @@ class SparseEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='pruner')
         self._side_stream = None
         self.random_generator = torch.Generator().manual_seed(0)
+        self._time_cache = None
         self.last_gates = None
 
     # ==== runtime knobs ====
@@ -162,6 +164,26 @@ class SparseEngine:
 
     # ==== inference ====
 
+    def _time_tokens(self):
+        """Memory time tokens and their cross-attention K/V for the current schedule.
+
+        They depend only on the timesteps, never on the observation, so they are computed
+        once per schedule and reused by every chunk (weights are frozen at inference; call
+        :meth:`refresh` after changing them).
+        """
+        key = (self.scheduler.sampler, tuple(self.scheduler.timesteps.tolist()))
+        if self._time_cache is None or self._time_cache[0] != key:
+            model = self.policy.transformer
+            steps = self.scheduler.timesteps.to(self.device)
+            time_mem = model.encode_time_tokens(steps)
+            self._time_cache = (key, time_mem, model.time_kv(time_mem))
+        return self._time_cache[1], self._time_cache[2]
+
+    def refresh(self) -> None:
+        """Drop everything derived from the weights (after loading new weights in place)."""
+        self._time_cache = None
+        self.reset()
+
     @torch.no_grad()
     def predict_action(self, obs: Dict[str, torch.Tensor], noise: Optional[torch.Tensor] = None,
                        generator: Optional[torch.Generator] = None,
@@ -192,8 +214,9 @@ class SparseEngine:
         if noise is None:
             noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
         model, sched = policy.transformer, self.scheduler
-        time_mem, obs_mem = model.encode_condition_parts(sched.timesteps, cond)
-        kv_all = model.memory_kv_all_steps(time_mem, obs_mem)  # per layer (B, K, nh, T_c, dh)
+        time_mem, time_kv = self._time_tokens()
+        obs_mem = model.encode_obs_tokens(cond)  # (B, T_o, D)
+        kv_all = model.assemble_kv(time_kv, model.obs_kv(obs_mem))  # per layer (B,K,nh,T_c,dh)
         schedule = (sched.sampler, B, *sched.timesteps.tolist())
         forced_dense = self.cache.begin_chunk(schedule, sched.num_steps)
         K, U = sched.num_steps, model.num_units

@@ -29,14 +29,14 @@ def step_overhead_macs(cfg: TransformerConfig) -> int:
 def encoder_macs(cfg: TransformerConfig, cond_dim: int, num_steps: int) -> int:
     """Count the condition encoder and cross-attention K/V projections per chunk.
 
-    Both are token-wise and evaluated once per chunk on K time tokens + T_o observation
-    tokens (exact, see ``DPTransformer.encode_condition_parts``).
+    Both are token-wise. The T_o observation tokens are encoded once per chunk; the K time
+    tokens depend only on the schedule and are encoded once per schedule, so they cost nothing
+    per chunk (``num_steps`` is kept for the signature's symmetry and ignored).
     """
     D = cfg.n_emb
-    tokens = num_steps + cfg.n_obs_steps
     mlp = 2 * D * 4 * D
     kv = cfg.n_layer * 2 * D * D
-    return tokens * (mlp + kv) + cfg.n_obs_steps * cond_dim * D
+    return cfg.n_obs_steps * (mlp + kv + cond_dim * D)
 
 
 def pruner_macs(pcfg: PrunerConfig, num_units: int, cond_dim: int, num_steps: int,

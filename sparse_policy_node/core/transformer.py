@@ -222,10 +222,17 @@ class DPTransformer(nn.Module):
             time_mem: (K, D) memory time token of every step.
             obs_mem: (B, T_o, D) memory observation tokens (shared by all steps).
         """
-        time_tok = sinusoidal_embedding(timesteps.to(cond.device), self.n_emb)  # (K, D)
-        time_mem = self.encoder(self.drop(time_tok + self.cond_pos_emb[0, :1]))  # (K, D)
+        return self.encode_time_tokens(timesteps.to(cond.device)), self.encode_obs_tokens(cond)
+
+    def encode_time_tokens(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(K,) timesteps -> (K, D) memory time tokens; independent of the observation."""
+        time_tok = sinusoidal_embedding(timesteps, self.n_emb)  # (K, D)
+        return self.encoder(self.drop(time_tok + self.cond_pos_emb[0, :1]))
+
+    def encode_obs_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, T_o, D_o) observation features -> (B, T_o, D) memory observation tokens."""
         obs_tok = self.cond_obs_emb(cond) + self.cond_pos_emb[:, 1:]  # (B, T_o, D)
-        return time_mem, self.encoder(self.drop(obs_tok))
+        return self.encoder(self.drop(obs_tok))
 
     @staticmethod
     def assemble_memory(time_mem: torch.Tensor, obs_mem: torch.Tensor) -> torch.Tensor:
@@ -272,15 +279,25 @@ class DPTransformer(nn.Module):
             per layer (k, v), each (B, K, n_head, T_c, D / n_head); ``[:, step]`` is the
             ``kv`` argument of :meth:`DecoderLayer.ca` at that step.
         """
-        B, T_o, D = obs_mem.shape
-        K = time_mem.shape[0]
+        return self.assemble_kv(self.time_kv(time_mem), self.obs_kv(obs_mem))
+
+    def time_kv(self, time_mem: torch.Tensor) -> list:
+        """Per layer (k, v) of the (K, D) time tokens, each (1, n_head, K, D / n_head)."""
+        return [blk.multihead_attn.memory_kv(time_mem[None]) for blk in self.layers]
+
+    def obs_kv(self, obs_mem: torch.Tensor) -> list:
+        """Per layer (k, v) of (B, T_o, D) observation tokens, each (B, n_head, T_o, dh)."""
+        return [blk.multihead_attn.memory_kv(obs_mem) for blk in self.layers]
+
+    @staticmethod
+    def assemble_kv(time_kv: list, obs_kv: list) -> list:
+        """Combine time and observation keys/values into per-step (B, K, nh, T_c, dh) pairs."""
         out = []
-        for blk in self.layers:
-            k_t, v_t = blk.multihead_attn.memory_kv(time_mem[None])  # (1, nh, K, dh)
-            k_o, v_o = blk.multihead_attn.memory_kv(obs_mem)  # (B, nh, T_o, dh)
+        for (k_t, v_t), (k_o, v_o) in zip(time_kv, obs_kv):
+            B, nh, T_o, dh = k_o.shape
+            K = k_t.shape[2]
             pair = []
             for t_part, o_part in ((k_t, k_o), (v_t, v_o)):
-                nh, dh = o_part.shape[1], o_part.shape[3]
                 t_part = t_part.permute(0, 2, 1, 3)[:, :, :, None].expand(B, K, nh, 1, dh)
                 o_part = o_part[:, None].expand(B, K, nh, T_o, dh)
                 pair.append(torch.cat((t_part, o_part), dim=3))  # (B, K, nh, T_c, dh)

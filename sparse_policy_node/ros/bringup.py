@@ -124,9 +124,10 @@ def run(args) -> int:
     try:
         for node in plan:
             cmd = node_command(node, write_overrides(node, work))
-            print(f'[launch] starting {node.name}: {" ".join(cmd)}', flush=True)
             # Own process group: the bring-up alone decides when and how children stop.
             procs.append(subprocess.Popen(cmd, start_new_session=True))
+            print(f'[launch] started {node.name} (pid {procs[-1].pid}): {" ".join(cmd)}',
+                  flush=True)
         while not received and all(p.poll() is None for p in procs):
             time.sleep(0.1)
         ended = [(n.name, p.returncode) for n, p in zip(plan, procs) if p.poll() is not None]

@@ -47,17 +47,17 @@ class ObservationHistory:
         self._lock = threading.Lock()
         self.clear(floor_ns=None)
 
-    def clear(self, floor_ns: Optional[int] = -1) -> None:
+    def clear(self, floor_ns: Optional[int] = None) -> None:
         """Forget everything (new episode).
 
         Args:
-            floor_ns: entries stamped at or before this are late messages of the previous
-                episode and get dropped; ``-1`` uses the newest stamp seen so far (explicit
-                resets), None disables it (time jumps, where new stamps are smaller).
+            floor_ns: entries stamped at or before this (or the newest stamp seen so far, if
+                later) are late messages of the previous episode and get dropped; None
+                disables the floor (time jumps, where new stamps are smaller).
         """
         with self._lock:
-            if floor_ns == -1:
-                floor_ns = getattr(self, '_newest_seen', None)
+            if floor_ns is not None:
+                floor_ns = max(floor_ns, getattr(self, '_newest_seen', None) or floor_ns)
             self._streams = {k: deque(maxlen=self._maxlen) for k in self.keys}
             self._first = dict.fromkeys(self.keys)     # first stamp since the reset
             self._floor = floor_ns

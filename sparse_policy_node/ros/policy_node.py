@@ -190,7 +190,9 @@ class PolicyNode(Node):
     def _reset(self, reason: str, keep_floor: bool = True) -> None:
         with self._lock:
             self._episode += 1
-            self.history.clear(-1 if keep_floor else None)
+            # Messages captured before now belong to the old episode, even if they arrive
+            # after the reset request (topics and services are not ordered).
+            self.history.clear(self.get_clock().now().nanoseconds if keep_floor else None)
             self._last = self._current = None
             self._reset_pending = True
         self.stats.count('resets')

@@ -130,14 +130,26 @@ class SimBridgeNode(Node):
 
     # ==== episodes (worker thread) ====
 
+    def _covering(self):
+        """Actions of the newest chunk from the current step on, or None."""
+        if self._chunk is None:
+            return None
+        stamp, actions = self._chunk
+        k = (self.t_ns - stamp) // self.dt_ns
+        return actions[k:] if 0 <= k < len(actions) and stamp <= self.t_ns else None
+
     def _wait_chunk(self, obs):
-        """Lockstep: wait for the chunk of the current observation; re-send it now and then."""
+        """Lockstep: wait for a chunk covering the current step; re-send the observation."""
         waited = 0.0
         while not self.stop.is_set():
             with self._cond:
-                if self._cond.wait_for(lambda: self._chunk is not None
-                                       and self._chunk[0] == self.t_ns, timeout=1.0):
-                    return self._chunk[1]
+                # Normally the chunk is stamped exactly now; an older chunk that still covers
+                # this step (the node's horizon changed, a chunk crossed a restart) is used
+                # from the current step on instead of waiting forever.
+                if self._cond.wait_for(lambda: self._covering() is not None, timeout=1.0):
+                    actions = self._covering()
+                    self._chunk = None
+                    return actions
             waited += 1.0
             # A best-effort message may have been lost, or the policy node restarted.
             self.counters['republished'] += 1
@@ -149,12 +161,10 @@ class SimBridgeNode(Node):
 
     def _realtime_action(self, hold):
         with self._cond:
-            chunk = self._chunk
-        if chunk is not None:
-            k = (self.t_ns - chunk[0]) // self.dt_ns
-            if 0 <= k < len(chunk[1]):
-                return chunk[1][k]
-        self.counters['underruns'] += 1
+            actions = self._covering()
+        if actions is not None:
+            return actions[0]
+        self.counters['underruns'] += 1  # no chunk covers this step yet: hold still
         return hold
 
     def _episode(self, index: int) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.ros import conversions as conv
@@ -22,6 +23,20 @@ from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 FINGERS = ['panda_finger_joint1', 'panda_finger_joint2']
+# Parameters that make the tiny test model valid and fast (it has no pruner).
+TINY_PARAMS = {'sampler.name': 'ddim', 'sampler.steps': 10, 'sparsity.gate_source': 'static',
+               'sparsity.target': 0.5, 'num_threads': 1}
+
+
+def save_tiny_model(directory: str) -> str:
+    """Save a seeded random-weight tiny policy to ``directory``; return the directory."""
+    import torch
+    from sparse_policy_node.core.checkpoint import save_policy
+    from sparse_policy_node.core.config import tiny_config
+    from sparse_policy_node.core.policy import DiffusionPolicy
+    torch.manual_seed(0)
+    save_policy(DiffusionPolicy(tiny_config()), directory)
+    return directory
 
 
 def isolate_ros(log_dir: str) -> None:
@@ -59,8 +74,9 @@ class FakeRobot(Node):
     """Publish synthetic observations; record chunks, next actions and diagnostics."""
 
     def __init__(self, camera='agentview', image_size=(32, 32), policy='policy_node',
-                 **kwargs):
+                 sim_clock=False, **kwargs):
         super().__init__('fake_robot', **kwargs)
+        self.clock_pub = self.create_publisher(Clock, '/clock', 10) if sim_clock else None
         self.image_size = image_size
         self.rng = np.random.default_rng(0)
         self.image_pub = self.create_publisher(Image, f'{camera}/image_raw',
@@ -111,7 +127,9 @@ class FakeRobot(Node):
         self.pose_pub.publish(msg)
 
     def publish_obs(self, t_ns: int, camera: bool = True):
-        """Publish one complete observation step stamped ``t_ns``."""
+        """Publish one complete observation step stamped ``t_ns`` (and /clock if simulated)."""
+        if self.clock_pub is not None:
+            self.clock_pub.publish(Clock(clock=conv.ns_to_stamp(t_ns)))
         if camera:
             self.publish_image(t_ns)
         self.publish_joints(t_ns)

@@ -1,0 +1,59 @@
+"""Observation history: alignment to the policy rate, padding, ordering and resets."""
+
+import numpy as np
+from sparse_policy_node.ros import obs_history as oh
+
+DT = 50_000_000
+TOL = 10_000_000
+JUMP = 500_000_000
+
+
+def make(keys=('cam', 'joint')):
+    return oh.ObservationHistory(keys, n_steps=2, dt_ns=DT, tolerance_ns=TOL, jump_ns=JUMP)
+
+
+def test_window_aligns_steps_within_tolerance():
+    h = make()
+    for i in range(3):
+        h.add('cam', 1_000_000_000 + i * DT, np.full(2, i))
+        h.add('joint', 1_000_000_000 + i * DT + 4_000_000, np.full(1, i))  # 4 ms later
+    window, why = h.window()
+    assert why == '' and window.stamp_ns == 1_000_000_000 + 2 * DT
+    np.testing.assert_array_equal(window.arrays['cam'][:, 0], [1, 2])
+    np.testing.assert_array_equal(window.arrays['joint'][:, 0], [1, 2])
+
+
+def test_episode_start_repeats_first_entry_but_gaps_fail():
+    h = make()
+    h.add('cam', 10 * DT, np.ones(2))
+    window, why = h.window()
+    assert window is None and 'joint' in why
+    h.add('joint', 10 * DT, np.ones(1))
+    window, _ = h.window()
+    assert window.arrays['cam'].shape == (2, 2)  # padded with the first observation
+    h.add('cam', 13 * DT, np.ones(2))
+    h.add('joint', 13 * DT, np.ones(1))
+    window, why = h.window()
+    assert window is None and 'no entry within 10 ms' in why
+
+
+def test_out_of_order_duplicate_and_time_jump():
+    h = make(('cam',))
+    assert h.add('cam', 100 * DT, np.ones(1)) == oh.ACCEPTED
+    assert h.add('cam', 100 * DT, np.ones(1)) == oh.DUPLICATE
+    assert h.add('cam', 99 * DT, np.ones(1)) == oh.OUT_OF_ORDER
+    assert h.add('cam', 10 * DT, np.ones(1)) == oh.TIME_JUMP
+
+
+def test_reset_floor_drops_late_messages_of_the_old_episode():
+    h = make(('cam',))
+    h.add('cam', 100 * DT, np.ones(1))
+    h.clear(floor_ns=95 * DT)  # the newest stamp (100) is the floor
+    assert h.add('cam', 100 * DT, np.ones(1)) == oh.BEFORE_RESET
+    assert h.add('cam', 101 * DT, np.ones(1)) == oh.ACCEPTED
+    h.clear(floor_ns=None)
+    assert h.add('cam', 1 * DT, np.ones(1)) == oh.ACCEPTED
+
+
+def test_stale_streams_by_arrival():
+    assert oh.stale_streams({'a': 1.0, 'b': 9.5, 'c': None}, 1.0, now=10.0) == ['a']
