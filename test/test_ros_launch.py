@@ -1,0 +1,210 @@
+"""launch/policy.launch.py and ``sparse-policy launch`` agree; the bring-up stops cleanly.
+
+``launch`` and ``launch_ros`` are not installable here, so the launch file is checked with
+``ast`` (it only uses real launch API names) and then executed against recording stand-ins
+of those modules: the arguments it declares and the nodes it starts must equal the shared
+table and the plan the rclpy bring-up runs.
+"""
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from sparse_policy_node.ros import bringup
+from sparse_policy_node.ros import launch_args as la
+from sparse_policy_node.ros.testing import isolate_ros
+from sparse_policy_node.ros.testing import save_tiny_model
+from sparse_policy_node.ros.testing import TINY_PARAMS
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_FILE = os.path.join(ROOT, 'launch', 'policy.launch.py')
+REAL_API = {
+    'launch': {'LaunchDescription'},
+    'launch.actions': {'DeclareLaunchArgument', 'OpaqueFunction', 'Shutdown'},
+    'launch.substitutions': {'LaunchConfiguration'},
+    'launch_ros.actions': {'Node'},
+    'ament_index_python.packages': {'get_package_share_directory'},
+}
+
+
+class Recorder:
+    """Stand-in for a launch class: records its keyword arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class FakeConfiguration(Recorder):
+    def perform(self, context):
+        return context[self.args[0]]
+
+
+def load_launch_file(monkeypatch, share):
+    modules = {
+        'launch': {'LaunchDescription': Recorder},
+        'launch.actions': {'DeclareLaunchArgument': Recorder, 'OpaqueFunction': Recorder,
+                           'Shutdown': Recorder},
+        'launch.substitutions': {'LaunchConfiguration': FakeConfiguration},
+        'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder},
+        'ament_index_python': {},
+        'ament_index_python.packages': {'get_package_share_directory': lambda pkg: share},
+    }
+    for name, attrs in modules.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    namespace = {}
+    with open(LAUNCH_FILE) as f:
+        exec(compile(f.read(), LAUNCH_FILE, 'exec'), namespace)
+    return namespace['generate_launch_description']()
+
+
+def test_launch_file_uses_only_real_launch_api():
+    tree = ast.parse(open(LAUNCH_FILE).read())
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.setdefault(node.module, set()).update(a.name for a in node.names)
+    for module, names in imported.items():
+        if module.startswith(('launch', 'ament_index')):
+            assert names <= REAL_API[module], (module, names - REAL_API[module])
+    assert {'LAUNCH_ARGS', 'plan_nodes'} <= imported['sparse_policy_node.ros.launch_args']
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert 'generate_launch_description' in functions
+
+
+@pytest.mark.parametrize('tokens', [
+    [], ['sim:=none', 'device:=cpu', 'sparsity:=off'],
+    ['model:=/m', 'sparsity:=0.93', 'steps:=16', 'episodes:=5', 'seed:=7',
+     'params_file:=/p.yaml', 'summary_dir:=/s', 'log_level:=debug', 'use_sim_time:=false']])
+def test_launch_file_and_bringup_start_the_same_nodes(monkeypatch, tokens):
+    description = load_launch_file(monkeypatch, '/share')
+    entities = description.args[0]
+    declared = [e for e in entities if isinstance(e, Recorder) and 'default_value' in e.kwargs]
+    assert [e.args[0] for e in declared] == list(la.ARG_NAMES)
+    for entity, arg in zip(declared, la.LAUNCH_ARGS):
+        assert entity.kwargs['default_value'] == arg.default
+        assert entity.kwargs['description'] == arg.description
+        assert entity.kwargs.get('choices') == (list(arg.choices) if arg.choices else None)
+    opaque = [e for e in entities if 'function' in e.kwargs][0]
+    values = la.parse_launch_args(tokens)
+    nodes = opaque.kwargs['function'](values)
+    plan = la.plan_nodes(values, '/share')
+    assert [n.kwargs['name'] for n in nodes] == [p.name for p in plan]
+    for node, p in zip(nodes, plan):
+        assert node.kwargs['package'] == la.PACKAGE
+        assert node.kwargs['executable'] == p.executable
+        assert node.kwargs['parameters'] == p.params_files + [p.overrides]
+        assert node.kwargs['ros_arguments'] == ['--log-level', p.log_level]
+        cmd = bringup.node_command(p, '/o.yaml')
+        assert cmd[cmd.index('-m') + 1] == p.module
+        files = [cmd[i + 1] for i, t in enumerate(cmd) if t == '--params-file']
+        assert files == p.params_files + ['/o.yaml']
+
+
+def test_plan_maps_arguments_to_parameters():
+    values = la.parse_launch_args(['sparsity:=0.93', 'steps:=16', 'device:=cpu'])
+    policy, bridge = la.plan_nodes(values, '/share')
+    assert policy.params_files == ['/share/config/policy.yaml']
+    assert policy.overrides == {'use_sim_time': True, 'device': 'cpu', 'sampler.steps': 16,
+                                'sparsity.enabled': True, 'sparsity.target': 0.93}
+    assert bridge.overrides == {'task': 'lift', 'publish_clock': True}
+    assert la.sparsity_overrides('off') == {'sparsity.enabled': False}
+    for bad in (['sparsity:=2'], ['sim:=gazebo'], ['nonsense'], ['steps:=x'], ['x:=1']):
+        with pytest.raises(ValueError):
+            la.plan_nodes(la.parse_launch_args(bad), '/share')
+
+
+def test_entry_points_exist_for_every_executable():
+    setup = open(os.path.join(ROOT, 'setup.py')).read()
+    for p in la.plan_nodes(la.parse_launch_args([]), '/share'):
+        assert re.search(rf"'{p.executable} = {p.module}:main'", setup), p.executable
+
+
+def test_show_args_lists_every_argument(capsys):
+    parser = __import__('argparse').ArgumentParser()
+    bringup.add_arguments(parser)
+    assert bringup.run(parser.parse_args(['--show-args'])) == 0
+    out = capsys.readouterr().out
+    assert all(f"'{name}':" in out for name in la.ARG_NAMES)
+
+
+# ==== the rclpy bring-up as a process ====
+
+@pytest.fixture
+def env(tmp_path):
+    isolate_ros(str(tmp_path / 'log'))
+    e = dict(os.environ, PYTHONPATH=ROOT, MUJOCO_GL='egl')
+    return e
+
+
+def launch(tmp_path, env, *tokens):
+    params = tmp_path / 'params.yaml'
+    with open(os.path.join(ROOT, 'config', 'policy.yaml')) as f:
+        data = yaml.safe_load(f)
+    data['/**']['ros__parameters'].update(TINY_PARAMS)
+    params.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', f'params_file:={params}',
+           f'summary_dir:={tmp_path}', *tokens]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(proc, pattern, timeout=60.0):
+    """Read output lines until one matches ``pattern``; return the match."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f'{pattern!r} not seen:\n' + ''.join(lines[-30:]))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_bringup_forwards_signals_and_children_exit(tmp_path, env, sig):
+    model = save_tiny_model(str(tmp_path / 'model'))
+    proc = launch(tmp_path, env, 'sim:=none', f'model:={model}')
+    pid = int(wait_for(proc, r'started policy_node \(pid (\d+)\)').group(1))
+    wait_for(proc, r'serving .* on cpu')
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert not os.path.exists(f'/proc/{pid}') or 'zombie' in open(f'/proc/{pid}/status').read()
+    assert (tmp_path / 'policy_node.json').exists()  # the node shut down cleanly
+    assert 'summary' in out
+
+
+def test_bringup_fails_cleanly_on_missing_model(tmp_path, env):
+    proc = launch(tmp_path, env, 'sim:=none', f'model:={tmp_path}/nope')
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert 'cannot start' in out and 'does not exist' in out
+
+
+def test_bringup_runs_sim_episodes_and_ends_by_itself(tmp_path, env):
+    pytest.importorskip('robosuite')
+    model = save_tiny_model(str(tmp_path / 'model'))
+    bridge = tmp_path / 'bridge.yaml'
+    with open(os.path.join(ROOT, 'config', 'sim_bridge.yaml')) as f:
+        data = yaml.safe_load(f)
+    data['/**']['ros__parameters'].update(max_episode_steps=12, image_size=[32, 32])
+    bridge.write_text(yaml.safe_dump(data))
+    proc = launch(tmp_path, env, f'model:={model}', 'episodes:=2',
+                  f'bridge_params_file:={bridge}')
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert 'lift: 2 episodes' in out
+    summary = yaml.safe_load((tmp_path / 'sim_bridge.json').read_text())
+    assert summary['episodes'] == 2 and [r['length'] for r in summary['results']] == [12, 12]
+    policy = yaml.safe_load((tmp_path / 'policy_node.json').read_text())
+    assert policy['chunks'] >= 6 and policy['dense_chunks'] == 2

@@ -1,0 +1,284 @@
+"""Policy node behaviour and robustness with real rclpy nodes (tiny random-weight model)."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
+from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros.policy_node import PolicyNode
+from sparse_policy_node.ros.testing import FakeRobot
+from sparse_policy_node.ros.testing import isolate_ros
+from sparse_policy_node.ros.testing import save_tiny_model
+from sparse_policy_node.ros.testing import Spinner
+from sparse_policy_node.ros.testing import status_values
+from sparse_policy_node.ros.testing import TINY_PARAMS
+from std_srvs.srv import Trigger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DT = 50_000_000  # 20 Hz
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp('model')))
+
+
+@pytest.fixture
+def system(tmp_path, model_dir):
+    """Start a policy node and a fake robot; yield a factory taking parameter overrides."""
+    isolate_ros(str(tmp_path / 'log'))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    started = []
+
+    def start(**overrides):
+        values = dict(TINY_PARAMS, model_dir=model_dir, diagnostics_period_s=0.2, **overrides)
+        node = PolicyNode(context=ctx, parameter_overrides=[
+            Parameter(k, value=v) for k, v in values.items()])
+        robot = FakeRobot(context=ctx)
+        spinner = Spinner(ctx, node, robot).__enter__()
+        started.append((spinner, node))
+        time.sleep(0.3)  # discovery
+        return node, robot
+
+    yield start
+    for spinner, node in started:
+        spinner.__exit__()
+        node.close()
+    ctx.try_shutdown()
+
+
+def now_ns():
+    return time.time_ns() // DT * DT
+
+
+def steps(robot, t0, n, **kw):
+    for i in range(n):
+        robot.publish_obs(t0 + i * DT, **kw)
+        time.sleep(0.005)
+
+
+def test_chunk_is_stamped_named_timed_and_clamped(system):
+    node, robot = system(**{'action.upper': [0.05]})
+    t0 = now_ns()
+    chunk = robot.drive(t0)
+    assert chunk is not None
+    assert chunk.joint_names == ['dx', 'dy', 'dz', 'dax', 'day', 'daz', 'gripper']
+    assert len(chunk.points) == 4  # the model's n_action_steps
+    assert [conv.stamp_to_ns(p.time_from_start) for p in chunk.points] == [0, DT, 2 * DT, 3 * DT]
+    values = np.array([p.positions for p in chunk.points])
+    assert np.isfinite(values).all() and values.max() <= 0.05 and values.min() >= -1.0
+    deadline = time.monotonic() + 2.0
+    while not robot.next_actions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert robot.next_actions and len(robot.next_actions[0]) == 7
+
+
+def test_replans_once_per_execution_horizon_and_horizon_is_dynamic(system):
+    node, robot = system()
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    steps(robot, t0 + DT, 8)
+    assert robot.wait_chunk(t0 + 8 * DT, timeout=3.0) is not None
+    assert [conv.stamp_to_ns(c.header.stamp) - t0 for c in robot.chunks] == [0, 4 * DT, 8 * DT]
+    assert node.set_parameters([Parameter('execution_horizon', value=2)])[0].successful
+    steps(robot, t0 + 9 * DT, 4)
+    chunk = robot.wait_chunk(t0 + 12 * DT, timeout=3.0)
+    assert chunk is not None and len(chunk.points) == 2
+    steps(robot, t0 + 13 * DT, 2)
+    assert robot.wait_chunk(t0 + 14 * DT, timeout=3.0) is not None
+
+
+def test_bad_images_are_rejected_and_the_node_recovers(system):
+    node, robot = system()
+    t0 = now_ns()
+    bad = [Image(height=32, width=32, encoding='16UC1', step=64, data=bytes(2048)),
+           Image(height=32, width=32, encoding='rgb8', step=96, data=bytes(100)),
+           Image(height=32, width=32, encoding='rgb8', step=96, data=b''),
+           Image(height=0, width=0, encoding='rgb8', step=0, data=b'')]
+    for i, msg in enumerate(bad):
+        robot.publish_image(t0 + i * DT, image=msg)
+        robot.publish_joints(t0 + i * DT)
+        robot.publish_pose(t0 + i * DT)
+    time.sleep(0.5)
+    assert not robot.chunks
+    assert node.stats.counters['rejected_agentview_image'] == 4
+    # Other sizes and encodings are converted, not rejected.
+    odd = conv.rgb_to_image(np.zeros((48, 64, 3), dtype=np.uint8), 'bgr8')
+    robot.publish_obs(t0 + 9 * DT)  # the window also needs the previous step
+    robot.publish_image(t0 + 10 * DT, image=odd)
+    robot.publish_joints(t0 + 10 * DT)
+    robot.publish_pose(t0 + 10 * DT)
+    assert robot.wait_chunk(t0 + 10 * DT) is not None
+    robot.publish_image(t0 + 11 * DT, encoding='mono8')
+    assert node.stats.counters['rejected_agentview_image'] == 4
+
+
+def test_bad_proprioception_is_rejected(system):
+    node, robot = system()
+    t0 = now_ns()
+    robot.publish_image(t0)
+    robot.publish_pose(t0, position=(float('nan'), 0.0, 1.0))
+    robot.publish_joints(t0, position=(0.01, float('inf')))
+    robot.publish_joints(t0 + DT, position=(0.01,))                       # wrong length
+    robot.publish_joints(t0 + 2 * DT, names=['other_joint', 'x'])         # missing names
+    time.sleep(0.5)
+    assert not robot.chunks
+    counts = node.stats.counters
+    assert counts['rejected_robot0_eef_pos'] == 1 and counts['rejected_robot0_eef_quat'] == 0
+    assert counts['rejected_robot0_gripper_qpos'] == 3
+    assert robot.drive(t0 + 3 * DT) is not None
+
+
+def test_out_of_order_unstamped_and_stale_inputs(system):
+    node, robot = system(max_obs_age_s=0.5)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    robot.publish_obs(t0 - DT)                                  # out of order: dropped
+    robot.publish_obs(0)                                        # unstamped: rejected
+    time.sleep(0.3)
+    assert node.stats.counters['dropped_out_of_order'] == 3
+    assert node.stats.counters['rejected_agentview_image'] == 1
+    client = robot.create_client(Trigger, 'policy_node/reset')
+    assert client.wait_for_service(timeout_sec=2.0)
+    future = client.call_async(Trigger.Request())
+    deadline = time.monotonic() + 2.0
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    old = now_ns() - 2_000_000_000                              # 2 s old: stale
+    robot.publish_obs(old)
+    time.sleep(0.4)
+    assert robot.wait_chunk(old, timeout=0.2) is None
+    assert node.stats.counters['stale_skips'] == 1
+    t1 = now_ns() + DT
+    assert robot.drive(t1) is not None                          # fresh input: back to work
+
+
+def test_camera_stops_then_resumes(system):
+    node, robot = system(max_obs_age_s=0.3)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    n_chunks = len(robot.chunks)
+    t = t0
+    for _ in range(16):                                         # 0.8 s without the camera
+        t += DT
+        robot.publish_obs(t, camera=False)
+        time.sleep(0.05)
+    assert len(robot.chunks) == n_chunks
+    status = robot.latest_status('policy_node: inputs', newer_than=len(robot.diagnostics))
+    assert status is not None and status.level == b'\x01'
+    assert 'agentview_image' in status.message
+    assert float(status_values(status)['age_s.agentview_image']) > 0.3
+    t = now_ns()
+    robot.publish_obs(t - DT)
+    assert robot.drive(t) is not None                           # resumes by itself
+    time.sleep(0.4)
+    status = robot.latest_status('policy_node: inputs', newer_than=len(robot.diagnostics))
+    assert status.level == b'\x00'
+
+
+def test_invalid_parameters_are_rejected_with_a_reason(system):
+    node, robot = system()
+    cases = {'sampler.steps': (50, 'num_train_timesteps'),
+             'sparsity.gate_source': ('pruner', 'no pruner'),
+             'execution_horizon': (5, 'n_action_steps=4'),
+             'device': ('cuda:7', 'device'),
+             'model_dir': ('/does/not/exist', 'does not exist'),
+             'action.upper': ([1.0, 2.0], '1 or 7'),
+             'control_rate_hz': (10.0, 'read-only')}
+    for name, (value, reason) in cases.items():
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+        assert not result.successful, name
+        assert reason in result.reason, (name, result.reason)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    assert node.set_parameters([Parameter('sparsity.target', value=0.8)])[0].successful
+    steps(robot, t0 + DT, 4)
+    assert robot.wait_chunk(t0 + 4 * DT) is not None
+    assert abs(node.stats.sparsity[-1] - 0.8) < 0.05          # applied from the next chunk
+
+
+def test_reset_while_a_chunk_is_in_flight(system):
+    node, robot = system()
+    in_flight, release = threading.Event(), threading.Event()
+    predict = node.engine.predict_action
+
+    def slow_predict(obs):
+        in_flight.set()
+        release.wait(5.0)
+        return predict(obs)
+
+    node.engine.predict_action = slow_predict
+    t0 = now_ns()
+    robot.publish_obs(t0)
+    assert in_flight.wait(3.0)
+    client = robot.create_client(Trigger, 'policy_node/reset')
+    assert client.wait_for_service(timeout_sec=2.0)
+    future = client.call_async(Trigger.Request())
+    deadline = time.monotonic() + 3.0
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.done() and future.result().success
+    release.set()
+    time.sleep(0.3)
+    assert not robot.chunks                                      # old episode: discarded
+    assert node.stats.counters['discarded_after_reset'] == 1
+    node.engine.predict_action = predict
+    t1 = now_ns() + DT
+    assert robot.drive(t1) is not None
+    assert node.stats.counters['dense_chunks'] == 1              # first chunk of the episode
+
+
+def test_time_jump_backwards_starts_a_new_episode(system):
+    node, robot = system(max_obs_age_s=30.0)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    steps(robot, t0 + DT, 4)
+    assert robot.wait_chunk(t0 + 4 * DT) is not None
+    back = t0 - 10_000_000_000                                   # bag loop / sim restart
+    assert robot.drive(back) is not None
+    assert node.stats.counters['resets'] == 1
+    assert node.stats.counters['dense_chunks'] == 2
+
+
+def test_diagnostics_report_latency_rate_sparsity(system):
+    node, robot = system()
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    for k in range(1, 4):
+        steps(robot, t0 + (4 * k - 3) * DT, 4)
+        assert robot.wait_chunk(t0 + 4 * k * DT) is not None
+    status = robot.latest_status('policy_node: inference', newer_than=len(robot.diagnostics))
+    values = status_values(status)
+    for key in ('latency_p50_ms', 'latency_p99_ms', 'obs_to_chunk_p99_ms', 'chunk_rate_hz',
+                'realized_sparsity', 'chunks', 'dense_chunks', 'steps', 'device'):
+        assert key in values, key
+    assert float(values['latency_p50_ms']) > 0 and values['chunks'] == '4'
+
+
+@pytest.mark.parametrize('defect, message', [
+    ('missing', 'does not exist'), ('json', 'not valid JSON'),
+    ('weights', 'not a readable safetensors file')])
+def test_bad_model_directory_exits_nonzero_with_a_clear_error(tmp_path, model_dir, defect,
+                                                              message):
+    broken = tmp_path / 'model'
+    if defect != 'missing':
+        broken.mkdir()
+        for name in ('config.json', 'model.safetensors'):
+            (broken / name).write_bytes(open(os.path.join(model_dir, name), 'rb').read())
+        target = 'config.json' if defect == 'json' else 'model.safetensors'
+        (broken / target).write_bytes(b'{"truncated')
+    isolate_ros(str(tmp_path / 'log'))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'sparse_policy_node.ros.policy_node', '--ros-args',
+         '-p', f'model_dir:={broken}'], capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1
+    assert 'cannot start' in proc.stderr and message in proc.stderr, proc.stderr
