@@ -34,7 +34,7 @@ def test_console_script_is_installed():
 def test_bench_json_reports_side_by_side_ratios(capsys, tmp_path):
     png = tmp_path / 'masks.png'
     assert main(['bench', '--preset', 'tiny', '--steps', '10', '--reps', '2', '--warmup', '1',
-                 '--sparsity', '0.8', '--threads', '1', '--json',
+                 '--sparsity', '0.8', '--threads', '1', '--json', '--baselines',
                  '--mask-png', str(png)]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ('dense_ms', 'sparse_ms', 'speedup', 'decoder_speedup', 'realized_sparsity',
@@ -44,6 +44,10 @@ def test_bench_json_reports_side_by_side_ratios(capsys, tmp_path):
     assert result['speedup'] == round(result['dense_ms'] / result['sparse_ms'], 2)
     assert result['gflops_sparse_with_pruner'] > result['gflops_sparse']
     assert png.stat().st_size > 1000
+    names = [row['name'] for row in result['baselines']]
+    assert names[:2] == ['dense DDIM-16', 'dense DDIM-10']
+    static = next(r for r in result['baselines'] if r['name'].startswith('static'))
+    assert abs(static['realized_sparsity'] - 0.8) <= 0.1
 
 
 def test_info_runs_a_finite_chunk(capsys):

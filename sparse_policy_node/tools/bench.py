@@ -41,6 +41,10 @@ def add_arguments(parser):
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
     parser.add_argument('--mask-png', default=None,
                         help='save the gate maps of the timed sparse chunks as a PNG')
+    parser.add_argument('--baselines', action='store_true',
+                        help='also time the baselines in the same harness: dense DDIM with '
+                             'fewer steps, a static (FORA-style) schedule and random gates at '
+                             'the same sparsity')
 
 
 def _device_name(device) -> str:
@@ -163,9 +167,59 @@ def run_benchmark(args) -> dict:
                 'convention of the paper; the vision encoder is in the latencies, not the '
                 'gflops',
     }
+    if args.baselines:
+        result['baselines'] = run_baselines(policy, pruner, args, obs, directions, steps,
+                                            sampler, med['dense'])
     for engine in (dense, sparse, replay):
         engine.close()
     return result
+
+
+def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_ms) -> list:
+    """Time the baselines round-robin on the same observation; speedups vs ``dense_ms``."""
+    import torch
+
+    from sparse_policy_node.core.config import RuntimeConfig
+    from sparse_policy_node.core.engine import SparseEngine
+
+    cfg = policy.config
+    variants = [
+        ('dense DDIM-16', RuntimeConfig(sparsity_enabled=False, gate_source='dense',
+                                        sampler='ddim', num_inference_steps=16)),
+        ('dense DDIM-10', RuntimeConfig(sparsity_enabled=False, gate_source='dense',
+                                        sampler='ddim', num_inference_steps=10)),
+        (f'static (FORA) {args.sparsity}', RuntimeConfig(
+            gate_source='static', target_sparsity=args.sparsity, sampler=sampler,
+            num_inference_steps=steps)),
+        (f'random {args.sparsity}', RuntimeConfig(
+            gate_source='random', target_sparsity=args.sparsity, directions=directions,
+            sampler=sampler, num_inference_steps=steps)),
+    ]
+    if pruner is not None:
+        variants.append((f'pruner dial {args.sparsity}', RuntimeConfig(
+            gate_source='pruner', target_sparsity=args.sparsity, directions=directions,
+            sampler=sampler, num_inference_steps=steps)))
+    engines = [(name, SparseEngine(policy, pruner, rt)) for name, rt in variants]
+    g = torch.Generator().manual_seed(args.seed)
+    times = {name: [] for name, _ in engines}
+    stats = {}
+    for rep in range(1 + args.warmup + args.reps):
+        for name, engine in engines:
+            noise = torch.randn(1, cfg.transformer.horizon, cfg.transformer.action_dim,
+                                generator=g).to(args.device)
+            ms, out = _timed(engine, obs, noise, None, args.device)
+            if rep > args.warmup:  # rep 0 is the dense first chunk, then warm-up
+                times[name].append(ms)
+                stats[name] = out['stats']
+    rows = []
+    for name, engine in engines:
+        ms = statistics.median(times[name])
+        rows.append({'name': name, 'ms': round(ms, 2), 'speedup': round(dense_ms / ms, 2),
+                     'steps': stats[name]['num_steps'], 'sampler': stats[name]['sampler'],
+                     'realized_sparsity': round(stats[name]['realized_sparsity'], 4),
+                     'gflops_with_pruner': round(stats[name]['gmacs'], 4)})
+        engine.close()
+    return rows
 
 
 def run(args) -> int:
@@ -176,6 +230,10 @@ def run(args) -> int:
         return 0
     width = max(len(k) for k in result)
     for key, value in result.items():
-        print(f'{key:<{width}}  {value}')
+        if key != 'baselines':
+            print(f'{key:<{width}}  {value}')
+    for row in result.get('baselines', []):
+        print(f"  {row['name']:<22} {row['ms']:>9.2f} ms  x{row['speedup']:<6} "
+              f"sparsity {row['realized_sparsity']:.3f}  {row['gflops_with_pruner']:.3f} GMAC")
     sys.stdout.flush()
     return 0
