@@ -238,6 +238,22 @@ def test_cache_memory_stays_bounded_over_many_chunks(tiny_policy):
     assert len(engine.cache.rollout) == K
 
 
+def test_nonfinite_chunk_is_refused_and_clears_the_caches(tiny_policy):
+    from sparse_policy_node.core.engine import NonFiniteActionError
+    engine = SparseEngine(tiny_policy, None, runtime(gate_source='random', target_sparsity=0.5))
+    obs = make_obs(tiny_policy)
+    engine.predict_action(obs)
+    with torch.no_grad():
+        tiny_policy.transformer.head.bias[0] = float('nan')
+    with pytest.raises(NonFiniteActionError):
+        engine.predict_action(obs)
+    assert engine.cache.num_tensors() == 0
+    with torch.no_grad():
+        tiny_policy.transformer.head.bias[0] = 0.0
+    out = engine.predict_action(obs)
+    assert out['stats']['dense'] and torch.isfinite(out['action']).all()
+
+
 def test_knob_validation(tiny_policy):
     with pytest.raises(ConfigError, match='no pruner'):
         SparseEngine(tiny_policy, None, runtime(gate_source='pruner'))

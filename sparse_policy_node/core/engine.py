@@ -41,6 +41,10 @@ import torch
 import torch.nn.functional as F
 
 
+class NonFiniteActionError(RuntimeError):
+    """The sampled chunk contains NaN or inf; the caches were cleared, nothing is returned."""
+
+
 class SparseEngine:
     """Sparse diffusion-policy inference with caches that live across control steps."""
 
@@ -205,6 +209,10 @@ class SparseEngine:
             ``action`` (B, n_action_steps, A), ``action_pred`` (B, T_a, A) and ``stats``
             (realized sparsity, choice counts, whether the chunk was forced dense, latency,
             pruner time, MACs).
+
+        Raises:
+            ObservationError: missing keys, wrong shapes or non-finite observations.
+            NonFiniteActionError: the chunk is not finite (the caches are cleared).
         """
         t_start = time.perf_counter()
         policy = self.policy
@@ -245,6 +253,11 @@ class SparseEngine:
                                    generator)
             executed = gate_maps.cpu()  # (B, K, U)
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)
+        if not bool(torch.isfinite(action_pred).all()):
+            # Cached features may hold the bad values: never reuse them.
+            self.cache.reset()
+            raise NonFiniteActionError('the sampled action chunk contains NaN or inf (bad '
+                                       'weights or inputs); caches were cleared')
         self.last_gates = executed
         stats = gate_counts(executed)
         pruner_ran = (not forced_dense and gates is None and runtime.sparsity_enabled
