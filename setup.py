@@ -40,6 +40,8 @@ setup(
     entry_points={
         'console_scripts': [
             'sparse-policy = sparse_policy_node.cli:main',
+            'policy_node = sparse_policy_node.ros.policy_node:main',
+            'sim_bridge = sparse_policy_node.ros.sim_bridge_node:main',
         ],
     },
 )

@@ -23,7 +23,14 @@ COMMANDS = {
                      'train a diffusion policy from a YAML config (torchrun for several '
                      'processes)'),
     'eval': ('sparse_policy_node.training.evaluate',
-             'success rate of a model over a seed range in the simulator'),
+             'success rate of a model over a seed range in the simulator (dense and sparse '
+             'variants)'),
+    'rollouts': ('sparse_policy_node.training.rollouts',
+                 'record dense rollouts (obs windows, noise, chunks) for pruner training'),
+    'train-pruner': ('sparse_policy_node.training.train_pruner',
+                     'train the TTS pruner of a model on recorded rollouts'),
+    'masks': ('sparse_policy_node.tools.masks',
+              'draw the gate maps (steps x units) of a recorded episode as a PNG'),
     'launch': ('sparse_policy_node.ros.bringup',
                'start the policy node (and the robosuite bridge) like ros2 launch, rclpy only'),
 }

@@ -42,6 +42,8 @@ class Recorder:
 
 
 class FakeConfiguration(Recorder):
+    """Stand-in for LaunchConfiguration: the context is the dict of values."""
+
     def perform(self, context):
         return context[self.args[0]]
 

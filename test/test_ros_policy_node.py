@@ -159,6 +159,7 @@ def test_out_of_order_unstamped_and_stale_inputs(system):
     assert robot.wait_chunk(old, timeout=0.2) is None
     assert node.stats.counters['stale_skips'] == 1
     t1 = now_ns() + DT
+    robot.publish_obs(t1 - DT)
     assert robot.drive(t1) is not None                          # fresh input: back to work
 
 

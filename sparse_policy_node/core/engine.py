@@ -57,7 +57,7 @@ class SparseEngine:
                 sparsity_enabled=pruner is not None,
                 sampler=policy.config.scheduler.sampler,
                 num_inference_steps=policy.config.scheduler.num_inference_steps)
-        self._check_runtime(runtime)
+        self.check_runtime(runtime)
         self._runtime = runtime
         self._pending: Optional[RuntimeConfig] = None
         self._reset_requested = False
@@ -78,7 +78,8 @@ class SparseEngine:
         with self._lock:
             return self._pending or self._runtime
 
-    def _check_runtime(self, cfg: RuntimeConfig) -> None:
+    def check_runtime(self, cfg: RuntimeConfig) -> None:
+        """Raise ConfigError when ``cfg`` cannot run with this model (no side effects)."""
         n_train = self.policy.config.scheduler.num_train_timesteps
         if cfg.num_inference_steps > n_train:
             raise ConfigError(f'RuntimeConfig.num_inference_steps={cfg.num_inference_steps} '
@@ -89,7 +90,7 @@ class SparseEngine:
 
     def set_runtime(self, cfg: RuntimeConfig) -> None:
         """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
-        self._check_runtime(cfg)
+        self.check_runtime(cfg)
         with self._lock:
             self._pending = cfg
 

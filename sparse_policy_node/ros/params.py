@@ -97,7 +97,7 @@ RUNTIME_PARAMS = (
 class NodeSettings:
     """Policy node settings that are not part of the engine's :class:`RuntimeConfig`."""
 
-    model_dir: str = 'models/lift_small'
+    model_dir: str = 'models/lift'
     device: str = 'cpu'
     num_threads: int = 0
     control_rate_hz: float = 20.0

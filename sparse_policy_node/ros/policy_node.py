@@ -34,6 +34,7 @@ from sparse_policy_node.core.checkpoint import CheckpointError
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.engine import load_engine
+from sparse_policy_node.core.engine import NonFiniteActionError
 from sparse_policy_node.core.policy import ObservationError
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
@@ -79,8 +80,9 @@ class PolicyNode(Node):
         self._check(self.engine.runtime, s)
         self.names = list(s.action_names)
         if len(self.names) != self.action_dim:
-            self.get_logger().warning(f'action.names has {len(self.names)} entries but the model '
-                                   f'has {self.action_dim} action dimensions; using a0..')
+            self.get_logger().warning(f'action.names has {len(self.names)} entries but the '
+                                      f'model has {self.action_dim} action dimensions; '
+                                      f'using a0..')
             self.names = conv.default_action_names(self.action_dim)
         sources = conv.parse_lowdim_map(s.lowdim_map)
         self._check_sources(cfg, sources)
@@ -137,7 +139,7 @@ class PolicyNode(Node):
                 raise ConfigError(f'model_dir {s.model_dir!r} needs other inputs or actions '
                                   f'than the running model; restart the node to switch')
         else:
-            self.engine._check_runtime(runtime)
+            self.engine.check_runtime(runtime)
         if s.execution_horizon > self.n_action_steps:
             raise ConfigError(f"execution_horizon={s.execution_horizon} exceeds the model's "
                               f'n_action_steps={self.n_action_steps}')
@@ -260,7 +262,7 @@ class PolicyNode(Node):
             self._skip_stamp = window.stamp_ns
             self.stats.count('stale_skips')
             self.get_logger().warning(f'observation is {age:.2f} s old: no chunk',
-                                   throttle_duration_sec=5.0)
+                                      throttle_duration_sec=5.0)
             return
         episode = self._episode
         device = self.engine.device
@@ -270,6 +272,10 @@ class PolicyNode(Node):
         except ObservationError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('observation', exc)
+            return
+        except NonFiniteActionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
             return
         horizon = s.execution_horizon or self.n_action_steps
         try:

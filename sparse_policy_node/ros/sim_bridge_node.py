@@ -156,7 +156,7 @@ class SimBridgeNode(Node):
             self._publish(obs)
             if waited % self.settings.chunk_timeout_s < 1.0:
                 self.get_logger().warning(f'no chunk for t={self.t_ns / 1e9:.2f} s after '
-                                       f'{waited:.0f} s; is the policy node running?')
+                                          f'{waited:.0f} s; is the policy node running?')
         return None
 
     def _realtime_action(self, hold):
@@ -184,8 +184,9 @@ class SimBridgeNode(Node):
             actions = self._wait_chunk(obs) if s.lockstep else [self._realtime_action(hold)]
             for action in actions if actions is not None else []:
                 if len(action) != len(hold):
-                    self.counters['bad_chunks'] += 1
-                    break
+                    raise ValueError(f'chunks have {len(action)} action dimensions; this '
+                                     f'bridge executes {len(hold)} (OSC pose delta + '
+                                     f'gripper): the model does not fit the task')
                 hold = np.concatenate([np.zeros(len(action) - 1), action[-1:]])
                 # The env's own done flag is ignored: the episode ends on the bridge's rules.
                 obs, _, _, info = self.env.step(action)

@@ -173,5 +173,5 @@ class FakeRobot(Node):
 
 
 def status_values(status) -> dict:
-    """KeyValue list of a DiagnosticStatus as a dict."""
+    """Return the KeyValue list of a DiagnosticStatus as a dict."""
     return {kv.key: kv.value for kv in status.values}

@@ -1,11 +1,14 @@
 """``sparse-policy eval``: success rate of a model over a seed range in the simulator.
 
-Every registered variant (``dense`` here; the sparse engine adds its own) is a factory that
-turns the loaded :class:`DiffusionPolicy` into a policy-like object with ``reset()`` and
-``predict_action(obs) -> {'action': (1, n, A)}``. Each episode resets the simulator and
-torch's global generator with the episode seed, so variants see identical initial states and
-initial noise. Results: a printed table, ``report.json`` and ``success.png`` in ``--out``;
-``--json`` prints one JSON object instead of the table.
+Every variant is a factory that turns the loaded :class:`DiffusionPolicy` into a
+policy-like object with ``reset()`` and ``predict_action(obs) -> {'action': (1, n, A)}``
+(``dense`` here; the sparse-engine variants, ``sparse``, ``dial-P``, ``omni``, ``only-*``,
+``static``, ``random`` and ``ddim-K``, live in :mod:`sparse_eval`). An object that also has
+``episode_stats()`` adds its per-episode statistics (realized sparsity, MACs) to the results.
+Each episode resets the simulator and torch's global generator with the episode seed, so
+variants see identical initial states and initial noise. Results: a printed table,
+``report.json``, ``success.png`` and ``tradeoff.png`` (success against sparsity and chunk
+latency) in ``--out``; ``--json`` prints one JSON object instead of the table.
 """
 
 import argparse
@@ -24,6 +27,9 @@ from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.training.sparse_eval import check_variant
+from sparse_policy_node.training.sparse_eval import make_sparse_variant
+from sparse_policy_node.training.sparse_eval import plot_tradeoff
 import torch
 from tqdm import tqdm
 
@@ -45,10 +51,28 @@ class DensePolicy:
         return self.policy.predict_action(obs)
 
 
-# name -> factory(policy, args) returning a policy-like object; issue 5 adds sparse variants.
+# name -> factory(policy, args) returning a policy-like object; any other valid name
+# (see sparse_eval) is built by make_sparse_variant.
 VARIANTS: Dict[str, Callable] = {
     'dense': lambda policy, args: DensePolicy(policy, args.get('sampler'), args.get('steps')),
 }
+SPARSE_STAT_KEYS = ('realized_sparsity', 'episode_sparsity', 'gmacs')
+
+
+def make_variant(name: str, policy, options: dict):
+    """Build the policy-like object of variant ``name``."""
+    if name in VARIANTS:
+        return VARIANTS[name](policy, options)
+    return make_sparse_variant(name, policy, options)
+
+
+def _variant_arg(name: str) -> str:
+    if name in VARIANTS:
+        return name
+    try:
+        return check_variant(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
     parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--variants', nargs='+', default=['dense'], choices=sorted(VARIANTS))
+    parser.add_argument('--variants', nargs='+', default=['dense'], type=_variant_arg,
+                        help='dense, sparse (learned gates), dial-P, omni, only-forward, '
+                             'only-timestep, only-rollout, static[-P], random[-P], ddim-K')
+    parser.add_argument('--ablation-sparsity', type=float, default=0.93,
+                        help='sparsity of omni / only-* / static / random without -P')
     parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
@@ -99,7 +127,8 @@ def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
                 break
     return {'seed': seed, 'success': bool(info['success']), 'steps': env.steps,
             'seconds': round(time.time() - start, 2),
-            'chunk_ms': round(1000 * chunk_s / max(chunks, 1), 2)}
+            'chunk_ms': round(1000 * chunk_s / max(chunks, 1), 2), 'chunks': chunks,
+            **(policy.episode_stats() if hasattr(policy, 'episode_stats') else {})}
 
 
 _WORKER = {}
@@ -111,7 +140,7 @@ def _init_worker(model_dir, task, max_steps, variant, options, threads):
     policy = load_policy(model_dir)
     vision = policy.config.obs.vision
     _WORKER['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
-    _WORKER['policy'] = VARIANTS[variant](policy, options)
+    _WORKER['policy'] = make_variant(variant, policy, dict(options, model=model_dir))
     _WORKER['n_obs_steps'] = policy.config.transformer.n_obs_steps
 
 
@@ -140,6 +169,8 @@ def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str =
             bar.update(1)
             bar.set_postfix(success=sum(r['success'] for r in results))
         _WORKER['env'].close()
+        if hasattr(_WORKER['policy'], 'close'):
+            _WORKER['policy'].close()
     bar.close()
     return results
 
@@ -153,7 +184,14 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
     for name, results in per_variant.items():
         report[f'success_{name}'] = float(np.mean([r['success'] for r in results]))
         report[f'chunk_ms_{name}'] = float(np.mean([r['chunk_ms'] for r in results]))
+        for key in SPARSE_STAT_KEYS:
+            if all(key in r for r in results):
+                report[f'{key}_{name}'] = float(np.mean([r[key] for r in results]))
         report[f'episodes_{name}'] = results
+    if 'sparse' in per_variant:
+        # Headline numbers of the learned gates.
+        report['realized_sparsity'] = report.get('realized_sparsity_sparse')
+        report['episode_sparsity'] = report.get('episode_sparsity_sparse')
     return report
 
 
@@ -161,13 +199,17 @@ def print_table(report: dict, variants: List[str]) -> None:
     """Print one row per variant."""
     print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}, '
           f'{report["sampler"]}-{report["num_inference_steps"]}')
-    print(f'{"variant":<10} {"success":>9} {"rate":>6} {"chunk ms":>9} {"mean steps":>11}')
+    print(f'{"variant":<14} {"success":>9} {"rate":>6} {"chunk ms":>9} {"mean steps":>11} '
+          f'{"sparsity":>9} {"episode sp.":>11} {"GMAC":>7}')
     for name in variants:
         results = report[f'episodes_{name}']
         wins = sum(r['success'] for r in results)
-        print(f'{name:<10} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
+        extra = ''.join(f' {report[k]:>{w}.3f}' if k in report else f' {"-":>{w}}'
+                        for k, w in ((f'realized_sparsity_{name}', 9),
+                                     (f'episode_sparsity_{name}', 11), (f'gmacs_{name}', 7)))
+        print(f'{name:<14} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
               f'{report[f"chunk_ms_{name}"]:>9.1f} '
-              f'{np.mean([r["steps"] for r in results]):>11.1f}')
+              f'{np.mean([r["steps"] for r in results]):>11.1f}{extra}')
 
 
 def plot_report(report: dict, variants: List[str], path: str) -> None:
@@ -195,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate as the arguments say."""
     task = args.task or model_task(args.model)
     seeds = list(range(args.seed_start, args.seed_start + args.episodes))
-    options = {'sampler': args.sampler, 'steps': args.steps}
+    options = {'sampler': args.sampler, 'steps': args.steps,
+               'ablation_sparsity': args.ablation_sparsity}
     per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
                                           args.workers, args.threads)
                    for name in args.variants}
@@ -205,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, 'report.json'), 'w') as f:
             json.dump(report, f, indent=2)
         plot_report(report, args.variants, os.path.join(args.out, 'success.png'))
+        plot_tradeoff(report, args.variants, os.path.join(args.out, 'tradeoff.png'))
     if args.json:
         print(json.dumps(report))
     else:

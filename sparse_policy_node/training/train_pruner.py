@@ -1,0 +1,72 @@
+r"""``sparse-policy train-pruner``: train the TTS pruner of a model on recorded rollouts.
+
+See :mod:`pruner_training` for the method. Example (the shipped Lift pruner)::
+
+    sparse-policy rollouts --model models/lift --out data/lift_rollouts.hdf5 --num 32 \\
+        --seed-start 50000 --workers 2
+    sparse-policy train-pruner --model models/lift --rollouts data/lift_rollouts.hdf5 \\
+        --out runs/lift_pruner --target-sparsity 0.93 --max-minutes 40 --install
+"""
+
+import argparse
+import json
+
+from sparse_policy_node.core.config import PrunerConfig
+from sparse_policy_node.core.config import REUSE_DIRECTIONS
+from sparse_policy_node.training.pruner_training import FIDELITY_LOSSES
+from sparse_policy_node.training.pruner_training import PrunerTrainConfig
+from sparse_policy_node.training.pruner_training import train_pruner
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    d = PrunerTrainConfig()
+    p = PrunerConfig()
+    parser.add_argument('--model', default='models/lift',
+                        help='model directory (its EMA weights are the frozen policy)')
+    parser.add_argument('--rollouts', required=True, help='rollout file of this model')
+    parser.add_argument('--out', required=True, help='run directory (log, best/, last/)')
+    parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity)
+    parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
+                        choices=REUSE_DIRECTIONS)
+    parser.add_argument('--lambda-sparse', type=float, default=d.lambda_sparse)
+    parser.add_argument('--fidelity', choices=FIDELITY_LOSSES, default=d.fidelity)
+    parser.add_argument('--epochs', type=int, default=d.epochs)
+    parser.add_argument('--batch-episodes', type=int, default=d.batch_episodes)
+    parser.add_argument('--val-episodes', type=int, default=d.val_episodes)
+    parser.add_argument('--lr', type=float, default=d.lr)
+    parser.add_argument('--weight-decay', type=float, default=d.weight_decay)
+    parser.add_argument('--warmup-steps', type=int, default=d.warmup_steps)
+    parser.add_argument('--max-minutes', type=float, default=d.max_minutes,
+                        help='stop after the epoch that crosses this time (0: no limit)')
+    parser.add_argument('--seed', type=int, default=d.seed)
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--hidden-dim', type=int, default=p.hidden_dim)
+    parser.add_argument('--n-head', type=int, default=p.n_head)
+    parser.add_argument('--dim-feedforward', type=int, default=p.dim_feedforward)
+    parser.add_argument('--dropout', type=float, default=p.dropout)
+    parser.add_argument('--install', action='store_true',
+                        help='save the best pruner next to the policy in --model')
+    parser.add_argument('--allow-other-policy', action='store_true',
+                        help='accept rollouts recorded with other weights (not recommended)')
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as the arguments say; print a one-line summary."""
+    cfg = PrunerTrainConfig(
+        target_sparsity=args.target_sparsity, directions=tuple(args.directions),
+        lambda_sparse=args.lambda_sparse, fidelity=args.fidelity, epochs=args.epochs,
+        batch_episodes=args.batch_episodes, val_episodes=args.val_episodes, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
+        pruner=PrunerConfig(hidden_dim=args.hidden_dim, n_head=args.n_head,
+                            dim_feedforward=args.dim_feedforward, dropout=args.dropout))
+    summary = train_pruner(args.model, args.rollouts, args.out, cfg, install=args.install,
+                           allow_other_policy=args.allow_other_policy)
+    best = summary['best']
+    keys = ('val_fidelity', 'val_sparsity_executed', 'train_fidelity', 'train_sparsity')
+    print(json.dumps({'best_epoch': summary['best_epoch'],
+                      'minutes': round(summary['minutes'], 1),
+                      **{k: round(best[k], 4) for k in keys if k in best},
+                      'installed': summary.get('installed')}))
+    return 0
