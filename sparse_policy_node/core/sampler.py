@@ -18,6 +18,29 @@ def initial_noise(shape, generator: Optional[torch.Generator], device, dtype) ->
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def compute_unit(model: DPTransformer, unit: int, x: torch.Tensor, kv_all: list,
+                 step: int) -> torch.Tensor:
+    """Branch output of unit ``b = 3 l + j`` at denoising step ``step``.
+
+    Args:
+        model: the transformer.
+        unit: flattened unit index b.
+        x: (B, T_a, D) residual stream before the unit.
+        kv_all: per layer memory (k, v) of every step (``memory_kv_all_steps``).
+        step: denoising step index k (selects the cross-attention memory).
+
+    Returns:
+        (B, T_a, D) branch output, not yet added to ``x``.
+    """
+    layer, kind = model.layers[unit // 3], unit % 3
+    if kind == 0:
+        return layer.sa(x, model.mask)
+    if kind == 1:
+        k, v = kv_all[unit // 3]
+        return layer.ca(x, (k[:, step], v[:, step]), model.memory_mask)
+    return layer.ffn(x)
+
+
 def dense_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
                step: int) -> torch.Tensor:
     """One dense denoiser call on precomputed memory keys/values.
@@ -32,11 +55,8 @@ def dense_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
         (B, T_a, A) predicted noise.
     """
     x = model.embed_sample(sample)
-    mask, mem_mask = model.mask, model.memory_mask
-    for layer, (k, v) in zip(model.layers, kv_all):
-        x = x + layer.sa(x, mask)
-        x = x + layer.ca(x, (k[:, step], v[:, step]), mem_mask)
-        x = x + layer.ffn(x)
+    for b in range(model.num_units):
+        x = x + compute_unit(model, b, x, kv_all, step)
     return model.output(x)
 
 

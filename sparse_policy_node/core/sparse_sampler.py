@@ -20,6 +20,7 @@ from typing import List
 from typing import Optional
 
 from sparse_policy_node.core.cache import FeatureCache
+from sparse_policy_node.core.sampler import compute_unit
 from sparse_policy_node.core.scheduler import NoiseScheduler
 from sparse_policy_node.core.transformer import DPTransformer
 import torch
@@ -46,7 +47,6 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
         (1, T_a, A) predicted noise.
     """
     x = model.embed_sample(sample)
-    mask, mem_mask = model.mask, model.memory_mask
     fwd, ts, roll = cache.forward, cache.timestep, cache.rollout[step]
     for b in range(len(executed)):
         choice = 0 if gates is None else gates[b]
@@ -58,15 +58,8 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
         elif choice == 3:
             d = roll[b]
         if d is None:
-            layer, kind = model.layers[b // 3], b % 3
-            if kind == 0:
-                d = layer.sa(x, mask)
-            elif kind == 1:
-                k, v = kv_all[b // 3]
-                d = layer.ca(x, (k[:, step], v[:, step]), mem_mask)
-            else:
-                d = layer.ffn(x)
-            fwd[kind] = d
+            d = compute_unit(model, b, x, kv_all, step)
+            fwd[b % 3] = d
             ts[b] = d
             roll[b] = d
             choice = 0
@@ -150,20 +143,13 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
         (B, T_a, A) denoised normalized actions.
     """
     K, U = scheduler.num_steps, model.num_units
-    mask, mem_mask = model.mask, model.memory_mask
     x_a = noise
     for k in range(K):
         x = model.embed_sample(x_a)
         roll = cache.rollout[k]
         for b in range(U):
-            layer, kind = model.layers[b // 3], b % 3
-            if kind == 0:
-                d = layer.sa(x, mask)
-            elif kind == 1:
-                mk, mv = kv_all[b // 3]
-                d = layer.ca(x, (mk[:, k], mv[:, k]), mem_mask)
-            else:
-                d = layer.ffn(x)
+            kind = b % 3
+            d = compute_unit(model, b, x, kv_all, k)
             candidates = (cache.forward[kind], cache.timestep[b], roll[b])
             x, g_compute = _mix(x, d, gates[:, k, b], candidates)
             computed = (g_compute > 0.5)[:, None, None]  # (B, 1, 1)
