@@ -41,7 +41,8 @@ def test_bench_json_reports_side_by_side_ratios(capsys, tmp_path):
                 'gflops_dense', 'gflops_sparse_with_pruner', 'pruner_ms', 'device', 'threads'):
         assert key in result
     assert result['realized_sparsity'] == 0.8
-    assert result['speedup'] == round(result['dense_ms'] / result['sparse_ms'], 2)
+    # Ratios come from unrounded medians; the printed ms are rounded to 0.01.
+    assert abs(result['speedup'] - result['dense_ms'] / result['sparse_ms']) < 0.05
     assert result['gflops_sparse_with_pruner'] > result['gflops_sparse']
     assert png.stat().st_size > 1000
     names = [row['name'] for row in result['baselines']]

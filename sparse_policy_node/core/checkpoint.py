@@ -62,6 +62,7 @@ def _save_tensors(module: nn.Module, path: str) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = path + '.tmp'
     save_file(state, tmp)
+    os.chmod(tmp, 0o644)  # a model directory is meant to be shared and installed
     os.replace(tmp, path)
 
 
