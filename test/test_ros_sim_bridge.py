@@ -4,6 +4,7 @@ A small fake environment stands in for robosuite so these tests take seconds; th
 test in test_ros_launch.py runs the real robosuite bridge.
 """
 
+import threading
 import time
 
 import numpy as np
@@ -25,6 +26,8 @@ class FakeEnv:
         self.size = tuple(settings.image_size)
         self.steps = self.closes = 0
         self.actions = []
+        # Offscreen renderers are bound to the creating thread: record who touches the env.
+        self.threads = {'create': threading.get_ident()}
 
     def obs(self):
         return {'agentview_image': np.full((3, *self.size), self.steps % 256, dtype=np.uint8),
@@ -33,10 +36,15 @@ class FakeEnv:
                 'robot0_gripper_qpos': np.zeros(2, np.float32)}
 
     def reset(self, seed):
+        self.threads['reset'] = threading.get_ident()
         self.steps = self.closes = 0
         return self.obs()
 
+    def close(self):
+        self.threads['close'] = threading.get_ident()
+
     def step(self, action):
+        self.threads['step'] = threading.get_ident()
         self.steps += 1
         self.actions.append(np.asarray(action))
         self.closes += action[-1] > 0
@@ -87,6 +95,9 @@ def test_lockstep_episodes_execute_every_chunk_action(context, tmp_path):
     assert node.stats.counters['dense_chunks'] == 2
     assert node.stats.counters['resets'] == 2
     assert len(sim.env.actions) == 24 and np.abs(np.array(sim.env.actions)).max() <= 1.0
+    # Regression: rendering from another thread than the creator gave black / frozen images.
+    assert len(set(sim.env.threads.values())) == 1, sim.env.threads
+    assert set(sim.env.threads) == {'create', 'reset', 'step', 'close'}
 
 
 def test_policy_survives_a_bridge_restart(context, tmp_path):

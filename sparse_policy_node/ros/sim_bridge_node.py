@@ -54,7 +54,11 @@ class SimBridgeNode(Node):
         params.declare_bridge_parameters(self)
         s = self.settings = params.bridge_settings_from_params(self)
         self.dt_ns = int(round(1e9 / s.control_rate_hz))
-        self.env = env_factory(s)
+        # The simulator is built, stepped and closed by the episode thread only: an offscreen
+        # (EGL / OSMesa) rendering context is current in the thread that created it, and
+        # rendering from another thread returns stale or black images.
+        self._env_factory = env_factory
+        self.env = None
         self.image_pubs = {c: self.create_publisher(Image, s.image_topic_format.format(
             camera=c), qos_profile_sensor_data) for c in s.cameras}
         self.joint_pub = self.create_publisher(JointState, s.joint_states_topic,
@@ -214,6 +218,7 @@ class SimBridgeNode(Node):
     def _run(self) -> None:
         code = 0
         try:
+            self.env = self._env_factory(self.settings)
             index = 0
             while not self.stop.is_set() and (self.settings.episodes == 0
                                               or index < self.settings.episodes):
@@ -225,6 +230,10 @@ class SimBridgeNode(Node):
             if not self.stop.is_set():
                 self.get_logger().error(f'episode loop failed: {exc!r}')
                 code = 1
+        finally:
+            close = getattr(self.env, 'close', None)
+            if close is not None:
+                close()
         if not self.finished.done():
             self.finished.set_result(code)
 
@@ -252,9 +261,6 @@ class SimBridgeNode(Node):
         if self.settings.summary_file:
             with open(self.settings.summary_file, 'w') as f:
                 json.dump(summary, f, indent=2)
-        close = getattr(self.env, 'close', None)
-        if close is not None:
-            close()
         return summary
 
 
