@@ -46,6 +46,19 @@ def test_pruner_round_trip(tmp_path, tiny_policy):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
+def test_engine_runs_the_schedule_the_pruner_was_trained_for(tmp_path, tiny_policy):
+    from sparse_policy_node.core.engine import load_engine
+    directory = str(tmp_path / 'm')
+    save_policy(tiny_policy, directory)
+    assert load_engine(directory).runtime.sparsity_enabled is False
+    pruner = Pruner(PrunerConfig(hidden_dim=16, n_head=2, dim_feedforward=32),
+                    tiny_policy.transformer.num_units, tiny_policy.config.transformer.n_emb)
+    save_pruner(pruner, directory, metadata={'sampler': 'ddim', 'num_inference_steps': 5})
+    runtime = load_engine(directory).runtime
+    assert (runtime.sampler, runtime.num_inference_steps) == ('ddim', 5)
+    assert runtime.sparsity_enabled and runtime.gate_source == 'pruner'
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match='does not exist'):
         load_policy(str(tmp_path / 'nope'))

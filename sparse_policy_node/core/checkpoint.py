@@ -154,6 +154,11 @@ def save_pruner(pruner, directory: str, metadata: Optional[dict] = None) -> None
     })
 
 
+def read_pruner_metadata(directory: str) -> dict:
+    """Return the free-form ``metadata`` of a pruner (training schedule, target, provenance)."""
+    return _read_json(os.path.join(directory, PRUNER_CONFIG)).get('metadata', {})
+
+
 def load_pruner(directory: str, device: str = 'cpu'):
     """Build the pruner stored in ``directory`` (eval mode)."""
     from sparse_policy_node.core.pruner import Pruner

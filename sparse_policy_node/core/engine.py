@@ -285,10 +285,22 @@ class SparseEngine:
 
 def load_engine(model_dir: str, device: str = 'cpu',
                 runtime: Optional[RuntimeConfig] = None) -> SparseEngine:
-    """Load a model directory (policy + pruner when present) into a :class:`SparseEngine`."""
+    """Load a model directory (policy + pruner when present) into a :class:`SparseEngine`.
+
+    Without ``runtime``, a model with a pruner runs its learned gates on the schedule (sampler,
+    steps) the pruner was trained for, as recorded in its metadata; a model without one runs
+    dense on its config's schedule.
+    """
     from sparse_policy_node.core.checkpoint import has_pruner
     from sparse_policy_node.core.checkpoint import load_policy
     from sparse_policy_node.core.checkpoint import load_pruner
+    from sparse_policy_node.core.checkpoint import read_pruner_metadata
     policy = load_policy(model_dir, device)
-    pruner = load_pruner(model_dir, device) if has_pruner(model_dir) else None
+    pruner = None
+    if has_pruner(model_dir):
+        pruner = load_pruner(model_dir, device)
+        meta = read_pruner_metadata(model_dir)
+        if runtime is None and 'sampler' in meta and 'num_inference_steps' in meta:
+            runtime = RuntimeConfig(sampler=meta['sampler'],
+                                    num_inference_steps=int(meta['num_inference_steps']))
     return SparseEngine(policy, pruner, runtime)

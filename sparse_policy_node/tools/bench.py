@@ -168,14 +168,17 @@ def run_benchmark(args) -> dict:
                 'gflops',
     }
     if args.baselines:
+        # Baselines run at the same sparsity: the dial's, or what the learned gates realized.
+        matched = args.sparsity if args.sparsity >= 0 else round(result['realized_sparsity'], 2)
         result['baselines'] = run_baselines(policy, pruner, args, obs, directions, steps,
-                                            sampler, med['dense'])
+                                            sampler, med['dense'], matched)
     for engine in (dense, sparse, replay):
         engine.close()
     return result
 
 
-def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_ms) -> list:
+def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_ms,
+                  sparsity) -> list:
     """Time the baselines round-robin on the same observation; speedups vs ``dense_ms``."""
     import torch
 
@@ -188,16 +191,16 @@ def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_m
                                         sampler='ddim', num_inference_steps=16)),
         ('dense DDIM-10', RuntimeConfig(sparsity_enabled=False, gate_source='dense',
                                         sampler='ddim', num_inference_steps=10)),
-        (f'static (FORA) {args.sparsity}', RuntimeConfig(
-            gate_source='static', target_sparsity=args.sparsity, sampler=sampler,
+        (f'static (FORA) {sparsity}', RuntimeConfig(
+            gate_source='static', target_sparsity=sparsity, sampler=sampler,
             num_inference_steps=steps)),
-        (f'random {args.sparsity}', RuntimeConfig(
-            gate_source='random', target_sparsity=args.sparsity, directions=directions,
+        (f'random {sparsity}', RuntimeConfig(
+            gate_source='random', target_sparsity=sparsity, directions=directions,
             sampler=sampler, num_inference_steps=steps)),
     ]
     if pruner is not None:
-        variants.append((f'pruner dial {args.sparsity}', RuntimeConfig(
-            gate_source='pruner', target_sparsity=args.sparsity, directions=directions,
+        variants.append((f'pruner dial {sparsity}', RuntimeConfig(
+            gate_source='pruner', target_sparsity=sparsity, directions=directions,
             sampler=sampler, num_inference_steps=steps)))
     engines = [(name, SparseEngine(policy, pruner, rt)) for name, rt in variants]
     g = torch.Generator().manual_seed(args.seed)
