@@ -6,11 +6,11 @@ demo's reset seed (attribute ``seed``).
 """
 
 import argparse
-import multiprocessing
 import os
 import time
 
 from sparse_policy_node.sim.experts import EXPERTS
+from sparse_policy_node.training.parallel import episode_results
 from tqdm import tqdm
 
 _WORKER = {}
@@ -61,16 +61,8 @@ def collect(task, num, out, seed_start=0, max_attempts=None, workers=1,
     start, attempts, failed = time.time(), 0, []
     bar = tqdm(total=num, desc=f'demos {task}', unit='demo', disable=not progress)
     with DemoWriter(out, env_args) as writer:
-        if workers > 1:
-            # spawn: forked MuJoCo/EGL contexts are not safe to reuse in children.
-            pool = multiprocessing.get_context('spawn').Pool(
-                workers, initializer=_init_worker, initargs=init_args)
-            results = pool.imap(_collect, seeds)
-        else:
-            pool = None
-            _init_worker(*init_args)
-            results = map(_collect, seeds)
-        try:
+        with bar, episode_results(_collect, seeds, workers, _init_worker,
+                                  init_args) as results:
             for seed, success, episode in results:
                 attempts += 1
                 if success:
@@ -81,11 +73,6 @@ def collect(task, num, out, seed_start=0, max_attempts=None, workers=1,
                 bar.set_postfix(attempts=attempts, failed=len(failed))
                 if writer.count >= num:
                     break
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            bar.close()
         kept, transitions = writer.count, writer.total
     return {'task': task, 'out': out, 'kept': kept, 'attempts': attempts,
             'failed_seeds': failed, 'transitions': transitions,

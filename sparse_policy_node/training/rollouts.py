@@ -25,7 +25,6 @@ File layout (HDF5)::
 
 import argparse
 import hashlib
-import multiprocessing
 import os
 import re
 import sys
@@ -38,6 +37,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.training.parallel import episode_results
 import torch
 from tqdm import tqdm
 
@@ -255,15 +255,8 @@ def record_rollouts(model_dir: str, out: str, num: int, seed_start: int,
     bar = tqdm(total=num, desc=f'rollouts {task}', unit='ep', disable=not progress,
                file=sys.stderr)
     with RolloutWriter(out, attrs) as writer:
-        if workers > 1:
-            # spawn: forked MuJoCo/EGL contexts are not safe to reuse in children.
-            pool = multiprocessing.get_context('spawn').Pool(workers, _init_worker, init)
-            results = pool.imap(_record, seeds)
-        else:
-            pool = None
-            _init_worker(*init)
-            results = map(_record, seeds)
-        try:
+        with bar, episode_results(_record, seeds, workers, _init_worker, init,
+                                  close_local=lambda: _WORKER['env'].close()) as results:
             for result, episode in results:
                 attempts += 1
                 if not result['success']:
@@ -276,13 +269,6 @@ def record_rollouts(model_dir: str, out: str, num: int, seed_start: int,
                 bar.set_postfix(attempts=attempts, failed=len(failed))
                 if writer.count >= num:
                     break
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            else:
-                _WORKER['env'].close()
-            bar.close()
         kept = writer.count
     return {'out': out, 'kept': kept, 'attempts': attempts, 'failed_seeds': failed,
             'frames': frames, 'success_rate': (attempts - len(failed)) / max(attempts, 1),
