@@ -31,6 +31,9 @@ COMMANDS = {
                      'train the TTS pruner of a model on recorded rollouts'),
     'masks': ('sparse_policy_node.tools.masks',
               'draw the gate maps (steps x units) of a recorded episode as a PNG'),
+    'bench-node': ('sparse_policy_node.tools.bench_node',
+                   'policy node + robosuite bridge: observation-to-chunk latency and keeping '
+                   'up, sparse next to dense'),
     'launch': ('sparse_policy_node.ros.bringup',
                'start the policy node (and the robosuite bridge) like ros2 launch, rclpy only'),
 }

@@ -83,7 +83,8 @@ def test_launch_file_uses_only_real_launch_api():
 @pytest.mark.parametrize('tokens', [
     [], ['sim:=none', 'device:=cpu', 'sparsity:=off'],
     ['model:=/m', 'sparsity:=0.93', 'steps:=16', 'episodes:=5', 'seed:=7',
-     'params_file:=/p.yaml', 'summary_dir:=/s', 'log_level:=debug', 'use_sim_time:=false']])
+     'params_file:=/p.yaml', 'summary_dir:=/s', 'log_level:=debug', 'use_sim_time:=false',
+     'lockstep:=false']])
 def test_launch_file_and_bringup_start_the_same_nodes(monkeypatch, tokens):
     description = load_launch_file(monkeypatch, '/share')
     entities = description.args[0]
@@ -116,8 +117,11 @@ def test_plan_maps_arguments_to_parameters():
     assert policy.overrides == {'use_sim_time': True, 'device': 'cpu', 'sampler.steps': 16,
                                 'sparsity.enabled': True, 'sparsity.target': 0.93}
     assert bridge.overrides == {'task': 'lift', 'publish_clock': True}
+    bridge = la.plan_nodes(la.parse_launch_args(['lockstep:=false']), '/share')[1]
+    assert bridge.overrides['lockstep'] is False
     assert la.sparsity_overrides('off') == {'sparsity.enabled': False}
-    for bad in (['sparsity:=2'], ['sim:=gazebo'], ['nonsense'], ['steps:=x'], ['x:=1']):
+    for bad in (['sparsity:=2'], ['sim:=gazebo'], ['nonsense'], ['steps:=x'], ['x:=1'],
+                ['lockstep:=maybe']):
         with pytest.raises(ValueError):
             la.plan_nodes(la.parse_launch_args(bad), '/share')
 

@@ -194,6 +194,7 @@ def test_invalid_parameters_are_rejected_with_a_reason(system):
     cases = {'sampler.steps': (50, 'num_train_timesteps'),
              'sparsity.gate_source': ('pruner', 'no pruner'),
              'execution_horizon': (5, 'n_action_steps=4'),
+             'replan_lead_steps': (4, 'below the execution horizon'),
              'device': ('cuda:7', 'device'),
              'model_dir': ('/does/not/exist', 'does not exist'),
              'action.upper': ([1.0, 2.0], '1 or 7'),
@@ -215,10 +216,10 @@ def test_reset_while_a_chunk_is_in_flight(system):
     in_flight, release = threading.Event(), threading.Event()
     predict = node.engine.predict_action
 
-    def slow_predict(obs):
+    def slow_predict(obs, **kwargs):
         in_flight.set()
         release.wait(5.0)
-        return predict(obs)
+        return predict(obs, **kwargs)
 
     node.engine.predict_action = slow_predict
     t0 = now_ns()
@@ -287,3 +288,45 @@ def test_bad_model_directory_exits_nonzero_with_a_clear_error(tmp_path, model_di
         env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 1
     assert 'cannot start' in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_frames_are_encoded_on_arrival_and_reused_by_chunks(system):
+    node, robot = system(max_obs_age_s=30.0, execution_horizon=1)  # replan every step
+    key = node.image_keys[0]
+    t0 = now_ns()
+    robot.publish_image(t0)  # an image alone: no complete window, so no chunk needs it yet
+    deadline = time.monotonic() + 3.0
+    while node.engine.frames.get(key, (node._episode, t0)) is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node.engine.frames.get(key, (node._episode, t0)) is not None
+    assert not robot.chunks
+    n = 6
+    for i in range(n):
+        assert robot.drive(t0 + i * DT) is not None
+    # Older frames of a window always come from the cache; the newest one comes from the
+    # frame encoder unless the chunk started first (then the chunk encodes it, once).
+    assert node.stats.counters['chunks'] == n
+    assert node.stats.counters['frames_encoded_in_chunks'] <= n - 1
+
+
+def test_with_encode_on_arrival_off_each_frame_is_encoded_once_by_the_chunks(system):
+    node, robot = system(encode_on_arrival=False, max_obs_age_s=30.0, execution_horizon=1)
+    t0 = now_ns()
+    n = 6
+    for i in range(n):
+        assert robot.drive(t0 + i * DT) is not None
+    # The first window repeats the first frame (episode start): one frame; then one new
+    # frame per chunk. Without the frame cache it would be T_o per chunk.
+    assert node.stats.counters['chunks'] == n
+    assert node.stats.counters['frames_encoded_in_chunks'] == n
+
+
+def test_replan_lead_starts_the_next_chunk_early(system):
+    node, robot = system(replan_lead_steps=1, max_obs_age_s=30.0)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    steps(robot, t0 + DT, 3)  # the 4-action chunk runs out after t0 + 3 DT
+    # Without a lead the next chunk would be computed from the observation at t0 + 4 DT.
+    assert robot.wait_chunk(t0 + 3 * DT) is not None
+    assert [conv.stamp_to_ns(c.header.stamp) for c in robot.chunks] == [t0, t0 + 3 * DT]

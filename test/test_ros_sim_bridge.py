@@ -115,3 +115,29 @@ def test_policy_survives_a_bridge_restart(context, tmp_path):
     node.close()
     assert summary['episodes'] == 2 and 6 <= summary['chunks'] <= 8
     assert node.stats.counters['resets'] >= 3
+
+
+def test_bridge_never_executes_a_chunk_of_the_previous_episode(context):
+    from sparse_policy_node.ros import conversions as conv
+    from std_srvs.srv import Trigger
+    reset = rclpy.create_node('policy_node', context=context)
+    reset.create_service(Trigger, '~/reset', lambda _, res: setattr(res, 'success', True) or res)
+    sim = bridge(context, episodes=1, steps=4)
+    names = [f'a{i}' for i in range(7)]
+    with Spinner(context, sim, reset):
+        deadline = time.monotonic() + 10.0
+        while not sim._sent and time.monotonic() < deadline:  # first observation out
+            time.sleep(0.02)
+        with sim._cond:
+            start, dt = sim._episode_start_ns, sim.dt_ns
+        assert start > 0
+        # A late chunk computed from the last observation of the previous episode.
+        sim._on_chunk(conv.chunk_to_trajectory(np.zeros((4, 7)), names, dt,
+                                               conv.ns_to_stamp(start - dt)))
+        assert sim.counters['stale_chunks'] == 1 and sim._chunk is None
+        sim._on_chunk(conv.chunk_to_trajectory(np.zeros((4, 7)), names, dt,
+                                               conv.ns_to_stamp(start)))
+        assert wait(sim.finished, timeout=10.0) and sim.finished.result() == 0
+    summary = sim.close()
+    reset.destroy_node()
+    assert summary['stale_chunks'] == 1 and summary['results'][0]['length'] == 4

@@ -141,14 +141,31 @@ class ObsEncoder(nn.Module):
         self.lowdim = tuple(lowdim)
         self.obs_nets = nn.ModuleDict({cam: VisualCore(config) for cam in config.cameras})
 
+    def encode_camera(self, camera: str, images: torch.Tensor) -> torch.Tensor:
+        """Encode frames of one camera, each on its own (the eval crop is deterministic).
+
+        Args:
+            camera: a name from ``config.cameras``.
+            images: (N, 3, H, W) uint8 (or float in [0, 255]).
+
+        Returns:
+            (N, feature_dim) features.
+        """
+        img = images.float() * (2.0 / 255.0) - 1.0
+        img = crop_images(img, self.config.crop_size, random=self.training)
+        return self.obs_nets[camera](img)
+
+    def combine(self, camera_features: Sequence[torch.Tensor],
+                lowdim: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-camera (B, T_o, F) and normalized low-dim (B, T_o, d) features."""
+        return torch.cat([*camera_features, *(x.float() for x in lowdim)], dim=-1)
+
     def forward(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Return (B, T_o, D_o) features; see the class docstring for the input layout."""
         feats = []
         for cam in self.config.cameras:
             img = obs[f'{cam}_image']
             B, T = img.shape[:2]
-            img = img.reshape(B * T, *img.shape[2:]).float() * (2.0 / 255.0) - 1.0
-            img = crop_images(img, self.config.crop_size, random=self.training)
-            feats.append(self.obs_nets[cam](img).reshape(B, T, -1))  # (B, T_o, F)
-        feats += [obs[key].float() for key, _ in self.lowdim]
-        return torch.cat(feats, dim=-1)
+            feats.append(self.encode_camera(cam, img.reshape(B * T, *img.shape[2:]))
+                         .reshape(B, T, -1))  # (B, T_o, F)
+        return self.combine(feats, [obs[key] for key, _ in self.lowdim])

@@ -46,6 +46,10 @@ LAUNCH_ARGS = (
               'stopped); empty: bridge_params_file value.'),
     LaunchArg('seed', '', 'Seed of the first episode (episode i uses seed + i); empty: '
               'bridge_params_file value.'),
+    LaunchArg('lockstep', '', 'Bridge waits for each chunk before stepping (true: sim time '
+              'pauses during inference) or steps on the wall clock at its control rate and '
+              'holds still when no chunk covers a step (false); empty: bridge_params_file '
+              'value.', ('', 'true', 'false')),
     LaunchArg('use_sim_time', '', 'Run on the /clock of the simulator; empty: true with a '
               'simulator, false without.', ('', 'true', 'false')),
     LaunchArg('summary_dir', '', 'Directory where each node writes <node>.json, a run '
@@ -178,6 +182,8 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
         for name in ('episodes', 'seed'):
             if values[name]:
                 bridge[name] = _int(values, name)
+        if values['lockstep']:
+            bridge['lockstep'] = values['lockstep'] == 'true'
         if values['summary_dir']:
             bridge['summary_file'] = os.path.join(values['summary_dir'], 'sim_bridge.json')
         nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',

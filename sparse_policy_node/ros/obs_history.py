@@ -33,6 +33,7 @@ class Window:
     stamp_ns: int
     arrays: Dict[str, np.ndarray]
     newest_arrival: float   # time.monotonic() when its newest entry arrived
+    stamps: Dict[str, List[int]] = None   # per key, the stamps of the T_o picked entries
 
 
 class ObservationHistory:
@@ -98,7 +99,7 @@ class ObservationHistory:
             if empty:
                 return None, f'waiting for {", ".join(empty)}'
             t_ref = min(s[-1][0] for s in self._streams.values())
-            arrays, newest_arrival = {}, 0.0
+            arrays, stamps, newest_arrival = {}, {}, 0.0
             for key, stream in self._streams.items():
                 picked = []
                 for i in range(self.n_steps):
@@ -112,8 +113,9 @@ class ObservationHistory:
                                       f'({target / 1e9:.3f} s)')
                     picked.append(entry)
                 arrays[key] = np.stack([e[1] for e in picked])  # (T_o, ...)
+                stamps[key] = [e[0] for e in picked]
                 newest_arrival = max(newest_arrival, picked[-1][2])
-            return Window(t_ref, arrays, newest_arrival), ''
+            return Window(t_ref, arrays, newest_arrival, stamps), ''
 
     def _nearest(self, stream, target: int):
         best = min(stream, key=lambda e: abs(e[0] - target))

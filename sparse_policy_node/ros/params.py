@@ -99,9 +99,11 @@ class NodeSettings:
 
     model_dir: str = 'models/lift'
     device: str = 'cpu'
-    num_threads: int = 0
+    num_threads: int = 1
+    encode_on_arrival: bool = True
     control_rate_hz: float = 20.0
     execution_horizon: int = 0
+    replan_lead_steps: int = 0
     sync_tolerance_s: float = 0.025
     max_obs_age_s: float = 1.0
     time_jump_reset_s: float = 0.5
@@ -151,12 +153,21 @@ NODE_PARAMS = (
     Param('num_threads', 'num_threads', _NS.num_threads,
           'Torch intra-op threads for inference (0: torch default).', min_value=0,
           max_value=256),
+    Param('encode_on_arrival', 'encode_on_arrival', _NS.encode_on_arrival,
+          'Encode each camera frame in a separate thread as it arrives, so that a chunk '
+          'starts from cached image features (off: a chunk encodes the frames it does not '
+          'have yet).'),
     Param('control_rate_hz', 'control_rate_hz', _NS.control_rate_hz,
           'Rate of the observation steps and of the actions in a chunk (the training '
           "data's control rate).", read_only=True, min_value=0.1, max_value=1000.0),
     Param('execution_horizon', 'execution_horizon', _NS.execution_horizon,
           'Actions published per chunk, executed before the next chunk is computed '
           "(0: the model's n_action_steps).", min_value=0, max_value=1000),
+    Param('replan_lead_steps', 'replan_lead_steps', _NS.replan_lead_steps,
+          'Compute the next chunk this many steps before the current one runs out, to hide '
+          'inference latency on a robot that does not wait (the new chunk replaces the last '
+          'actions of the old one). 0: replan when the chunk has been executed.',
+          min_value=0, max_value=1000),
     Param('sync_tolerance_s', 'sync_tolerance_s', _NS.sync_tolerance_s,
           'Largest stamp difference between an input and an observation step.',
           min_value=0.0, max_value=1.0),

@@ -7,10 +7,13 @@ time, point k at k * dt), ``~/next_action`` (std_msgs/Float64MultiArray at the c
 for simple consumers) and ``/diagnostics``. Service: ``~/reset`` (std_srvs/Trigger).
 
 Intake callbacks only convert and store; a worker thread runs one chunk at a time, so
-inference never blocks observation intake. Heavy parameter changes (model, device) and
-resets are applied by the worker between chunks.
+inference never blocks observation intake. A frame-encoder thread encodes each accepted camera
+frame as it arrives (``encode_on_arrival``), so a chunk starts from cached image features and
+the vision encoder runs on the other core. Heavy parameter changes (model, device) and resets
+are applied by the worker between chunks.
 """
 
+from collections import deque
 import json
 import os
 import sys
@@ -18,7 +21,6 @@ import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray
-from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import PoseStamped
 import rclpy
 from rclpy.clock import Clock
@@ -38,6 +40,7 @@ from sparse_policy_node.core.engine import NonFiniteActionError
 from sparse_policy_node.core.policy import ObservationError
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
+from sparse_policy_node.ros.diagnostics import diagnostics_message
 from sparse_policy_node.ros.launch_args import package_share_dir
 from sparse_policy_node.ros.obs_history import ACCEPTED
 from sparse_policy_node.ros.obs_history import ObservationHistory
@@ -87,8 +90,8 @@ class PolicyNode(Node):
         sources = conv.parse_lowdim_map(s.lowdim_map)
         self._check_sources(cfg, sources)
         self.image_size = tuple(cfg.obs.vision.image_size)
-        self.keys = [keys.image_key(c) for c in cfg.obs.vision.cameras] + [k for k, _ in
-                                                                           cfg.obs.lowdim]
+        self.image_keys = [keys.image_key(c) for c in cfg.obs.vision.cameras]
+        self.keys = self.image_keys + [k for k, _ in cfg.obs.lowdim]
         self.history = ObservationHistory(self.keys, cfg.transformer.n_obs_steps, self.dt_ns,
                                           *self._timing_ns(s))
         self.stats = RunStats()
@@ -119,8 +122,15 @@ class PolicyNode(Node):
                           clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.add_on_set_parameters_callback(params.make_validator(self, self._check))
         self.add_post_set_parameters_callback(lambda _: self._mark_dirty())
-        self._worker = threading.Thread(target=self._work, name='inference', daemon=True)
-        self._worker.start()
+        # Newest accepted frames to encode ahead of the chunk; the oldest are dropped when
+        # the encoder falls behind (the chunk then encodes what it still needs).
+        self._frames = deque(maxlen=2 * max(1, len(self.image_keys)))
+        self._frames_ready = threading.Event()
+        self._threads = [threading.Thread(target=self._work, name='inference', daemon=True),
+                         threading.Thread(target=self._encode_frames, name='frame_encoder',
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
         self.get_logger().info(f'serving {s.model_dir} on {s.device}: inputs {self.keys}, '
                                f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz')
 
@@ -143,6 +153,10 @@ class PolicyNode(Node):
         if s.execution_horizon > self.n_action_steps:
             raise ConfigError(f"execution_horizon={s.execution_horizon} exceeds the model's "
                               f'n_action_steps={self.n_action_steps}')
+        horizon = s.execution_horizon or self.n_action_steps
+        if s.replan_lead_steps >= horizon:
+            raise ConfigError(f'replan_lead_steps={s.replan_lead_steps} must be below the '
+                              f'execution horizon ({horizon} actions)')
         try:
             conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower')
             conv.broadcast_limits(s.action_upper, self.action_dim, 'action.upper')
@@ -183,6 +197,9 @@ class PolicyNode(Node):
             self.stats.count(f'dropped_{status}')
             return
         self.stats.arrived(key)
+        if key in self.image_keys and self.settings.encode_on_arrival:
+            self._frames.append((key, (self._episode, ns), value))
+            self._frames_ready.set()
         self._wake.set()
 
     def _reject(self, key, exc) -> None:
@@ -209,6 +226,26 @@ class PolicyNode(Node):
     def _mark_dirty(self) -> None:
         self._dirty = True
         self._wake.set()
+
+    # ==== frame-encoder thread ====
+
+    def _encode_frames(self) -> None:
+        while not self._stop.is_set():
+            self._frames_ready.wait(0.05)
+            self._frames_ready.clear()
+            while self._frames and not self._stop.is_set():
+                try:
+                    key, frame_id, image = self._frames.popleft()
+                except IndexError:
+                    break
+                try:
+                    self.engine.encode_frame(key, frame_id, torch.from_numpy(image))
+                except ObservationError as exc:
+                    self._reject(key, exc)
+                except Exception as exc:  # noqa: B902 - the chunk encodes the frame instead
+                    self.stats.count('frame_encoder_errors')
+                    self.get_logger().error(f'frame encoder failed: {exc!r}',
+                                            throttle_duration_sec=5.0)
 
     # ==== worker thread: one chunk at a time ====
 
@@ -251,11 +288,14 @@ class PolicyNode(Node):
 
     def _maybe_run_chunk(self) -> None:
         s, dt = self.settings, self.dt_ns
+        # Read the episode before the window: a reset in between makes the chunk one of the
+        # old episode (discarded below), never a new-episode chunk of old observations.
+        episode = self._episode
         window, why = self.history.window()
         if window is None or window.stamp_ns == self._skip_stamp:
             return
-        if self._last is not None and window.stamp_ns < self._last[0] + self._last[1] * dt \
-                - dt // 2:
+        if self._last is not None and window.stamp_ns < self._last[0] + (
+                self._last[1] - s.replan_lead_steps) * dt - dt // 2:
             return  # the previous chunk is still being executed
         age = (self.get_clock().now().nanoseconds - window.stamp_ns) / 1e9
         if max(age, time.monotonic() - window.newest_arrival) > s.max_obs_age_s:
@@ -264,11 +304,11 @@ class PolicyNode(Node):
             self.get_logger().warning(f'observation is {age:.2f} s old: no chunk',
                                       throttle_duration_sec=5.0)
             return
-        episode = self._episode
         device = self.engine.device
         obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
+        frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
         try:
-            out = self.engine.predict_action(obs)
+            out = self.engine.predict_action(obs, frame_ids=frame_ids)
         except ObservationError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('observation', exc)
@@ -298,6 +338,7 @@ class PolicyNode(Node):
         st = out['stats']
         self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
                          st['realized_sparsity'], st['dense'])
+        self.stats.count('frames_encoded_in_chunks', st['frames_encoded'])
         self.get_logger().debug(f'chunk at {window.stamp_ns / 1e9:.3f} s: '
                                 f'{st["latency_ms"]:.1f} ms, sparsity '
                                 f'{st["realized_sparsity"]:.2f}')
@@ -313,25 +354,7 @@ class PolicyNode(Node):
             self.next_pub.publish(Float64MultiArray(data=current[1][k].tolist()))
 
     def _publish_diagnostics(self) -> None:
-        snap = self.stats.snapshot()
-        ages = self.stats.obs_ages(self.keys)
-        stale = [k for k, a in ages.items() if a > self.settings.max_obs_age_s]
-        counters = {k: v for k, v in snap.items() if k.startswith(('dropped', 'rejected'))}
-        inputs = conv.make_status(
-            'policy_node: inputs', DiagnosticStatus.WARN if stale else DiagnosticStatus.OK,
-            f'stale or missing: {", ".join(stale)}' if stale else 'all inputs fresh',
-            dict({f'age_s.{k}': a for k, a in ages.items()}, **counters))
-        runtime = self.engine.runtime
-        values = {k: v for k, v in snap.items() if k not in counters}
-        values.update(sparsity_enabled=runtime.sparsity_enabled,
-                      target_sparsity=runtime.target_sparsity,
-                      steps=runtime.num_inference_steps, device=self.settings.device)
-        level = DiagnosticStatus.ERROR if snap.get('model_load_failures') else (
-            DiagnosticStatus.WARN if stale else DiagnosticStatus.OK)
-        inference = conv.make_status('policy_node: inference', level,
-                                     'no new chunks: inputs stale' if stale else 'serving',
-                                     values)
-        msg = DiagnosticArray(status=[inputs, inference])
+        msg = diagnostics_message(self.stats, self.keys, self.settings, self.engine.runtime)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
@@ -339,7 +362,9 @@ class PolicyNode(Node):
         """Stop the worker, write the summary file; return the whole-run summary."""
         self._stop.set()
         self._wake.set()
-        self._worker.join(timeout=10.0)
+        self._frames_ready.set()
+        for thread in self._threads:
+            thread.join(timeout=10.0)
         self.engine.close()
         summary = self.stats.snapshot(recent=False)
         if self.settings.summary_file:

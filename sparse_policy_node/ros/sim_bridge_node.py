@@ -74,7 +74,9 @@ class SimBridgeNode(Node):
         self._chunk = None            # (stamp_ns, (n, A) actions)
         self._sent = {}               # obs stamp -> monotonic publish time (round trip)
         self.round_trip_ms, self.results = [], []
-        self.counters = {'chunks': 0, 'underruns': 0, 'republished': 0, 'bad_chunks': 0}
+        self.counters = {'chunks': 0, 'underruns': 0, 'startup_underruns': 0, 'republished': 0,
+                         'bad_chunks': 0, 'stale_chunks': 0}
+        self._episode_start_ns = self._episode_chunks = 0
         self.stop = threading.Event()
         self.finished = Future()
         self._thread = threading.Thread(target=self._run, name='episodes', daemon=True)
@@ -90,10 +92,15 @@ class SimBridgeNode(Node):
             self.get_logger().warning(f'ignoring chunk: {exc}', throttle_duration_sec=5.0)
             return
         with self._cond:
+            if stamp < self._episode_start_ns:
+                # Computed from the previous episode's observations: never execute it here.
+                self.counters['stale_chunks'] += 1
+                return
             sent = self._sent.pop(stamp, None)
             if sent is not None:
                 self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
             self._chunk = (stamp, actions)
+            self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
 
@@ -168,7 +175,9 @@ class SimBridgeNode(Node):
             actions = self._covering()
         if actions is not None:
             return actions[0]
-        self.counters['underruns'] += 1  # no chunk covers this step yet: hold still
+        # No chunk covers this step yet: hold still. Before the episode's first chunk (dense
+        # by rule, the slowest) it is a start-up wait, not the policy falling behind.
+        self.counters['underruns' if self._episode_chunks else 'startup_underruns'] += 1
         return hold
 
     def _episode(self, index: int) -> dict:
@@ -181,6 +190,7 @@ class SimBridgeNode(Node):
         self.t_ns += self.dt_ns
         with self._cond:
             self._chunk = None
+            self._episode_start_ns, self._episode_chunks = self.t_ns, 0
         self._publish(obs)
         steps, success, start, next_tick = 0, False, time.monotonic(), time.monotonic()
         hold = np.zeros(7)

@@ -27,6 +27,7 @@ class RunStats:
         self._lock = threading.Lock()
         self.inference_ms = deque(maxlen=HISTORY)
         self.obs_to_chunk_ms = deque(maxlen=HISTORY)
+        self.steady_obs_to_chunk_ms = deque(maxlen=HISTORY)  # without forced-dense chunks
         self.sparsity = deque(maxlen=HISTORY)
         self.chunk_times = deque(maxlen=HISTORY)
         self.counters = Counter()
@@ -49,6 +50,8 @@ class RunStats:
         with self._lock:
             self.inference_ms.append(inference_ms)
             self.obs_to_chunk_ms.append(obs_to_chunk_ms)
+            if not dense:
+                self.steady_obs_to_chunk_ms.append(obs_to_chunk_ms)
             self.sparsity.append(sparsity)
             self.chunk_times.append(time.monotonic())
             self.counters['chunks'] += 1
@@ -76,6 +79,7 @@ class RunStats:
             n = RECENT if recent else HISTORY
             inf = list(self.inference_ms)[-n:]
             o2c = list(self.obs_to_chunk_ms)[-n:]
+            steady = list(self.steady_obs_to_chunk_ms)[-n:]
             sp = list(self.sparsity)[-n:]
             times = list(self.chunk_times)
             counters = dict(self.counters)
@@ -83,6 +87,8 @@ class RunStats:
             'latency_p50_ms': percentile(inf, 50), 'latency_p99_ms': percentile(inf, 99),
             'obs_to_chunk_p50_ms': percentile(o2c, 50),
             'obs_to_chunk_p99_ms': percentile(o2c, 99),
+            'steady_obs_to_chunk_p50_ms': percentile(steady, 50),
+            'steady_obs_to_chunk_p99_ms': percentile(steady, 99),
             'realized_sparsity': float(np.mean(sp)) if sp else float('nan'),
         }
         if recent:

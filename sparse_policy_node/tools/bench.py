@@ -1,9 +1,19 @@
 """``sparse-policy bench``: dense vs sparse chunk latency, side by side in one process.
 
-Every repetition runs, on the same observation and the same noise, one dense chunk, one sparse
-chunk with gates from the chosen source (the pruner runs concurrently with step 0), and the
-same sparse chunk with its gate map precomputed (no pruner in the loop), interleaved so that
-machine noise hits all three alike. Medians are reported; ratios come from the same run.
+Observations stream in like a camera's: every repetition adds one new frame, and the window is
+the newest T_o frames. Each repetition runs, on the same window and the same noise:
+
+* ``dense`` and ``sparse`` chunks that encode the whole window (T_o frames per camera), the
+  sparse one with gates from the chosen source (the pruner runs concurrently with step 0);
+* ``replay``: the same sparse chunk with its gate map precomputed (no pruner in the loop);
+* ``stream``: sparse, with frame ids, so only the new frame is encoded (the others come from
+  the frame-feature cache);
+* ``prepared`` and ``dense_prepared``: every frame was encoded when it arrived (timed apart
+  as ``frame_encode_ms``, off the critical path), so the chunk starts from cached features:
+  what the ROS node does.
+
+The variants are interleaved so that machine noise hits all alike. Medians are reported; ratios
+come from the same run.
 """
 
 import json
@@ -16,6 +26,7 @@ import time
 from sparse_policy_node.tools.common import build_model
 from sparse_policy_node.tools.common import random_obs
 from sparse_policy_node.tools.common import set_threads
+import torch
 
 
 def add_arguments(parser):
@@ -48,30 +59,62 @@ def add_arguments(parser):
 
 
 def _device_name(device) -> str:
-    import torch
     if str(device).startswith('cuda'):
         return f'{device} ({torch.cuda.get_device_name(torch.device(device))})'
     return f'cpu ({platform.machine()}, {os.cpu_count()} cores)'
 
 
 def _sync(device):
-    import torch
     if str(device).startswith('cuda'):
         torch.cuda.synchronize()
 
 
-def _timed(engine, obs, noise, step_noise, device, gates=None):
+def _timed(engine, obs, noise, step_noise, device, gates=None, frame_ids=None):
     _sync(device)
     t0 = time.perf_counter()
-    out = engine.predict_action(obs, noise=noise, step_noise=step_noise, gates=gates)
+    out = engine.predict_action(obs, noise=noise, step_noise=step_noise, gates=gates,
+                                frame_ids=frame_ids)
     _sync(device)
     return (time.perf_counter() - t0) * 1e3, out
 
 
+def _p90(values) -> float:
+    return round(sorted(values)[int(0.9 * (len(values) - 1))], 2)
+
+
+class FrameStream:
+    """Random observation frames arriving one per control step; windows of the newest T_o."""
+
+    def __init__(self, policy, seed: int, device: str):
+        self.policy, self.seed, self.device = policy, seed, device
+        self.image_keys = [k for k in policy.expected_obs_shapes() if k.endswith('_image')]
+        self._frames = {}
+
+    def frame(self, i: int) -> dict:
+        """Frame i: per key the value of one step (no batch or time axis)."""
+        if i not in self._frames:
+            self._frames[i] = {k: v[0, -1] for k, v in
+                               random_obs(self.policy, self.seed + i, self.device).items()}
+        return self._frames[i]
+
+    def window(self, end: int, T_o: int) -> dict:
+        """Batch-1 window of frames end - T_o + 1 .. end, each key (1, T_o, ...)."""
+        steps = [self.frame(i) for i in range(end - T_o + 1, end + 1)]
+        return {k: torch.stack([s[k] for s in steps])[None] for k in steps[0]}
+
+    def ids(self, end: int, T_o: int) -> dict:
+        """Frame ids of that window per camera."""
+        return {k: list(range(end - T_o + 1, end + 1)) for k in self.image_keys}
+
+    def encode_newest(self, engine, end: int, n: int) -> None:
+        """Encode the newest n frames into ``engine``'s frame cache, as on arrival."""
+        for i in range(end - n + 1, end + 1):
+            for key in self.image_keys:
+                engine.encode_frame(key, i, self.frame(i)[key])
+
+
 def run_benchmark(args) -> dict:
     """Run the interleaved benchmark and return the result dictionary."""
-    import torch
-
     from sparse_policy_node.core.config import RuntimeConfig
     from sparse_policy_node.core.engine import SparseEngine
     from sparse_policy_node.core.flops import chunk_macs
@@ -91,33 +134,43 @@ def run_benchmark(args) -> dict:
     sparse_rt = RuntimeConfig(gate_source=args.gates, target_sparsity=args.sparsity,
                               directions=directions, sampler=sampler,
                               num_inference_steps=steps)
-    dense = SparseEngine(policy, pruner, dense_rt)
-    sparse = SparseEngine(policy, pruner, sparse_rt)
-    replay = SparseEngine(policy, pruner, sparse_rt)
-    obs = random_obs(policy, args.seed, args.device)
+    engines = {name: SparseEngine(policy, pruner, dense_rt if name.startswith('dense') else
+                                  sparse_rt)
+               for name in ('dense', 'sparse', 'replay', 'stream', 'prepared',
+                            'dense_prepared')}
+    sparse = engines['sparse']
+    T_o = cfg.transformer.n_obs_steps
+    frames = FrameStream(policy, args.seed, args.device)
     g = torch.Generator().manual_seed(args.seed)
     t = cfg.transformer
     noise = torch.randn(1, t.horizon, t.action_dim, generator=g).to(args.device)
     step_noise = torch.randn(steps, 1, t.horizon, t.action_dim, generator=g).to(args.device)
-    # First chunks after reset are dense by rule; run them so the rollout cache is warm.
-    for engine in (sparse, replay):
-        engine.predict_action(obs, noise=noise, step_noise=step_noise)
-
-    rows = {'dense': [], 'sparse': [], 'replay': [], 'dense_dec': [], 'sparse_dec': [],
-            'pruner': [], 'sparsity': []}
+    rows = {k: [] for k in ('dense', 'sparse', 'replay', 'stream', 'prepared',
+                            'dense_prepared', 'frame_encode', 'dense_dec', 'sparse_dec',
+                            'pruner', 'sparsity')}
     gate_maps = []
     counts = None
-    for rep in range(args.warmup + args.reps):
-        ms_dense, out_dense = _timed(dense, obs, noise, step_noise, args.device)
-        ms_sparse, out_sparse = _timed(sparse, obs, noise, step_noise, args.device)
-        ms_replay, _ = _timed(replay, obs, noise, step_noise, args.device,
-                              gates=sparse.last_gates)
-        if rep < args.warmup:
+    # Rep 0 is the dense first chunk of every engine (the rule after a reset); then warm-up.
+    for rep in range(1 + args.warmup + args.reps):
+        end = rep + T_o - 1
+        obs, ids = frames.window(end, T_o), frames.ids(end, T_o)
+        ms = {}
+        t0 = time.perf_counter()
+        for eng in (engines['prepared'], engines['dense_prepared']):
+            frames.encode_newest(eng, end, T_o if rep == 0 else 1)
+        ms['frame_encode'] = (time.perf_counter() - t0) * 1e3 / 2
+        ms['dense'], out_dense = _timed(engines['dense'], obs, noise, step_noise, args.device)
+        ms['sparse'], out_sparse = _timed(sparse, obs, noise, step_noise, args.device)
+        ms['replay'], _ = _timed(engines['replay'], obs, noise, step_noise, args.device,
+                                 gates=sparse.last_gates)
+        for name in ('stream', 'prepared', 'dense_prepared'):
+            ms[name], _ = _timed(engines[name], obs, noise, step_noise, args.device,
+                                 frame_ids=ids)
+        if rep <= args.warmup:
             continue
         st = out_sparse['stats']
-        rows['dense'].append(ms_dense)
-        rows['sparse'].append(ms_sparse)
-        rows['replay'].append(ms_replay)
+        for name, value in ms.items():
+            rows[name].append(value)
         rows['dense_dec'].append(out_dense['stats']['decoder_ms'])
         rows['sparse_dec'].append(st['decoder_ms'])
         rows['pruner'].append(st['pruner_ms'])
@@ -151,6 +204,11 @@ def run_benchmark(args) -> dict:
         'decoder_sparse_ms': round(med['sparse_dec'], 2),
         'decoder_speedup': round(med['dense_dec'] / med['sparse_dec'], 2),
         'sparse_precomputed_mask_ms': round(med['replay'], 2),
+        'sparse_stream_ms': round(med['stream'], 2),
+        'sparse_prepared_ms': round(med['prepared'], 2),
+        'dense_prepared_ms': round(med['dense_prepared'], 2),
+        'speedup_prepared': round(med['dense_prepared'] / med['prepared'], 2),
+        'frame_encode_ms': round(med['frame_encode'], 2),
         'pruner_overhead_ratio': round(med['sparse'] / med['replay'], 3),
         'pruner_ms': round(med['pruner'], 2),
         'realized_sparsity': round(statistics.mean(rows['sparsity']), 4),
@@ -160,19 +218,20 @@ def run_benchmark(args) -> dict:
         'gflops_pruner': round(macs_sparse['pruner'] / 1e9, 4),
         'gflops_sparse_with_pruner': round(macs_sparse['total'] / 1e9, 4),
         'flops_ratio_with_pruner': round(macs_sparse['total'] / macs_dense['total'], 4),
-        'dense_ms_p90': round(sorted(rows['dense'])[int(0.9 * (len(rows['dense']) - 1))], 2),
-        'sparse_ms_p90': round(sorted(rows['sparse'])[int(0.9 * (len(rows['sparse']) - 1))],
-                               2),
+        'dense_ms_p90': _p90(rows['dense']),
+        'sparse_ms_p90': _p90(rows['sparse']),
+        'sparse_prepared_ms_p90': _p90(rows['prepared']),
         'note': 'gflops are multiply-accumulate counts of the transformer (+ pruner), the '
                 'convention of the paper; the vision encoder is in the latencies, not the '
-                'gflops',
+                'gflops. *_prepared_ms: frames encoded on arrival (frame_encode_ms per frame, '
+                'all cameras), the chunk starts from cached features',
     }
     if args.baselines:
         # Baselines run at the same sparsity: the dial's, or what the learned gates realized.
         matched = args.sparsity if args.sparsity >= 0 else round(result['realized_sparsity'], 2)
         result['baselines'] = run_baselines(policy, pruner, args, obs, directions, steps,
                                             sampler, med['dense'], matched)
-    for engine in (dense, sparse, replay):
+    for engine in engines.values():
         engine.close()
     return result
 
@@ -180,8 +239,6 @@ def run_benchmark(args) -> dict:
 def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_ms,
                   sparsity) -> list:
     """Time the baselines round-robin on the same observation; speedups vs ``dense_ms``."""
-    import torch
-
     from sparse_policy_node.core.config import RuntimeConfig
     from sparse_policy_node.core.engine import SparseEngine
 

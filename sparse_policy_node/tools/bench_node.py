@@ -1,0 +1,186 @@
+"""``sparse-policy bench-node``: the policy node with the robosuite bridge in the loop.
+
+Runs the bring-up (``sparse-policy launch``: policy node + bridge, real processes and topics)
+once per sparsity variant on the same episodes (same seeds), one variant after the other, and
+prints the node's observation-to-chunk latency (newest input arrival to chunk published, image
+encoding included) next to the dense variant's.
+
+Modes:
+
+* ``realtime`` (default): the bridge steps on the wall clock at its control rate and holds
+  still on any step no chunk covers yet (an *underrun*). The node replans when the previous
+  chunk has been executed, so a chunk must arrive within one control period of the observation
+  it is computed from. ``underrun_share`` is the share of steps the robot held still because
+  the policy fell behind; ``startup_underruns`` counts the steps of each episode spent waiting
+  for its first chunk (dense by rule, the slowest), reported apart.
+
+``obs_to_chunk_p50_ms`` / ``p99`` leave out the first chunk of each episode (dense by rule in
+every variant); ``all_chunks_p99_ms`` includes it.
+* ``lockstep``: the bridge waits for every chunk (sim time pauses), so the latencies are
+  measured without time pressure and episodes do not depend on CPU speed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+COLUMNS = (('variant', '{}'), ('success', '{}'), ('chunks', '{}'),
+           ('obs_to_chunk_p50_ms', '{:.1f}'), ('obs_to_chunk_p99_ms', '{:.1f}'),
+           ('all_chunks_p99_ms', '{:.1f}'), ('underrun_share', '{:.3f}'),
+           ('startup_underruns', '{}'), ('realized_sparsity', '{:.3f}'))
+
+
+def add_arguments(parser) -> None:
+    """Register the command's options."""
+    parser.add_argument('--model', default='models/lift', help='model directory')
+    parser.add_argument('--task', default='lift')
+    parser.add_argument('--episodes', type=int, default=3, help='episodes per variant')
+    parser.add_argument('--seed', type=int, default=100000, help='seed of the first episode')
+    parser.add_argument('--variants', default='learned,off',
+                        help='comma-separated values of the sparsity launch argument: learned, '
+                             'off (dense) or a target in [0, 0.99]; the first "off" is the '
+                             'reference of the ratios')
+    parser.add_argument('--steps', default='', help="denoising steps (default: the model's)")
+    parser.add_argument('--mode', default='realtime', choices=('realtime', 'lockstep'))
+    parser.add_argument('--replan-lead', type=int, default=0,
+                        help='replan_lead_steps of the policy node: start the next chunk that '
+                             'many steps before the current one runs out (hides latency in '
+                             'realtime mode)')
+    parser.add_argument('--max-episode-steps', type=int, default=200,
+                        help='episode length limit of the bridge')
+    parser.add_argument('--out', default='', help='directory for the per-variant summaries '
+                        '(default: a temporary directory)')
+    parser.add_argument('--json', action='store_true', help='print one JSON object only')
+
+
+def _package_params(name: str) -> dict:
+    from sparse_policy_node.ros.launch_args import package_share_dir
+    with open(os.path.join(package_share_dir(), 'config', name)) as f:
+        return yaml.safe_load(f)
+
+
+def write_params(directory: str, max_episode_steps: int, replan_lead: int):
+    """Write the policy and bridge parameter files: the package's, with the bench's changes.
+
+    Returns:
+        (policy file, bridge file, bridge control rate in Hz).
+    """
+    policy, bridge = _package_params('policy.yaml'), _package_params('sim_bridge.yaml')
+    policy['/**']['ros__parameters']['replan_lead_steps'] = replan_lead
+    bridge['/**']['ros__parameters']['max_episode_steps'] = max_episode_steps
+    paths = []
+    for name, data in (('policy.yaml', policy), ('sim_bridge.yaml', bridge)):
+        paths.append(os.path.join(directory, name))
+        with open(paths[-1], 'w') as f:
+            yaml.safe_dump(data, f)
+    return paths[0], paths[1], float(bridge['/**']['ros__parameters']['control_rate_hz'])
+
+
+def run_variant(args, variant: str, directory: str, policy_file: str, bridge_file: str) -> dict:
+    """Run one bring-up and return its row (policy node and bridge summaries combined)."""
+    os.makedirs(directory, exist_ok=True)
+    tokens = ['sim:=robosuite', f'task:={args.task}', f'model:={args.model}',
+              f'sparsity:={variant}', f'episodes:={args.episodes}', f'seed:={args.seed}',
+              f'lockstep:={"true" if args.mode == "lockstep" else "false"}',
+              f'params_file:={policy_file}', f'bridge_params_file:={bridge_file}',
+              f'summary_dir:={directory}',
+              'log_level:=warn']
+    if args.steps:
+        tokens.append(f'steps:={args.steps}')
+    cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', *tokens]
+    print(f'[bench-node] {variant}: {" ".join(cmd)}', file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    summaries = {}
+    for name in ('policy_node', 'sim_bridge'):
+        try:
+            with open(os.path.join(directory, f'{name}.json')) as f:
+                summaries[name] = json.load(f)
+        except (OSError, ValueError):
+            summaries[name] = {}
+    if proc.returncode != 0 or not all(summaries.values()):
+        raise SystemExit(f'bench-node: the {variant} bring-up failed (exit {proc.returncode}); '
+                         f'its output is above')
+    return make_row(variant, summaries['policy_node'], summaries['sim_bridge'])
+
+
+def make_row(variant: str, policy: dict, bridge: dict) -> dict:
+    """Combine the two node summaries of one run into a result row."""
+    nan = float('nan')
+    steps = sum(r['length'] for r in bridge.get('results', []))
+    return {
+        'variant': variant,
+        'success': f'{bridge.get("successes", 0)}/{bridge.get("episodes", 0)}',
+        'success_rate': bridge.get('success_rate', nan),
+        'chunks': policy.get('chunks', 0),
+        'dense_chunks': policy.get('dense_chunks', 0),
+        'obs_to_chunk_p50_ms': policy.get('steady_obs_to_chunk_p50_ms', nan),
+        'obs_to_chunk_p99_ms': policy.get('steady_obs_to_chunk_p99_ms', nan),
+        'all_chunks_p99_ms': policy.get('obs_to_chunk_p99_ms', nan),
+        'latency_p50_ms': policy.get('latency_p50_ms', nan),
+        'latency_p99_ms': policy.get('latency_p99_ms', nan),
+        'chunk_rate_hz': policy.get('chunk_rate_hz', nan),
+        'realized_sparsity': policy.get('realized_sparsity', nan),
+        'frames_encoded_in_chunks': policy.get('frames_encoded_in_chunks', 0),
+        'underruns': bridge.get('underruns', 0),
+        'startup_underruns': bridge.get('startup_underruns', 0),
+        'underrun_share': bridge.get('underruns', 0) / steps if steps else nan,
+        'sim_steps': steps,
+        'steps_per_wall_s': bridge.get('steps_per_wall_s', nan),
+    }
+
+
+def add_ratios(rows: list, control_period_ms: float) -> None:
+    """Add ratios against the first dense row and the keep-up verdict, in place."""
+    reference = next((r for r in rows if r['variant'] == 'off'), None)
+    for row in rows:
+        row['obs_to_chunk_p99_within_control_period'] = (
+            row['obs_to_chunk_p99_ms'] <= control_period_ms)
+        if reference is not None:
+            for key in ('obs_to_chunk_p50_ms', 'obs_to_chunk_p99_ms'):
+                row[f'{key[:-3]}_vs_dense'] = round(reference[key] / row[key], 2)
+
+
+def format_table(rows: list) -> str:
+    """Render the rows as a fixed-width table."""
+    cells = [[fmt.format(row[key]) for key, fmt in COLUMNS] for row in rows]
+    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, (key, _) in enumerate(COLUMNS)]
+    lines = ['  '.join(key.ljust(w) for (key, _), w in zip(COLUMNS, widths))]
+    lines += ['  '.join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    return '\n'.join(lines)
+
+
+def run(args) -> int:
+    """Run every variant, then print the table (or JSON)."""
+    if not os.path.isdir(args.model):
+        print(f'bench-node: model directory {args.model!r} does not exist', file=sys.stderr)
+        return 2
+    args.model = os.path.abspath(args.model)
+    out = args.out or tempfile.mkdtemp(prefix='sparse_policy_bench_node_')
+    os.makedirs(out, exist_ok=True)
+    policy_file, bridge_file, rate_hz = write_params(out, args.max_episode_steps,
+                                                     args.replan_lead)
+    variants = [v for v in args.variants.split(',') if v]
+    rows = [run_variant(args, v, os.path.join(out, v.replace('.', '_')), policy_file,
+                        bridge_file) for v in variants]
+    add_ratios(rows, control_period_ms=1e3 / rate_hz)
+    result = {'model': args.model, 'task': args.task, 'mode': args.mode,
+              'replan_lead_steps': args.replan_lead,
+              'episodes': args.episodes, 'seed': args.seed, 'cpu_count': os.cpu_count(),
+              'rows': rows, 'summaries': out}
+    with open(os.path.join(out, 'bench_node.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_table(rows))
+    for row in rows:
+        if 'obs_to_chunk_p99_vs_dense' in row and row['variant'] != 'off':
+            print(f'{row["variant"]}: observation-to-chunk p50 '
+                  f'x{row["obs_to_chunk_p50_vs_dense"]}, p99 '
+                  f'x{row["obs_to_chunk_p99_vs_dense"]} faster than dense')
+    print(f'summaries: {out}')
+    return 0
