@@ -38,8 +38,12 @@ def test_bench_json_reports_side_by_side_ratios(capsys, tmp_path):
                  '--mask-png', str(png)]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ('dense_ms', 'sparse_ms', 'speedup', 'decoder_speedup', 'realized_sparsity',
-                'gflops_dense', 'gflops_sparse_with_pruner', 'pruner_ms', 'device', 'threads'):
+                'gflops_dense', 'gflops_sparse_with_pruner', 'pruner_ms', 'device', 'threads',
+                'sparse_stream_ms', 'sparse_prepared_ms', 'dense_prepared_ms',
+                'speedup_prepared', 'frame_encode_ms'):
         assert key in result
+    assert abs(result['speedup_prepared'] - result['dense_prepared_ms']
+               / result['sparse_prepared_ms']) < 0.05
     assert result['realized_sparsity'] == 0.8
     # Ratios come from unrounded medians; the printed ms are rounded to 0.01.
     assert abs(result['speedup'] - result['dense_ms'] / result['sparse_ms']) < 0.05
@@ -55,3 +59,28 @@ def test_info_runs_a_finite_chunk(capsys):
     assert main(['info', '--preset', 'tiny', '--threads', '1', '--json']) == 0
     info = json.loads(capsys.readouterr().out)
     assert info['action_finite'] and info['units'] == 6
+
+
+def test_bench_node_rows_combine_both_summaries_and_compare_to_dense():
+    from sparse_policy_node.tools import bench_node
+    bridge = {'episodes': 2, 'successes': 1, 'success_rate': 0.5, 'underruns': 3,
+              'startup_underruns': 10, 'results': [{'length': 50}, {'length': 50}]}
+    sparse = bench_node.make_row('learned', {'chunks': 9, 'steady_obs_to_chunk_p50_ms': 30.0,
+                                             'steady_obs_to_chunk_p99_ms': 40.0,
+                                             'obs_to_chunk_p99_ms': 250.0}, bridge)
+    dense = bench_node.make_row('off', {'chunks': 9, 'steady_obs_to_chunk_p50_ms': 240.0,
+                                        'steady_obs_to_chunk_p99_ms': 300.0}, bridge)
+    assert sparse['underrun_share'] == 0.03 and sparse['success'] == '1/2'
+    rows = [sparse, dense]
+    bench_node.add_ratios(rows, control_period_ms=50.0)
+    assert sparse['obs_to_chunk_p50_vs_dense'] == 8.0
+    assert sparse['obs_to_chunk_p99_vs_dense'] == 7.5
+    assert sparse['obs_to_chunk_p99_within_control_period']
+    assert not dense['obs_to_chunk_p99_within_control_period']
+    table = bench_node.format_table(rows).splitlines()
+    assert len(table) == 3 and table[1].startswith('learned') and '250.0' in table[1]
+
+
+def test_bench_node_refuses_a_missing_model(capsys):
+    assert main(['bench-node', '--model', '/does/not/exist']) == 2
+    assert 'does not exist' in capsys.readouterr().err

@@ -50,6 +50,10 @@ def add_arguments(parser) -> None:
                         help='replan_lead_steps of the policy node: start the next chunk that '
                              'many steps before the current one runs out (hides latency in '
                              'realtime mode)')
+    parser.add_argument('--params-file', default='',
+                        help='base policy node parameter file (default: config/policy.yaml)')
+    parser.add_argument('--bridge-params-file', default='',
+                        help='base bridge parameter file (default: config/sim_bridge.yaml)')
     parser.add_argument('--max-episode-steps', type=int, default=200,
                         help='episode length limit of the bridge')
     parser.add_argument('--out', default='', help='directory for the per-variant summaries '
@@ -57,27 +61,29 @@ def add_arguments(parser) -> None:
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
 
 
-def _package_params(name: str) -> dict:
+def _load_params(path: str, name: str) -> dict:
     from sparse_policy_node.ros.launch_args import package_share_dir
-    with open(os.path.join(package_share_dir(), 'config', name)) as f:
+    with open(path or os.path.join(package_share_dir(), 'config', name)) as f:
         return yaml.safe_load(f)
 
 
-def write_params(directory: str, max_episode_steps: int, replan_lead: int):
-    """Write the policy and bridge parameter files: the package's, with the bench's changes.
+def write_params(args, directory: str):
+    """Write the policy and bridge parameter files: the base files with the bench's changes.
 
     Returns:
         (policy file, bridge file, bridge control rate in Hz).
     """
-    policy, bridge = _package_params('policy.yaml'), _package_params('sim_bridge.yaml')
-    policy['/**']['ros__parameters']['replan_lead_steps'] = replan_lead
-    bridge['/**']['ros__parameters']['max_episode_steps'] = max_episode_steps
+    policy = _load_params(args.params_file, 'policy.yaml')
+    bridge = _load_params(args.bridge_params_file, 'sim_bridge.yaml')
+    policy['/**']['ros__parameters']['replan_lead_steps'] = args.replan_lead
+    bridge['/**']['ros__parameters']['max_episode_steps'] = args.max_episode_steps
     paths = []
     for name, data in (('policy.yaml', policy), ('sim_bridge.yaml', bridge)):
         paths.append(os.path.join(directory, name))
         with open(paths[-1], 'w') as f:
             yaml.safe_dump(data, f)
-    return paths[0], paths[1], float(bridge['/**']['ros__parameters']['control_rate_hz'])
+    rate_hz = float(bridge['/**']['ros__parameters'].get('control_rate_hz', 20.0))
+    return paths[0], paths[1], rate_hz
 
 
 def run_variant(args, variant: str, directory: str, policy_file: str, bridge_file: str) -> dict:
@@ -161,8 +167,11 @@ def run(args) -> int:
     args.model = os.path.abspath(args.model)
     out = args.out or tempfile.mkdtemp(prefix='sparse_policy_bench_node_')
     os.makedirs(out, exist_ok=True)
-    policy_file, bridge_file, rate_hz = write_params(out, args.max_episode_steps,
-                                                     args.replan_lead)
+    try:
+        policy_file, bridge_file, rate_hz = write_params(args, out)
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        print(f'bench-node: cannot read a parameter file: {exc!r}', file=sys.stderr)
+        return 2
     variants = [v for v in args.variants.split(',') if v]
     rows = [run_variant(args, v, os.path.join(out, v.replace('.', '_')), policy_file,
                         bridge_file) for v in variants]
