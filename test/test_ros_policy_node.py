@@ -330,3 +330,43 @@ def test_replan_lead_starts_the_next_chunk_early(system):
     # Without a lead the next chunk would be computed from the observation at t0 + 4 DT.
     assert robot.wait_chunk(t0 + 3 * DT) is not None
     assert [conv.stamp_to_ns(c.header.stamp) for c in robot.chunks] == [t0, t0 + 3 * DT]
+
+
+def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    node, robot = system(autostart=False, max_obs_age_s=30.0)
+    assert node.engine is None                                   # unconfigured: nothing loaded
+    assert node.set_parameters([Parameter('model_dir', value='/does/not/exist')])[0].successful
+    node.trigger_configure()
+    assert node.engine is None and 'does not exist' in str(node._configure_error)
+    node.set_parameters([Parameter('model_dir', value=model_dir)])
+    node.trigger_configure()
+    assert node.engine is not None and node._configure_error is None
+    time.sleep(0.3)  # discovery of the new topics
+    t0 = now_ns()
+    robot.publish_obs(t0)
+    assert robot.wait_chunk(t0, timeout=1.0) is None             # configured, not active
+    node.trigger_activate()
+    assert robot.drive(t0 + DT) is not None
+    client = robot.create_client(ChangeState, 'policy_node/change_state')
+    assert client.wait_for_service(timeout_sec=2.0)
+    future = client.call_async(ChangeState.Request(
+        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+    deadline = time.monotonic() + 3.0
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert future.done() and future.result().success
+    chunks = len(robot.chunks)
+    steps(robot, t0 + 2 * DT, 6)
+    time.sleep(0.5)
+    assert len(robot.chunks) == chunks                           # inactive: robot holds
+    status = robot.latest_status('policy_node: inference', newer_than=len(robot.diagnostics))
+    assert status.message == 'inactive: no chunks'
+    dense = node.stats.counters['dense_chunks']
+    node.trigger_activate()                                      # a new episode: dense first
+    assert robot.drive(now_ns() + DT) is not None
+    assert node.stats.counters['dense_chunks'] == dense + 1
+    node.trigger_deactivate()
+    node.trigger_cleanup()
+    assert node.engine is None and not node._threads

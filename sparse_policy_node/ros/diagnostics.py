@@ -5,7 +5,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from sparse_policy_node.ros.conversions import make_status
 
 
-def diagnostics_message(stats, keys, settings, runtime) -> DiagnosticArray:
+def diagnostics_message(stats, keys, settings, runtime, active: bool = True) -> DiagnosticArray:
     """Build the two statuses ``policy_node: inputs`` and ``policy_node: inference``.
 
     Args:
@@ -13,6 +13,7 @@ def diagnostics_message(stats, keys, settings, runtime) -> DiagnosticArray:
         keys: model observation keys, in model order.
         settings: the node's :class:`~sparse_policy_node.ros.params.NodeSettings`.
         runtime: the engine's :class:`~sparse_policy_node.core.config.RuntimeConfig`.
+        active: whether the node is in the lifecycle's active state (publishing chunks).
 
     Returns:
         an unstamped DiagnosticArray.
@@ -26,11 +27,12 @@ def diagnostics_message(stats, keys, settings, runtime) -> DiagnosticArray:
         f'stale or missing: {", ".join(stale)}' if stale else 'all inputs fresh',
         dict({f'age_s.{k}': a for k, a in ages.items()}, **counters))
     values = {k: v for k, v in snap.items() if k not in counters}
-    values.update(sparsity_enabled=runtime.sparsity_enabled,
+    values.update(active=active, sparsity_enabled=runtime.sparsity_enabled,
                   target_sparsity=runtime.target_sparsity,
                   steps=runtime.num_inference_steps, device=settings.device)
     level = DiagnosticStatus.ERROR if snap.get('model_load_failures') else (
-        DiagnosticStatus.WARN if stale else DiagnosticStatus.OK)
-    inference = make_status('policy_node: inference', level,
-                            'no new chunks: inputs stale' if stale else 'serving', values)
+        DiagnosticStatus.WARN if stale or not active else DiagnosticStatus.OK)
+    message = ('inactive: no chunks' if not active else
+               'no new chunks: inputs stale' if stale else 'serving')
+    inference = make_status('policy_node: inference', level, message, values)
     return DiagnosticArray(status=[inputs, inference])

@@ -101,6 +101,7 @@ class NodeSettings:
     device: str = 'cpu'
     num_threads: int = 1
     encode_on_arrival: bool = True
+    autostart: bool = True
     control_rate_hz: float = 20.0
     execution_horizon: int = 0
     replan_lead_steps: int = 0
@@ -157,6 +158,9 @@ NODE_PARAMS = (
           'Encode each camera frame in a separate thread as it arrives, so that a chunk '
           'starts from cached image features (off: a chunk encodes the frames it does not '
           'have yet).'),
+    Param('autostart', 'autostart', _NS.autostart,
+          'Configure and activate at start-up; false: wait for lifecycle transitions '
+          '(ros2 lifecycle set /policy_node configure, then activate).', read_only=True),
     Param('control_rate_hz', 'control_rate_hz', _NS.control_rate_hz,
           'Rate of the observation steps and of the actions in a chunk (the training '
           "data's control rate).", read_only=True, min_value=0.1, max_value=1000.0),

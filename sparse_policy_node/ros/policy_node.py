@@ -27,7 +27,8 @@ from rclpy.clock import Clock
 from rclpy.clock import ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
@@ -65,12 +66,74 @@ def model_signature(cfg) -> tuple:
             tuple(cfg.obs.lowdim), cfg.transformer.n_obs_steps, cfg.transformer.action_dim)
 
 
-class PolicyNode(Node):
-    """Serve action chunks from synchronized camera and proprioception topics."""
+class PolicyNode(LifecycleNode):
+    """Serve action chunks from synchronized camera and proprioception topics.
+
+    A managed (lifecycle) node: *configure* loads the model and creates the topics, services,
+    timers and threads; *activate* starts a new episode and publishing; *deactivate* stops
+    chunks and next actions (the robot holds), *cleanup* frees the model. With ``autostart``
+    (the default) the node configures and activates itself at start-up.
+    """
 
     def __init__(self, **kwargs):
         super().__init__('policy_node', **kwargs)
         params.declare_policy_parameters(self)
+        self.settings = params.settings_from_params(self)
+        self.stats = RunStats()
+        self.engine = None
+        self._active = False
+        self._entities = []      # (destroy function, entity) created by configure
+        self._threads = []
+        self._configure_error = None
+        self._lock = threading.Lock()
+        self.add_on_set_parameters_callback(params.make_validator(self, self._check))
+        self.add_post_set_parameters_callback(lambda _: self._mark_dirty())
+        if self.settings.autostart:
+            self.trigger_configure()
+            if self._configure_error is not None:
+                raise self._configure_error
+            self.trigger_activate()
+
+    # ==== lifecycle ====
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        """Load the model and create the node's interfaces; FAILURE with a logged reason."""
+        try:
+            self._configure()
+        except (CheckpointError, ConfigError, conv.ConversionError) as exc:
+            self._configure_error = exc
+            self.get_logger().error(f'cannot configure: {exc}')
+            self._teardown()
+            return TransitionCallbackReturn.FAILURE
+        self._configure_error = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        """Publish again; a re-activation starts a new episode (the robot may have moved)."""
+        if self._activated_before:
+            self._reset('activated again')
+        self._activated_before = self._active = True
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        """Stop publishing chunks and next actions; keep the model loaded."""
+        self._active = False
+        self._current = None
+        self.get_logger().info('deactivated: no chunks until activated again')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Stop the threads and free the model and the interfaces."""
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        """Stop like cleanup from any state."""
+        self._active = False
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
         s = self.settings = params.settings_from_params(self)
         if s.num_threads:
             torch.set_num_threads(s.num_threads)
@@ -94,34 +157,35 @@ class PolicyNode(Node):
         self.keys = self.image_keys + [k for k, _ in cfg.obs.lowdim]
         self.history = ObservationHistory(self.keys, cfg.transformer.n_obs_steps, self.dt_ns,
                                           *self._timing_ns(s))
-        self.stats = RunStats()
-        self._lock = threading.Lock()
         self._wake, self._stop, self._dirty = threading.Event(), threading.Event(), False
-        self._episode, self._reset_pending = 0, False
+        self._episode, self._reset_pending, self._activated_before = 0, False, False
         self._last = None        # (stamp_ns, n_points) of the last published chunk
         self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
         for cam in cfg.obs.vision.cameras:
-            self.create_subscription(
+            self._own(self.destroy_subscription, self.create_subscription(
                 Image, s.image_topic_format.format(camera=cam),
-                lambda m, k=keys.image_key(cam): self._on_image(k, m), qos_profile_sensor_data)
+                lambda m, k=keys.image_key(cam): self._on_image(k, m), qos_profile_sensor_data))
         by_topic = {}
         for src in sources:
             by_topic.setdefault((src.kind, src.topic), []).append(src)
         for (kind, topic), group in by_topic.items():
-            self.create_subscription(PoseStamped if kind == 'pose' else JointState, topic,
-                                     lambda m, g=group: self._on_lowdim(g, m),
-                                     qos_profile_sensor_data)
-        self.chunk_pub = self.create_publisher(JointTrajectory, '~/action_chunk', 10)
-        self.next_pub = self.create_publisher(Float64MultiArray, '~/next_action', 10)
-        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_service(Trigger, '~/reset', self._on_reset)
-        self.create_timer(self.dt_ns / 1e9, self._on_control_tick)
+            self._own(self.destroy_subscription, self.create_subscription(
+                PoseStamped if kind == 'pose' else JointState, topic,
+                lambda m, g=group: self._on_lowdim(g, m), qos_profile_sensor_data))
+        self.chunk_pub = self._own(self.destroy_publisher, self.create_publisher(
+            JointTrajectory, '~/action_chunk', 10))
+        self.next_pub = self._own(self.destroy_publisher, self.create_publisher(
+            Float64MultiArray, '~/next_action', 10))
+        self.diag_pub = self._own(self.destroy_publisher, self.create_publisher(
+            DiagnosticArray, '/diagnostics', 10))
+        self._own(self.destroy_service, self.create_service(Trigger, '~/reset', self._on_reset))
+        self._own(self.destroy_timer, self.create_timer(self.dt_ns / 1e9,
+                                                        self._on_control_tick))
         # Diagnostics tick on the wall clock so they keep flowing when sim time stops.
-        self.create_timer(s.diagnostics_period_s, self._publish_diagnostics,
-                          clock=Clock(clock_type=ClockType.STEADY_TIME))
-        self.add_on_set_parameters_callback(params.make_validator(self, self._check))
-        self.add_post_set_parameters_callback(lambda _: self._mark_dirty())
+        self._own(self.destroy_timer, self.create_timer(
+            s.diagnostics_period_s, self._publish_diagnostics,
+            clock=Clock(clock_type=ClockType.STEADY_TIME)))
         # Newest accepted frames to encode ahead of the chunk; the oldest are dropped when
         # the encoder falls behind (the chunk then encodes what it still needs).
         self._frames = deque(maxlen=2 * max(1, len(self.image_keys)))
@@ -134,12 +198,34 @@ class PolicyNode(Node):
         self.get_logger().info(f'serving {s.model_dir} on {s.device}: inputs {self.keys}, '
                                f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz')
 
+    def _own(self, destroy, entity):
+        self._entities.append((destroy, entity))
+        return entity
+
+    def _teardown(self) -> None:
+        """Stop the threads, close the engine and destroy what configure created."""
+        if self._threads:
+            self._stop.set()
+            self._wake.set()
+            self._frames_ready.set()
+            for thread in self._threads:
+                thread.join(timeout=10.0)
+            self._threads = []
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        for destroy, entity in reversed(self._entities):
+            destroy(entity)
+        self._entities = []
+
     # ==== validation (no side effects) ====
 
     def _timing_ns(self, s):
         return int(s.sync_tolerance_s * 1e9), int(s.time_jump_reset_s * 1e9)
 
     def _check(self, runtime, s) -> None:
+        if self.engine is None:
+            return  # not configured: only the parameters' own checks apply
         if s.model_dir != self.settings.model_dir:
             try:
                 new = load_policy_config(resolve_model_dir(s.model_dir))
@@ -224,6 +310,9 @@ class PolicyNode(Node):
         return response
 
     def _mark_dirty(self) -> None:
+        if self.engine is None:
+            self.settings = params.settings_from_params(self)  # read again by configure
+            return
         self._dirty = True
         self._wake.set()
 
@@ -287,6 +376,8 @@ class PolicyNode(Node):
             self.engine.reset()
 
     def _maybe_run_chunk(self) -> None:
+        if not self._active:
+            return
         s, dt = self.settings, self.dt_ns
         # Read the episode before the window: a reset in between makes the chunk one of the
         # old episode (discarded below), never a new-episode chunk of old observations.
@@ -347,25 +438,22 @@ class PolicyNode(Node):
 
     def _on_control_tick(self) -> None:
         current = self._current
-        if current is None:
+        if current is None or not self._active:
             return
         k = round((self.get_clock().now().nanoseconds - current[0]) / self.dt_ns)
         if 0 <= k < len(current[1]):
             self.next_pub.publish(Float64MultiArray(data=current[1][k].tolist()))
 
     def _publish_diagnostics(self) -> None:
-        msg = diagnostics_message(self.stats, self.keys, self.settings, self.engine.runtime)
+        msg = diagnostics_message(self.stats, self.keys, self.settings, self.engine.runtime,
+                                  self._active)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
     def close(self) -> dict:
-        """Stop the worker, write the summary file; return the whole-run summary."""
-        self._stop.set()
-        self._wake.set()
-        self._frames_ready.set()
-        for thread in self._threads:
-            thread.join(timeout=10.0)
-        self.engine.close()
+        """Stop the threads and the engine, write the summary file; return the run summary."""
+        self._active = False
+        self._teardown()
         summary = self.stats.snapshot(recent=False)
         if self.settings.summary_file:
             with open(self.settings.summary_file, 'w') as f:
