@@ -249,3 +249,17 @@ def test_bench_node_runs_realtime_episodes_sparse_next_to_dense(tmp_path, env):
     assert 0.0 < sparse['realized_sparsity'] <= 0.55 and dense['realized_sparsity'] == 0.0
     summary = json.loads((tmp_path / 'bench' / 'off' / 'sim_bridge.json').read_text())
     assert summary['episodes'] == 1 and summary['bad_chunks'] == 0
+
+
+def test_summary_reports_latency_with_and_without_the_dense_first_chunks():
+    policy = {'chunks': 10, 'dense_chunks': 2, 'chunk_rate_hz': 2.0, 'latency_p50_ms': 30.0,
+              'latency_p99_ms': 240.0, 'obs_to_chunk_p50_ms': 31.0,
+              'obs_to_chunk_p99_ms': 245.0, 'steady_obs_to_chunk_p50_ms': 30.5,
+              'steady_obs_to_chunk_p99_ms': 45.0, 'realized_sparsity': 0.8,
+              'rejected_agentview_image': 1}
+    bridge = {'task': 'lift', 'episodes': 2, 'successes': 2, 'success_rate': 1.0,
+              'mean_length': 57.0, 'steps_per_wall_s': 16.5}
+    text = bringup.format_summary(policy, bridge)
+    assert 'success rate 100% (2/2)' in text and '10 (2 dense)' in text
+    assert 'p99 245.0 ms' in text and 'p50 30.5 ms, p99 45.0 ms' in text
+    assert "{'rejected_agentview_image': 1}" in text

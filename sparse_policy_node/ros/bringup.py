@@ -92,6 +92,9 @@ def format_summary(policy: dict, bridge: dict) -> str:
                      f'observation-to-chunk p50 '
                      f'{policy.get("obs_to_chunk_p50_ms", float("nan")):.1f} ms, p99 '
                      f'{policy.get("obs_to_chunk_p99_ms", float("nan")):.1f} ms')
+        lines.append(f'without the first (dense) chunk of each episode: observation-to-chunk '
+                     f'p50 {policy.get("steady_obs_to_chunk_p50_ms", float("nan")):.1f} ms, '
+                     f'p99 {policy.get("steady_obs_to_chunk_p99_ms", float("nan")):.1f} ms')
         lines.append(f'realized sparsity {policy.get("realized_sparsity", float("nan")):.3f}')
         problems = {k: v for k, v in policy.items()
                     if k.startswith(('rejected', 'dropped', 'stale', 'discarded', 'worker'))}
