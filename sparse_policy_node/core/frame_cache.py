@@ -11,8 +11,8 @@ hashable values; the cache never looks inside them.
 
 Two threads may want the same frame (the node's frame encoder, and a chunk that starts before
 the encoder got to it). :meth:`FrameFeatureCache.claim` hands each frame to exactly one of
-them; the other :meth:`~FrameFeatureCache.wait` s for it instead of encoding it twice. The
-chunk encodes the frames nobody claimed yet, so two cameras' new frames are encoded on two
+them; the other waits for it (:meth:`FrameFeatureCache.wait`) instead of encoding it twice.
+The chunk encodes the frames nobody claimed yet, so two cameras' new frames are encoded on two
 cores at once.
 """
 
@@ -35,18 +35,13 @@ class FrameFeatureCache:
         self._entries: 'OrderedDict[tuple, torch.Tensor]' = OrderedDict()
         self._pending: Dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def get(self, image_key: str, frame_id: Hashable) -> Optional[torch.Tensor]:
         """Return the cached (F,) features of a frame, or None."""
         with self._lock:
             value = self._entries.get((image_key, frame_id))
-            if value is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end((image_key, frame_id))
-            self.hits += 1
+            if value is not None:
+                self._entries.move_to_end((image_key, frame_id))
             return value
 
     def claim(self, image_key: str, frame_id: Hashable) -> bool:

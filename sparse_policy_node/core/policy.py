@@ -91,20 +91,10 @@ class DiffusionPolicy(nn.Module):
                 time (see :class:`~sparse_policy_node.core.frame_cache.FrameFeatureCache`);
                 those cameras are not encoded again.
         """
-        camera_features = camera_features or {}
-        feats = []
-        for cam in self.config.obs.vision.cameras:
-            key = keys.image_key(cam)
-            if key in camera_features:
-                feats.append(camera_features[key])
-                continue
-            img = obs[key]
-            B, T = img.shape[:2]
-            feats.append(self.obs_encoder.encode_camera(cam, img.reshape(B * T, *img.shape[2:]))
-                         .reshape(B, T, -1))  # (B, T_o, F)
-        lowdim = [self.normalizer.normalize(key, obs[key].float())
-                  for key, _ in self.config.obs.lowdim]
-        return self.obs_encoder.combine(feats, lowdim)
+        normed = dict(obs)
+        for key, _ in self.config.obs.lowdim:
+            normed[key] = self.normalizer.normalize(key, obs[key].float())
+        return self.obs_encoder(normed, camera_features)
 
     # ==== training ====
 

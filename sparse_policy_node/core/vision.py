@@ -8,6 +8,7 @@ the CPU torch wheel of these machines, so the ResNet-18 trunk is defined here.
 """
 
 from typing import Dict
+from typing import Optional
 from typing import Sequence
 from typing import Tuple
 
@@ -160,11 +161,21 @@ class ObsEncoder(nn.Module):
         """Concatenate per-camera (B, T_o, F) and normalized low-dim (B, T_o, d) features."""
         return torch.cat([*camera_features, *(x.float() for x in lowdim)], dim=-1)
 
-    def forward(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Return (B, T_o, D_o) features; see the class docstring for the input layout."""
+    def forward(self, obs: Dict[str, torch.Tensor],
+                camera_features: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Return (B, T_o, D_o) features; see the class docstring for the input layout.
+
+        ``camera_features`` optionally gives (B, T_o, F) features of some image keys, computed
+        ahead of time; those cameras are not encoded again.
+        """
+        camera_features = camera_features or {}
         feats = []
         for cam in self.config.cameras:
-            img = obs[f'{cam}_image']
+            key = f'{cam}_image'
+            if key in camera_features:
+                feats.append(camera_features[key])
+                continue
+            img = obs[key]
             B, T = img.shape[:2]
             feats.append(self.encode_camera(cam, img.reshape(B * T, *img.shape[2:]))
                          .reshape(B, T, -1))  # (B, T_o, F)

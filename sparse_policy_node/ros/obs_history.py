@@ -33,7 +33,7 @@ class Window:
     stamp_ns: int
     arrays: Dict[str, np.ndarray]
     newest_arrival: float   # time.monotonic() when its newest entry arrived
-    stamps: Dict[str, List[int]] = None   # per key, the stamps of the T_o picked entries
+    stamps: Optional[Dict[str, List[int]]] = None   # per key, stamps of the T_o entries
 
 
 class ObservationHistory:

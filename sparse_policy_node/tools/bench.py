@@ -155,9 +155,11 @@ def run_benchmark(args) -> dict:
         end = rep + T_o - 1
         obs, ids = frames.window(end, T_o), frames.ids(end, T_o)
         ms = {}
+        _sync(args.device)
         t0 = time.perf_counter()
         for eng in (engines['prepared'], engines['dense_prepared']):
             frames.encode_newest(eng, end, T_o if rep == 0 else 1)
+        _sync(args.device)
         ms['frame_encode'] = (time.perf_counter() - t0) * 1e3 / 2
         ms['dense'], out_dense = _timed(engines['dense'], obs, noise, step_noise, args.device)
         ms['sparse'], out_sparse = _timed(sparse, obs, noise, step_noise, args.device)

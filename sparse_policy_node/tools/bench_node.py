@@ -12,12 +12,13 @@ Modes:
   chunk has been executed, so a chunk must arrive within one control period of the observation
   it is computed from. ``underrun_share`` is the share of steps the robot held still because
   the policy fell behind; ``startup_underruns`` counts the steps of each episode spent waiting
-  for its first chunk (dense by rule, the slowest), reported apart.
+  for its first chunk (dense by rule, the slowest), reported apart. ``--replan-lead 1`` starts
+  each chunk one step early, which gives it one more control period.
+* ``lockstep``: the bridge waits for every chunk (sim time pauses), so the latencies are
+  measured without time pressure and episodes do not depend on CPU speed.
 
 ``obs_to_chunk_p50_ms`` / ``p99`` leave out the first chunk of each episode (dense by rule in
 every variant); ``all_chunks_p99_ms`` includes it.
-* ``lockstep``: the bridge waits for every chunk (sim time pauses), so the latencies are
-  measured without time pressure and episodes do not depend on CPU speed.
 """
 
 import json
@@ -93,8 +94,7 @@ def run_variant(args, variant: str, directory: str, policy_file: str, bridge_fil
               f'sparsity:={variant}', f'episodes:={args.episodes}', f'seed:={args.seed}',
               f'lockstep:={"true" if args.mode == "lockstep" else "false"}',
               f'params_file:={policy_file}', f'bridge_params_file:={bridge_file}',
-              f'summary_dir:={directory}',
-              'log_level:=warn']
+              f'summary_dir:={directory}', 'log_level:=warn']
     if args.steps:
         tokens.append(f'steps:={args.steps}')
     cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', *tokens]
