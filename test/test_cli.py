@@ -81,6 +81,15 @@ def test_bench_node_rows_combine_both_summaries_and_compare_to_dense():
     assert len(table) == 3 and table[1].startswith('learned') and '250.0' in table[1]
 
 
+def test_bench_node_plots_the_latency_distribution_per_variant(tmp_path):
+    from sparse_policy_node.tools import bench_node
+    rows = [{'variant': 'learned', 'samples_ms': [30.0, 35.0, 41.0]},
+            {'variant': 'off', 'samples_ms': [240.0, 260.0]}, {'variant': 'x', 'samples_ms': []}]
+    path = tmp_path / 'cdf.png'
+    bench_node.plot_latency_cdf(rows, str(path), 50.0, 'test')
+    assert path.stat().st_size > 1000
+
+
 def test_bench_node_refuses_a_missing_model(capsys):
     assert main(['bench-node', '--model', '/does/not/exist']) == 2
     assert 'does not exist' in capsys.readouterr().err

@@ -249,6 +249,8 @@ def test_bench_node_runs_realtime_episodes_sparse_next_to_dense(tmp_path, env):
     assert 0.0 < sparse['realized_sparsity'] <= 0.55 and dense['realized_sparsity'] == 0.0
     summary = json.loads((tmp_path / 'bench' / 'off' / 'sim_bridge.json').read_text())
     assert summary['episodes'] == 1 and summary['bad_chunks'] == 0
+    assert len(sparse['samples_ms']) == sparse['chunks'] - sparse['dense_chunks']
+    assert os.path.getsize(result['plot']) > 1000
 
 
 def test_summary_reports_latency_with_and_without_the_dense_first_chunks():

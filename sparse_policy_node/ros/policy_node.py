@@ -451,13 +451,16 @@ class PolicyNode(LifecycleNode):
         self.diag_pub.publish(msg)
 
     def close(self) -> dict:
-        """Stop the threads and the engine, write the summary file; return the run summary."""
+        """Stop the threads and the engine; return the run summary.
+
+        The summary file (``summary_file``) also holds the per-chunk latencies (``samples``).
+        """
         self._active = False
         self._teardown()
         summary = self.stats.snapshot(recent=False)
         if self.settings.summary_file:
             with open(self.settings.summary_file, 'w') as f:
-                json.dump(summary, f, indent=2)
+                json.dump(dict(summary, samples=self.stats.samples()), f, indent=2)
         return summary
 
 

@@ -57,6 +57,13 @@ class RunStats:
             self.counters['chunks'] += 1
             self.counters['dense_chunks'] += int(dense)
 
+    def samples(self) -> Dict[str, list]:
+        """Per-chunk latencies of the run (bounded), for plots: ms, oldest first."""
+        with self._lock:
+            return {'inference_ms': list(self.inference_ms),
+                    'obs_to_chunk_ms': list(self.obs_to_chunk_ms),
+                    'steady_obs_to_chunk_ms': list(self.steady_obs_to_chunk_ms)}
+
     def obs_ages(self, keys, now: Optional[float] = None) -> Dict[str, float]:
         """Seconds since each key's last accepted input (inf if never)."""
         now = time.monotonic() if now is None else now

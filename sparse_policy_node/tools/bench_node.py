@@ -110,7 +110,10 @@ def run_variant(args, variant: str, directory: str, policy_file: str, bridge_fil
     if proc.returncode != 0 or not all(summaries.values()):
         raise SystemExit(f'bench-node: the {variant} bring-up failed (exit {proc.returncode}); '
                          f'its output is above')
-    return make_row(variant, summaries['policy_node'], summaries['sim_bridge'])
+    row = make_row(variant, summaries['policy_node'], summaries['sim_bridge'])
+    row['samples_ms'] = summaries['policy_node'].get('samples', {}).get(
+        'steady_obs_to_chunk_ms', [])
+    return row
 
 
 def make_row(variant: str, policy: dict, bridge: dict) -> dict:
@@ -150,6 +153,37 @@ def add_ratios(rows: list, control_period_ms: float) -> None:
                 row[f'{key[:-3]}_vs_dense'] = round(reference[key] / row[key], 2)
 
 
+def plot_latency_cdf(rows: list, path: str, control_period_ms: float, title: str) -> None:
+    """Save a PNG: the distribution (CDF) of observation-to-chunk latency per variant.
+
+    The first, dense chunk of each episode is left out, as in the table.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for row in rows:
+        values = np.sort(np.asarray(row['samples_ms'], dtype=float))
+        if values.size:
+            ax.step(values, np.arange(1, values.size + 1) / values.size, where='post',
+                    label=f'{row["variant"]} (p50 {np.percentile(values, 50):.0f} ms, '
+                          f'p99 {np.percentile(values, 99):.0f} ms)')
+    ax.axvline(control_period_ms, color='0.5', linestyle='--', linewidth=1)
+    ax.text(control_period_ms, 0.02, ' one control period', color='0.4', fontsize=8)
+    ax.set_xscale('log')
+    ax.set_xlabel('observation-to-chunk latency (ms, log scale)')
+    ax.set_ylabel('share of chunks')
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc='lower right')
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_table(rows: list) -> str:
     """Render the rows as a fixed-width table."""
     cells = [[fmt.format(row[key]) for key, fmt in COLUMNS] for row in rows]
@@ -176,7 +210,12 @@ def run(args) -> int:
     rows = [run_variant(args, v, os.path.join(out, v.replace('.', '_')), policy_file,
                         bridge_file) for v in variants]
     add_ratios(rows, control_period_ms=1e3 / rate_hz)
-    result = {'model': args.model, 'task': args.task, 'mode': args.mode,
+    plot = os.path.join(out, 'bench_node.png')
+    plot_latency_cdf(rows, plot, 1e3 / rate_hz,
+                     f'{os.path.basename(args.model)}, {args.task}, {args.mode}'
+                     f'{f", replan lead {args.replan_lead}" if args.replan_lead else ""}, '
+                     f'{args.episodes} episodes per variant')
+    result = {'model': args.model, 'task': args.task, 'mode': args.mode, 'plot': plot,
               'replan_lead_steps': args.replan_lead,
               'episodes': args.episodes, 'seed': args.seed, 'cpu_count': os.cpu_count(),
               'rows': rows, 'summaries': out}
@@ -191,5 +230,5 @@ def run(args) -> int:
             print(f'{row["variant"]}: observation-to-chunk p50 '
                   f'x{row["obs_to_chunk_p50_vs_dense"]}, p99 '
                   f'x{row["obs_to_chunk_p99_vs_dense"]} faster than dense')
-    print(f'summaries: {out}')
+    print(f'summaries: {out}; latency plot: {plot}')
     return 0
