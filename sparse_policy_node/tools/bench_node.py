@@ -173,6 +173,12 @@ def plot_latency_cdf(rows: list, path: str, control_period_ms: float, title: str
     ax.axvline(control_period_ms, color='0.5', linestyle='--', linewidth=1)
     ax.text(control_period_ms, 0.02, ' one control period', color='0.4', fontsize=8)
     ax.set_xscale('log')
+    ticks = [t for t in (10, 20, 30, 50, 100, 200, 300, 500, 1000, 2000)
+             if any(row['samples_ms'] and min(row['samples_ms']) / 1.5 <= t
+                    <= max(row['samples_ms']) * 1.5 for row in rows) or t == control_period_ms]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel('observation-to-chunk latency (ms, log scale)')
     ax.set_ylabel('share of chunks')
     ax.set_ylim(0, 1.02)
@@ -212,7 +218,7 @@ def run(args) -> int:
     add_ratios(rows, control_period_ms=1e3 / rate_hz)
     plot = os.path.join(out, 'bench_node.png')
     plot_latency_cdf(rows, plot, 1e3 / rate_hz,
-                     f'{os.path.basename(args.model)}, {args.task}, {args.mode}'
+                     f'model {os.path.basename(args.model)}, task {args.task}, {args.mode}'
                      f'{f", replan lead {args.replan_lead}" if args.replan_lead else ""}, '
                      f'{args.episodes} episodes per variant')
     result = {'model': args.model, 'task': args.task, 'mode': args.mode, 'plot': plot,
