@@ -109,3 +109,23 @@ def test_determinism_with_injected_noise(tiny_policy):
     assert torch.equal(a['action'], a['action_pred'][:, t.n_obs_steps - 1:
                                                      t.n_obs_steps - 1 +
                                                      tiny_policy.config.n_action_steps])
+
+
+def test_dropout_applies_in_training_only(tiny_config):
+    """The hot paths skip nn.Dropout outside training; in training every unit still drops."""
+    import dataclasses
+    t = dataclasses.replace(tiny_config.transformer, p_drop_attn=0.5, p_drop_emb=0.5)
+    torch.manual_seed(0)
+    model = DPTransformer(t, tiny_config.obs.obs_feature_dim)
+    x = torch.randn(2, t.horizon, t.action_dim)
+    cond = torch.randn(2, t.n_obs_steps, tiny_config.obs.obs_feature_dim)
+    steps = torch.tensor([3, 7])
+    model.train()
+    assert not torch.equal(model(x, steps, cond), model(x, steps, cond))
+    h = torch.randn(2, t.horizon, t.n_emb)
+    layer = model.layers[0]
+    for branch in (lambda: layer.sa(h, model.mask), lambda: layer.ffn(h),
+                   lambda: model.embed_sample(x)):
+        assert not torch.equal(branch(), branch())
+    model.eval()
+    assert torch.equal(model(x, steps, cond), model(x, steps, cond))

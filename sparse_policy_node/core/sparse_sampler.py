@@ -64,7 +64,7 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
             roll[b] = d
             choice = 0
         executed[b] = choice
-        x = x + d
+        x += d  # x is this step's own residual stream (no cache holds it): add in place
     return model.output(x)
 
 

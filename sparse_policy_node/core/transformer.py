@@ -62,6 +62,21 @@ def memory_mask(horizon: int, n_cond: int) -> torch.Tensor:
     return torch.zeros(horizon, n_cond).masked_fill(~(i >= s - 1), float('-inf'))
 
 
+# The decoder units run thousands of times per chunk at batch 1, where nn.Module's call
+# machinery costs as much as a small kernel: the hot paths call the functional ops on the
+# modules' parameters instead (same ops, same results) and skip dropout outside training.
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without the module-call overhead."""
+    return F.linear(x, module.weight, module.bias)
+
+
+def layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` without the module-call overhead."""
+    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameter names.
 
@@ -114,7 +129,7 @@ class Attention(nn.Module):
         B, n_head, T, dh = q.shape
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, n_head * dh))
+        return linear(self.out_proj, out.transpose(1, 2).reshape(B, T, n_head * dh))
 
 
 class DecoderLayer(nn.Module):
@@ -133,16 +148,20 @@ class DecoderLayer(nn.Module):
 
     def sa(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Self-attention branch: (B, T_a, D) residual -> (B, T_a, D) branch output."""
-        return self.drop(self.self_attn.self_attend(self.norm1(x), mask))
+        return self._drop(self.self_attn.self_attend(layer_norm(self.norm1, x), mask))
 
     def ca(self, x: torch.Tensor, kv: Tuple[torch.Tensor, torch.Tensor],
            mask: torch.Tensor) -> torch.Tensor:
         """Cross-attention branch on memory heads ``kv`` (see :meth:`Attention.memory_kv`)."""
-        return self.drop(self.multihead_attn.cross_attend(self.norm2(x), kv, mask))
+        return self._drop(self.multihead_attn.cross_attend(layer_norm(self.norm2, x), kv, mask))
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """Feed-forward branch: Linear -> GELU -> Linear, dropout after each as in torch."""
-        return self.drop(self.linear2(self.drop(F.gelu(self.linear1(self.norm3(x))))))
+        h = self._drop(F.gelu(linear(self.linear1, layer_norm(self.norm3, x))))
+        return self._drop(linear(self.linear2, h))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) if self.training else x
 
 
 class DPTransformer(nn.Module):
@@ -261,7 +280,8 @@ class DPTransformer(nn.Module):
 
     def embed_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """(B, T_a, A) noisy actions -> (B, T_a, D) residual stream input."""
-        return self.drop(self.input_emb(sample) + self.pos_emb)
+        x = linear(self.input_emb, sample) + self.pos_emb
+        return self.drop(x) if self.training else x
 
     def memory_kv_all_steps(self, time_mem: torch.Tensor,
                             obs_mem: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -331,7 +351,7 @@ class DPTransformer(nn.Module):
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T_a, D) final residual -> (B, T_a, A) predicted noise."""
-        return self.head(self.ln_f(x))
+        return linear(self.head, layer_norm(self.ln_f, x))
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor,
                 cond: torch.Tensor) -> torch.Tensor:
