@@ -148,7 +148,7 @@ def test_out_of_order_unstamped_and_stale_inputs(system):
     assert node.stats.counters['dropped_out_of_order'] == 4    # image, joints, pos, quat
     assert node.stats.counters['rejected_agentview_image'] == 1
     client = robot.create_client(Trigger, 'policy_node/reset')
-    assert client.wait_for_service(timeout_sec=2.0)
+    assert client.wait_for_service(timeout_sec=10.0)
     future = client.call_async(Trigger.Request())
     deadline = time.monotonic() + 2.0
     while not future.done() and time.monotonic() < deadline:
@@ -226,7 +226,7 @@ def test_reset_while_a_chunk_is_in_flight(system):
     robot.publish_obs(t0)
     assert in_flight.wait(3.0)
     client = robot.create_client(Trigger, 'policy_node/reset')
-    assert client.wait_for_service(timeout_sec=2.0)
+    assert client.wait_for_service(timeout_sec=10.0)
     future = client.call_async(Trigger.Request())
     deadline = time.monotonic() + 3.0
     while not future.done() and time.monotonic() < deadline:
@@ -336,6 +336,8 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
     node, robot = system(autostart=False, max_obs_age_s=30.0)
+    # The lifecycle services exist from construction on; discover them early.
+    client = robot.create_client(ChangeState, 'policy_node/change_state')
     assert node.engine is None                                   # unconfigured: nothing loaded
     assert node.set_parameters([Parameter('model_dir', value='/does/not/exist')])[0].successful
     node.trigger_configure()
@@ -349,8 +351,7 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     assert robot.wait_chunk(t0, timeout=1.0) is None             # configured, not active
     node.trigger_activate()
     assert robot.drive(t0 + DT) is not None
-    client = robot.create_client(ChangeState, 'policy_node/change_state')
-    assert client.wait_for_service(timeout_sec=2.0)
+    assert client.wait_for_service(timeout_sec=10.0)
     future = client.call_async(ChangeState.Request(
         transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
     deadline = time.monotonic() + 3.0
