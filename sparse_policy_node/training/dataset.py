@@ -34,6 +34,15 @@ def _demo_sort_key(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def write_obs_array(group, key: str, value: np.ndarray, image: bool) -> None:
+    """Store one observation array: images compressed, a chunk per frame; the rest float32."""
+    if image:
+        group.create_dataset(key, data=value, chunks=(1, *value.shape[1:]),
+                             compression='gzip', compression_opts=4)
+    else:
+        group.create_dataset(key, data=value.astype(np.float32))
+
+
 class DemoWriter:
     """Append episodes to a robomimic-layout HDF5 file (context manager)."""
 
@@ -73,12 +82,10 @@ class DemoWriter:
         obs_group = group.create_group('obs')
         for key in obs[0]:
             stacked = np.stack([o[key] for o in obs])
-            if key.endswith(keys.IMAGE_SUFFIX):
+            image = key.endswith(keys.IMAGE_SUFFIX)
+            if image:
                 stacked = stacked.transpose(0, 2, 3, 1)  # robomimic stores (L, H, W, 3)
-                obs_group.create_dataset(key, data=stacked, chunks=(1, *stacked.shape[1:]),
-                                         compression='gzip', compression_opts=4)
-            else:
-                obs_group.create_dataset(key, data=stacked.astype(np.float32))
+            write_obs_array(obs_group, key, stacked, image)
         self.count += 1
         self.total += L
         return name

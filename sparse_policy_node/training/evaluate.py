@@ -13,8 +13,8 @@ latency) in ``--out``; ``--json`` prints one JSON object instead of the table.
 
 import argparse
 from collections import deque
+from functools import partial
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -27,6 +27,7 @@ from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.training.parallel import episode_results
 from sparse_policy_node.training.sparse_eval import check_variant
 from sparse_policy_node.training.sparse_eval import make_sparse_variant
 from sparse_policy_node.training.sparse_eval import plot_tradeoff
@@ -134,14 +135,31 @@ def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
 _WORKER = {}
 
 
-def _init_worker(model_dir, task, max_steps, variant, options, threads):
+def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int, threads: int,
+                        wrap: Callable) -> None:
+    """Set up a process that runs episodes of ``model_dir``.
+
+    ``worker`` gets ``env`` (the simulator for the model's cameras), ``policy``
+    (``wrap(policy)``) and ``n_obs_steps`` (T_o).
+    """
     from sparse_policy_node.sim.robosuite_env import make_env
     torch.set_num_threads(threads)
     policy = load_policy(model_dir)
     vision = policy.config.obs.vision
-    _WORKER['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
-    _WORKER['policy'] = make_variant(variant, policy, dict(options, model=model_dir))
-    _WORKER['n_obs_steps'] = policy.config.transformer.n_obs_steps
+    worker['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
+    worker['policy'] = wrap(policy)
+    worker['n_obs_steps'] = policy.config.transformer.n_obs_steps
+
+
+def _init_worker(model_dir, task, max_steps, variant, options, threads):
+    init_episode_worker(_WORKER, model_dir, task, max_steps, threads,
+                        partial(make_variant, variant, options=dict(options, model=model_dir)))
+
+
+def _close_local() -> None:
+    _WORKER['env'].close()
+    if hasattr(_WORKER['policy'], 'close'):
+        _WORKER['policy'].close()
 
 
 def _episode(seed):
@@ -156,21 +174,12 @@ def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str =
     bar = tqdm(total=len(seeds), desc=f'eval {variant}', unit='ep', disable=not progress,
                file=sys.stderr)
     results = []
-    if workers > 1:
-        with multiprocessing.get_context('spawn').Pool(workers, _init_worker, init) as pool:
-            for result in pool.imap(_episode, seeds):
-                results.append(result)
-                bar.update(1)
-                bar.set_postfix(success=sum(r['success'] for r in results))
-    else:
-        _init_worker(*init)
-        for seed in seeds:
-            results.append(_episode(seed))
+    with episode_results(_episode, seeds, workers, _init_worker, init,
+                         close_local=_close_local) as episodes:
+        for result in episodes:
+            results.append(result)
             bar.update(1)
             bar.set_postfix(success=sum(r['success'] for r in results))
-        _WORKER['env'].close()
-        if hasattr(_WORKER['policy'], 'close'):
-            _WORKER['policy'].close()
     bar.close()
     return results
 

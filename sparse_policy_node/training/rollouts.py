@@ -24,6 +24,7 @@ File layout (HDF5)::
 """
 
 import argparse
+from functools import partial
 import hashlib
 import os
 import re
@@ -37,6 +38,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.training.dataset import write_obs_array
 from sparse_policy_node.training.parallel import episode_results
 import torch
 from tqdm import tqdm
@@ -127,11 +129,7 @@ class RolloutWriter:
         group.attrs['num_frames'] = len(episode['action_pred'])
         obs = group.create_group('obs')
         for key, value in episode['obs'].items():
-            if value.dtype == np.uint8:
-                obs.create_dataset(key, data=value, chunks=(1, *value.shape[1:]),
-                                   compression='gzip', compression_opts=4)
-            else:
-                obs.create_dataset(key, data=value.astype(np.float32))
+            write_obs_array(obs, key, value, image=value.dtype == np.uint8)
         for key in ('noise', 'step_noise', 'action_pred'):
             group.create_dataset(key, data=episode[key])
         self.count += 1
@@ -196,14 +194,9 @@ _WORKER = {}
 
 
 def _init_worker(model_dir, task, max_steps, sampler, steps, threads):
-    from sparse_policy_node.core.checkpoint import load_policy
-    from sparse_policy_node.sim.robosuite_env import make_env
-    torch.set_num_threads(threads)
-    policy = load_policy(model_dir)
-    vision = policy.config.obs.vision
-    _WORKER['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
-    _WORKER['policy'] = RecordingPolicy(policy, sampler, steps)
-    _WORKER['n_obs_steps'] = policy.config.transformer.n_obs_steps
+    from sparse_policy_node.training.evaluate import init_episode_worker
+    init_episode_worker(_WORKER, model_dir, task, max_steps, threads,
+                        partial(RecordingPolicy, sampler=sampler, steps=steps))
 
 
 def _record(seed):
