@@ -311,8 +311,7 @@ class PolicyNode(LifecycleNode):
 
     def _mark_dirty(self) -> None:
         if self.engine is None:
-            self.settings = params.settings_from_params(self)  # read again by configure
-            return
+            return  # configure reads the parameters
         self._dirty = True
         self._wake.set()
 
