@@ -35,3 +35,15 @@ def tiny_policy(tiny_config):
     from sparse_policy_node.core.policy import DiffusionPolicy
     torch.manual_seed(0)
     return DiffusionPolicy(tiny_config).eval()
+
+
+@pytest.fixture
+def context(tmp_path):
+    """Return an initialised rclpy Context isolated to this test (DDS on localhost, own logs)."""
+    import rclpy
+    from sparse_policy_node.ros.testing import isolate_ros
+    isolate_ros(str(tmp_path / 'log'))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    ctx.try_shutdown()

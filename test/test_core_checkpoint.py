@@ -70,6 +70,16 @@ def test_missing_config(saved):
         load_policy(saved)
 
 
+def read_config(directory):
+    with open(os.path.join(directory, 'config.json')) as f:
+        return json.load(f)
+
+
+def write_config(directory, data):
+    with open(os.path.join(directory, 'config.json'), 'w') as f:
+        json.dump(data, f)
+
+
 def test_corrupt_json(saved):
     with open(os.path.join(saved, 'config.json'), 'w') as f:
         f.write('{"format_version": 1, "policy": ')
@@ -78,19 +88,17 @@ def test_corrupt_json(saved):
 
 
 def test_unknown_config_field_is_named(saved):
-    path = os.path.join(saved, 'config.json')
-    data = json.load(open(path))
+    data = read_config(saved)
     data['policy']['transformer']['n_layers'] = 9
-    json.dump(data, open(path, 'w'))
+    write_config(saved, data)
     with pytest.raises(CheckpointError, match='n_layers'):
         load_policy(saved)
 
 
 def test_wrong_format_version(saved):
-    path = os.path.join(saved, 'config.json')
-    data = json.load(open(path))
+    data = read_config(saved)
     data['format_version'] = 99
-    json.dump(data, open(path, 'w'))
+    write_config(saved, data)
     with pytest.raises(CheckpointError, match='format_version'):
         load_policy(saved)
 
@@ -103,10 +111,9 @@ def test_corrupt_weights(saved):
 
 
 def test_architecture_mismatch_names_the_tensor(saved):
-    path = os.path.join(saved, 'config.json')
-    data = json.load(open(path))
+    data = read_config(saved)
     data['policy']['transformer']['n_emb'] = 64
-    json.dump(data, open(path, 'w'))
+    write_config(saved, data)
     with pytest.raises(CheckpointError, match='shape mismatch .*transformer'):
         load_policy(saved)
 

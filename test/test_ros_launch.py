@@ -150,12 +150,17 @@ def env(tmp_path):
     return e
 
 
-def launch(tmp_path, env, *tokens):
-    params = tmp_path / 'params.yaml'
-    with open(os.path.join(ROOT, 'config', 'policy.yaml')) as f:
+def params_file(path, config_name, **overrides):
+    """Write the package's ``config/<config_name>`` with ``overrides`` to ``path``."""
+    with open(os.path.join(ROOT, 'config', config_name)) as f:
         data = yaml.safe_load(f)
-    data['/**']['ros__parameters'].update(TINY_PARAMS)
-    params.write_text(yaml.safe_dump(data))
+    data['/**']['ros__parameters'].update(overrides)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(tmp_path, env, *tokens):
+    params = params_file(tmp_path / 'params.yaml', 'policy.yaml', **TINY_PARAMS)
     cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', f'params_file:={params}',
            f'summary_dir:={tmp_path}', *tokens]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -201,11 +206,8 @@ def test_bringup_fails_cleanly_on_missing_model(tmp_path, env):
 def test_bringup_runs_sim_episodes_and_ends_by_itself(tmp_path, env):
     pytest.importorskip('robosuite')
     model = save_tiny_model(str(tmp_path / 'model'))
-    bridge = tmp_path / 'bridge.yaml'
-    with open(os.path.join(ROOT, 'config', 'sim_bridge.yaml')) as f:
-        data = yaml.safe_load(f)
-    data['/**']['ros__parameters'].update(max_episode_steps=12, image_size=[32, 32])
-    bridge.write_text(yaml.safe_dump(data))
+    bridge = params_file(tmp_path / 'bridge.yaml', 'sim_bridge.yaml', max_episode_steps=12,
+                         image_size=[32, 32])
     proc = launch(tmp_path, env, f'model:={model}', 'episodes:=2',
                   f'bridge_params_file:={bridge}')
     out, _ = proc.communicate(timeout=180)
@@ -221,15 +223,8 @@ def test_bench_node_runs_realtime_episodes_sparse_next_to_dense(tmp_path, env):
     """The real-time bridge mode (lockstep:=false) end to end, through ``bench-node``."""
     pytest.importorskip('robosuite')
     model = save_tiny_model(str(tmp_path / 'model'))
-    params, bridge = tmp_path / 'params.yaml', tmp_path / 'bridge.yaml'
-    with open(os.path.join(ROOT, 'config', 'policy.yaml')) as f:
-        data = yaml.safe_load(f)
-    data['/**']['ros__parameters'].update(TINY_PARAMS)
-    params.write_text(yaml.safe_dump(data))
-    with open(os.path.join(ROOT, 'config', 'sim_bridge.yaml')) as f:
-        data = yaml.safe_load(f)
-    data['/**']['ros__parameters'].update(image_size=[32, 32])
-    bridge.write_text(yaml.safe_dump(data))
+    params = params_file(tmp_path / 'params.yaml', 'policy.yaml', **TINY_PARAMS)
+    bridge = params_file(tmp_path / 'bridge.yaml', 'sim_bridge.yaml', image_size=[32, 32])
     out = subprocess.run(
         [sys.executable, '-m', 'sparse_policy_node.cli', 'bench-node', '--model', model,
          '--variants', '0.5,off', '--episodes', '1', '--max-episode-steps', '30',

@@ -3,24 +3,13 @@
 import os
 
 import pytest
-import rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sparse_policy_node.core.config import RuntimeConfig
 from sparse_policy_node.ros import params
-from sparse_policy_node.ros.testing import isolate_ros
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def context(tmp_path):
-    isolate_ros(str(tmp_path / 'log'))
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    ctx.try_shutdown()
 
 
 def test_every_runtime_field_has_one_documented_parameter():

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import rclpy
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from sparse_policy_node.ros import conversions as conv
@@ -31,19 +30,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def system(tmp_path, model_dir):
+def system(context, model_dir):
     """Start a policy node and a fake robot; yield a factory taking parameter overrides."""
-    isolate_ros(str(tmp_path / 'log'))
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
     started = []
 
     def start(**overrides):
         values = dict(TINY_PARAMS, model_dir=model_dir, diagnostics_period_s=0.2, **overrides)
-        node = PolicyNode(context=ctx, parameter_overrides=[
+        node = PolicyNode(context=context, parameter_overrides=[
             Parameter(k, value=v) for k, v in values.items()])
-        robot = FakeRobot(context=ctx)
-        spinner = Spinner(ctx, node, robot).__enter__()
+        robot = FakeRobot(context=context)
+        spinner = Spinner(context, node, robot).__enter__()
         started.append((spinner, node))
         time.sleep(0.3)  # discovery
         return node, robot
@@ -52,7 +48,6 @@ def system(tmp_path, model_dir):
     for spinner, node in started:
         spinner.__exit__()
         node.close()
-    ctx.try_shutdown()
 
 
 def now_ns():
@@ -147,12 +142,7 @@ def test_out_of_order_unstamped_and_stale_inputs(system):
     time.sleep(0.3)
     assert node.stats.counters['dropped_out_of_order'] == 4    # image, joints, pos, quat
     assert node.stats.counters['rejected_agentview_image'] == 1
-    client = robot.create_client(Trigger, 'policy_node/reset')
-    assert client.wait_for_service(timeout_sec=10.0)
-    future = client.call_async(Trigger.Request())
-    deadline = time.monotonic() + 2.0
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert robot.call(Trigger, 'policy_node/reset', Trigger.Request()) is not None
     old = now_ns() - 2_000_000_000                              # 2 s old: stale
     robot.publish_obs(old)
     time.sleep(0.4)
@@ -225,13 +215,8 @@ def test_reset_while_a_chunk_is_in_flight(system):
     t0 = now_ns()
     robot.publish_obs(t0)
     assert in_flight.wait(3.0)
-    client = robot.create_client(Trigger, 'policy_node/reset')
-    assert client.wait_for_service(timeout_sec=10.0)
-    future = client.call_async(Trigger.Request())
-    deadline = time.monotonic() + 3.0
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert future.done() and future.result().success
+    response = robot.call(Trigger, 'policy_node/reset', Trigger.Request())
+    assert response is not None and response.success
     release.set()
     time.sleep(0.3)
     assert not robot.chunks                                      # old episode: discarded
@@ -336,8 +321,6 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState
     node, robot = system(autostart=False, max_obs_age_s=30.0)
-    # The lifecycle services exist from construction on; discover them early.
-    client = robot.create_client(ChangeState, 'policy_node/change_state')
     assert node.engine is None                                   # unconfigured: nothing loaded
     assert node.set_parameters([Parameter('model_dir', value='/does/not/exist')])[0].successful
     node.trigger_configure()
@@ -351,13 +334,9 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     assert robot.wait_chunk(t0, timeout=1.0) is None             # configured, not active
     node.trigger_activate()
     assert robot.drive(t0 + DT) is not None
-    assert client.wait_for_service(timeout_sec=10.0)
-    future = client.call_async(ChangeState.Request(
+    response = robot.call(ChangeState, 'policy_node/change_state', ChangeState.Request(
         transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
-    deadline = time.monotonic() + 3.0
-    while not future.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert future.done() and future.result().success
+    assert response is not None and response.success
     chunks = len(robot.chunks)
     steps(robot, t0 + 2 * DT, 6)
     time.sleep(0.5)

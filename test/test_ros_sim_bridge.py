@@ -8,12 +8,10 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import rclpy
 from rclpy.parameter import Parameter
 from sparse_policy_node.ros.policy_node import PolicyNode
 from sparse_policy_node.ros.sim_bridge_node import SimBridgeNode
-from sparse_policy_node.ros.testing import isolate_ros
 from sparse_policy_node.ros.testing import save_tiny_model
 from sparse_policy_node.ros.testing import Spinner
 from sparse_policy_node.ros.testing import TINY_PARAMS
@@ -49,15 +47,6 @@ class FakeEnv:
         self.actions.append(np.asarray(action))
         self.closes += action[-1] > 0
         return self.obs(), 0.0, False, {'success': self.closes >= 3}
-
-
-@pytest.fixture
-def context(tmp_path):
-    isolate_ros(str(tmp_path / 'log'))
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    ctx.try_shutdown()
 
 
 def policy(ctx, tmp_path):

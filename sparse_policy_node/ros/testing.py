@@ -159,6 +159,20 @@ class FakeRobot(Node):
                 return chunk
         return None
 
+    def call(self, srv_type, name: str, request, timeout: float = 3.0):
+        """Call a service (discovery wait up to 10 s); return its response, None on timeout."""
+        client = self.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=10.0):
+                return None
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return future.result() if future.done() else None
+        finally:
+            self.destroy_client(client)
+
     def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
         """Wait for a diagnostics message and return the named status from it."""
         def ready():
