@@ -14,6 +14,8 @@ import typing
 from typing import Optional
 from typing import Tuple
 
+from sparse_policy_node.core.keys import image_key
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
@@ -27,6 +29,7 @@ def _require(condition: bool, message: str) -> None:
 SAMPLERS = ('ddpm', 'ddim')
 BETA_SCHEDULES = ('squaredcos_cap_v2', 'linear', 'scaled_linear')
 TRUNKS = ('resnet18', 'small_cnn')
+FEATURE_ACTIVATIONS = ('none', 'relu')
 REUSE_DIRECTIONS = ('forward', 'timestep', 'rollout')
 GATE_SOURCES = ('pruner', 'static', 'random', 'dense')
 
@@ -43,6 +46,9 @@ class VisionConfig:
         small_cnn_channels: channels of the 3x3 stride-2 conv stages of ``small_cnn``.
         num_keypoints: spatial-softmax keypoints.
         feature_dim: per-camera feature size after the final linear layer.
+        feature_activation: applied to each camera's features: ``'none'`` (models trained
+            here) or ``'relu'`` (robomimic's ``ObservationEncoder`` default, so every imported
+            Diffusion Policy image policy).
     """
 
     cameras: Tuple[str, ...] = ('agentview',)
@@ -52,6 +58,7 @@ class VisionConfig:
     small_cnn_channels: Tuple[int, ...] = (32, 64, 64, 128)
     num_keypoints: int = 32
     feature_dim: int = 64
+    feature_activation: str = 'none'
 
     def __post_init__(self):
         _require(len(set(self.cameras)) == len(self.cameras),
@@ -68,6 +75,9 @@ class VisionConfig:
                  f'VisionConfig.num_keypoints must be > 0, got {self.num_keypoints}')
         _require(self.feature_dim > 0,
                  f'VisionConfig.feature_dim must be > 0, got {self.feature_dim}')
+        _require(self.feature_activation in FEATURE_ACTIVATIONS,
+                 f'VisionConfig.feature_activation must be one of {FEATURE_ACTIVATIONS}, '
+                 f'got {self.feature_activation!r}')
         _require(len(self.small_cnn_channels) > 0 and min(self.small_cnn_channels) > 0,
                  f'VisionConfig.small_cnn_channels must be positive, '
                  f'got {self.small_cnn_channels!r}')
@@ -79,15 +89,24 @@ class ObsConfig:
 
     Args:
         vision: image encoder settings; ``vision.cameras`` may be empty for state-only policies.
-        lowdim: ``((key, dim), ...)`` low-dimensional observation vectors, concatenated in order.
+        lowdim: ``((key, dim), ...)`` low-dimensional observation vectors.
+        order: observation keys (``f'{camera}_image'`` and low-dim keys) in the order their
+            features are concatenated (robomimic uses the task's ``shape_meta`` order). Empty:
+            cameras in ``vision.cameras`` order, then ``lowdim`` in order.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     lowdim: Tuple[Tuple[str, int], ...] = (
         ('robot0_eef_pos', 3), ('robot0_eef_quat', 4), ('robot0_gripper_qpos', 2))
+    order: Tuple[str, ...] = ()
 
     def __post_init__(self):
         self.lowdim = tuple((str(k), int(d)) for k, d in self.lowdim)
+        self.order = tuple(self.order)
+        own = [image_key(c) for c in self.vision.cameras] + [k for k, _ in self.lowdim]
+        _require(not self.order or sorted(self.order) == sorted(own),
+                 f'ObsConfig.order must list each observation key once, {sorted(own)}, '
+                 f'got {self.order!r}')
         _require(all(d > 0 for _, d in self.lowdim),
                  f'ObsConfig.lowdim dims must be > 0, got {self.lowdim!r}')
         _require(len(self.vision.cameras) + len(self.lowdim) > 0,

@@ -38,7 +38,7 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         self.config = config
         obs = config.obs
-        self.obs_encoder = ObsEncoder(obs.vision, obs.lowdim)
+        self.obs_encoder = ObsEncoder(obs.vision, obs.lowdim, obs.order)
         self.transformer = DPTransformer(config.transformer, obs.obs_feature_dim)
         dims = {keys.ACTION: config.transformer.action_dim}
         dims.update(dict(obs.lowdim))

@@ -102,10 +102,17 @@ class VisualCore(nn.Module):
             c, h, w = self.trunk(torch.zeros(1, 3, *config.crop_size)).shape[1:]
         self.pool = SpatialSoftmax(c, h, w, config.num_keypoints)
         self.linear = nn.Linear(config.num_keypoints * 2, config.feature_dim)
+        self.relu = config.feature_activation == 'relu'
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(N, 3, h, w) images in [-1, 1] (already cropped) -> (N, feature_dim)."""
-        return self.linear(self.pool(self.trunk(image)))
+        """(N, 3, h, w) images in [-1, 1] (already cropped) -> (N, feature_dim).
+
+        robomimic's ``ObservationEncoder`` applies its ``feature_activation`` (ReLU by
+        default) to the output of every observation net; ``feature_activation='relu'``
+        reproduces that for imported policies.
+        """
+        features = self.linear(self.pool(self.trunk(image)))
+        return torch.relu(features) if self.relu else features
 
 
 def crop_images(images: torch.Tensor, crop: Tuple[int, int], random: bool,
@@ -132,14 +139,17 @@ class ObsEncoder(nn.Module):
     """Encode an observation window into per-step condition features.
 
     Input keys: ``f'{camera}_image'`` as (B, T_o, 3, H, W) uint8 (or float in [0, 255]) and
-    each low-dim key as (B, T_o, dim), already normalized. Output (B, T_o, D_o): camera
-    features in config order, then the low-dim vectors in config order.
+    each low-dim key as (B, T_o, dim), already normalized. Output (B, T_o, D_o): the features
+    of every key concatenated in ``order`` (default: cameras in config order, then the
+    low-dim vectors in config order).
     """
 
-    def __init__(self, config: VisionConfig, lowdim: Sequence[Tuple[str, int]]):
+    def __init__(self, config: VisionConfig, lowdim: Sequence[Tuple[str, int]],
+                 order: Sequence[str] = ()):
         super().__init__()
         self.config = config
         self.lowdim = tuple(lowdim)
+        self.order = tuple(order)
         self.obs_nets = nn.ModuleDict({cam: VisualCore(config) for cam in config.cameras})
 
     def encode_camera(self, camera: str, images: torch.Tensor) -> torch.Tensor:
@@ -158,8 +168,21 @@ class ObsEncoder(nn.Module):
 
     def combine(self, camera_features: Sequence[torch.Tensor],
                 lowdim: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate per-camera (B, T_o, F) and normalized low-dim (B, T_o, d) features."""
-        return torch.cat([*camera_features, *(x.float() for x in lowdim)], dim=-1)
+        """Concatenate per-camera (B, T_o, F) and normalized low-dim (B, T_o, d) features.
+
+        Args:
+            camera_features: one tensor per camera, in ``config.cameras`` order.
+            lowdim: one tensor per low-dim key, in ``lowdim`` order.
+
+        Returns:
+            (B, T_o, D_o) in ``order`` (cameras then low-dim when ``order`` is empty).
+        """
+        parts = [*camera_features, *(x.float() for x in lowdim)]
+        if not self.order:
+            return torch.cat(parts, dim=-1)
+        names = [f'{c}_image' for c in self.config.cameras] + [k for k, _ in self.lowdim]
+        by_name = dict(zip(names, parts))
+        return torch.cat([by_name[key] for key in self.order], dim=-1)
 
     def forward(self, obs: Dict[str, torch.Tensor],
                 camera_features: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:

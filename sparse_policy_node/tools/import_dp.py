@@ -1,86 +1,174 @@
 """``sparse-policy import-dp``: convert a Diffusion Policy DP-T checkpoint to a model directory.
 
-Accepted inputs (no arbitrary unpickling):
+Accepted weights (no unpickling unless asked):
 
-- a ``.safetensors`` file holding the policy state dict (e.g. the ``ema_model`` entry);
-- a ``.ckpt`` / ``.pt`` file loadable with ``torch.load(weights_only=True)``: either a state
-  dict or a workspace payload with ``state_dicts['ema_model']`` (or ``['model']``).
+- a ``.safetensors`` file holding the policy state dict (the ``ema_model`` entry);
+- a ``.ckpt`` / ``.pt`` file loadable with ``torch.load(weights_only=True)``: a state dict or
+  a workspace payload with ``state_dicts['ema_model']`` (or ``['model']``);
+- a Diffusion Policy workspace ``.ckpt`` (pickled Hydra config) with ``--trust-pickle``: it
+  is unpickled, which can run arbitrary code, so only for files you trust.
 
-DP workspace checkpoints also pickle their Hydra config; ``weights_only`` refuses those, and
-the error explains how to extract the state dict with DP's own environment.
+The policy config (observation order, sizes, crop, sampler and K, n_action_steps) comes from
+``--config`` (JSON or YAML: the run's ``.hydra/config.yaml`` or the export of ``EXPORT_HINT``)
+or, with ``--trust-pickle``, from the checkpoint itself. Without either it is guessed.
 """
 
+import json
 import os
+import sys
 
-EXTRACT_HINT = (
-    'extract the weights once in your Diffusion Policy environment, e.g. with '
-    'torch.load(IN.ckpt, pickle_module=dill)["state_dicts"]["ema_model"] written by '
-    'safetensors.torch.save_file (tensors made contiguous), and import that .safetensors file')
+EXPORT_ONE_LINER = (
+    'python -c "import sys,json,torch,dill;from omegaconf import OmegaConf as O;'
+    'from safetensors.torch import save_file;'
+    "p=torch.load(sys.argv[1],pickle_module=dill,map_location='cpu');"  # noqa: Q000
+    "json.dump(O.to_container(p['cfg']),open('dp_config.json','w'));"  # noqa: Q000
+    "save_file({k:v.contiguous() for k,v in p['state_dicts']['ema_model'].items()},"  # noqa
+    "'ema.safetensors')\" IN.ckpt")  # noqa: Q000
+EXPORT_HINT = (
+    'export the config and the EMA weights once in your Diffusion Policy environment: '
+    f'{EXPORT_ONE_LINER}  -- then: sparse-policy import-dp ema.safetensors OUT '
+    '--config dp_config.json (or pass --trust-pickle to unpickle IN.ckpt here)')
+PICKLE_WARNING = ('import-dp: WARNING: --trust-pickle unpickles {path}; unpickling can run '
+                  'arbitrary code. Use it only for checkpoints you made or trust.')
 
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('checkpoint', help='.safetensors state dict, or a weights-only .ckpt')
+    parser.add_argument('checkpoint', help='.safetensors state dict, or a .ckpt')
     parser.add_argument('out', help='output model directory')
+    parser.add_argument('--config', default=None,
+                        help='Diffusion Policy config as JSON or YAML (.hydra/config.yaml of '
+                             'the run, or exported from the .ckpt); sets observation order, '
+                             'sizes, crop, sampler, K and n_action_steps')
+    parser.add_argument('--trust-pickle', action='store_true',
+                        help='unpickle a workspace .ckpt (runs code from the file!) to read '
+                             'its weights and config')
     parser.add_argument('--use-raw', action='store_true',
                         help='take state_dicts["model"] instead of the EMA weights')
-    parser.add_argument('--n-head', type=int, default=4, help='attention heads of the DP-T')
+    parser.add_argument('--n-head', type=int, default=4,
+                        help='attention heads (without --config only)')
     parser.add_argument('--lowdim-order', default='robot0_eef_pos,robot0_eef_quat,'
-                        'robot0_gripper_qpos', help='order of low-dim keys in the obs vector')
-    parser.add_argument('--image-size', default='84,84', help='H,W of the camera images')
-    parser.add_argument('--crop', default=None, help='H,W crop (default 76,76 for 84x84)')
+                        'robot0_gripper_qpos',
+                        help='order of low-dim keys (without --config only)')
+    parser.add_argument('--image-size', default='84,84',
+                        help='H,W of the camera images (without --config only)')
+    parser.add_argument('--crop', default=None,
+                        help='H,W crop, default 76,76 for 84x84 (without --config only)')
 
 
-def load_state_dict(path: str, use_raw: bool):
-    """Load an upstream state dict without executing pickled code."""
+def _unpickle(path: str):
+    """torch.load with full unpickling (dill when installed, as DP saves with it)."""
+    import torch
+    print(PICKLE_WARNING.format(path=path), file=sys.stderr)
+    try:
+        import dill as pickle_module
+    except ImportError:
+        import pickle as pickle_module
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False,
+                          pickle_module=pickle_module)
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f'import-dp: unpickling {path} needs the module {exc.name!r} '
+                         f'(pip install omegaconf dill); or {EXPORT_HINT}') from exc
+
+
+def load_checkpoint(path: str, use_raw: bool, trust_pickle: bool = False):
+    """Load an upstream state dict and, when the file carries one, its config.
+
+    Returns:
+        (state dict, config as plain data or None).
+    """
     import torch
     if not os.path.isfile(path):
         raise SystemExit(f'import-dp: {path} does not exist')
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
-        return load_file(path)
+        return load_file(path), None
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: B902 - torch raises several unpickling error types
-        raise SystemExit(f'import-dp: {path} cannot be loaded safely ({exc.__class__.__name__})'
-                         f'; {EXTRACT_HINT}') from exc
+        if not trust_pickle:
+            raise SystemExit(f'import-dp: {path} cannot be loaded without unpickling '
+                             f'({exc.__class__.__name__}); {EXPORT_HINT}') from exc
+        payload = _unpickle(path)
+    cfg = None
+    if isinstance(payload, dict) and 'cfg' in payload:
+        cfg = plain_config(payload['cfg'])
     if isinstance(payload, dict) and 'state_dicts' in payload:
         key = 'model' if use_raw else 'ema_model'
         if key not in payload['state_dicts']:
             raise SystemExit(f'import-dp: checkpoint has no state_dicts[{key!r}]')
-        return payload['state_dicts'][key]
-    return payload
+        return payload['state_dicts'][key], cfg
+    return payload, cfg
+
+
+def plain_config(cfg):
+    """Return an OmegaConf ``DictConfig`` (unresolved) or plain data as dicts and lists."""
+    if type(cfg).__module__.startswith('omegaconf'):
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(cfg, resolve=False)
+    return cfg
+
+
+def read_config_file(path: str) -> dict:
+    """Read a JSON or YAML config file (mapping order kept: it is the observation order)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'import-dp: config {path} does not exist')
+    with open(path) as f:
+        text = f.read()
+    import yaml
+    try:
+        return json.loads(text) if path.endswith('.json') else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise SystemExit(f'import-dp: config {path} cannot be parsed: {exc}') from exc
 
 
 def run(args) -> int:
     """Convert, verify by loading the result, and report."""
     from sparse_policy_node.core.checkpoint import load_policy
     from sparse_policy_node.core.checkpoint import save_policy
+    from sparse_policy_node.core.config import ConfigError
+    from sparse_policy_node.core.dp_config import DPConfigError
+    from sparse_policy_node.core.dp_config import spec_from_config
     from sparse_policy_node.core.dp_import import check_image_normalizer
     from sparse_policy_node.core.dp_import import convert_state_dict
-    from sparse_policy_node.core.dp_import import DPImportError
     from sparse_policy_node.core.dp_import import infer_config
     from sparse_policy_node.core.policy import DiffusionPolicy
 
-    state = load_state_dict(args.checkpoint, args.use_raw)
-    image_size = tuple(int(v) for v in args.image_size.split(','))
-    crop = tuple(int(v) for v in args.crop.split(',')) if args.crop else None
+    state, cfg = load_checkpoint(args.checkpoint, args.use_raw, args.trust_pickle)
+    if args.config:
+        cfg = read_config_file(args.config)
     try:
-        config = infer_config(state, n_head=args.n_head,
-                              lowdim_order=tuple(args.lowdim_order.split(',')),
-                              crop_size=crop, image_size=image_size)
+        spec = spec_from_config(cfg) if cfg is not None else None
+        if spec is None:
+            print('import-dp: no policy config (--config): observation order, sampler and '
+                  'n_action_steps are guessed; ' + EXPORT_HINT, file=sys.stderr)
+            image_size = tuple(int(v) for v in args.image_size.split(','))
+            crop = tuple(int(v) for v in args.crop.split(',')) if args.crop else None
+            config = infer_config(state, n_head=args.n_head,
+                                  lowdim_order=tuple(args.lowdim_order.split(',')),
+                                  crop_size=crop, image_size=image_size)
+        else:
+            config = infer_config(state, spec)
         check_image_normalizer(state)
         policy = DiffusionPolicy(config)
         converted = convert_state_dict(state)
         missing, unexpected = policy.load_state_dict(converted, strict=False)
         if missing or unexpected:
-            raise DPImportError(f'missing {sorted(missing)[:6]}, unexpected '
+            raise DPConfigError(f'missing {sorted(missing)[:6]}, unexpected '
                                 f'{sorted(unexpected)[:6]}')
-    except DPImportError as exc:
+    except (DPConfigError, ConfigError) as exc:
         raise SystemExit(f'import-dp: {exc}') from exc
-    save_policy(policy, args.out, metadata={'imported_from': os.path.basename(args.checkpoint),
-                                            'weights': 'model' if args.use_raw else 'ema'})
+    metadata = {'imported_from': os.path.basename(args.checkpoint),
+                'weights': 'model' if args.use_raw else 'ema',
+                'config': 'guessed' if spec is None else 'from the Diffusion Policy config'}
+    if spec is not None:
+        metadata['dp_obs_keys'] = [k for k, _, _ in spec.obs]
+    save_policy(policy, args.out, metadata=metadata)
     load_policy(args.out)
+    s = config.scheduler
     print(f'import-dp: wrote {args.out} ({sum(p.numel() for p in policy.parameters())} '
-          f'parameters, {config.transformer.n_layer} layers)')
+          f'parameters, {config.transformer.n_layer} layers, cameras '
+          f'{list(config.obs.vision.cameras)}, {s.sampler}-{s.num_inference_steps}, '
+          f'{config.n_action_steps} actions per chunk)')
     return 0
