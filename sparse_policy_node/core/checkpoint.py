@@ -6,10 +6,12 @@ path and what is wrong (missing file, bad JSON, unknown config field, missing/un
 tensor, shape mismatch).
 """
 
+import hashlib
 import json
 import os
 from typing import Dict
 from typing import Optional
+from typing import Tuple
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -27,6 +29,8 @@ POLICY_CONFIG = 'config.json'
 POLICY_WEIGHTS = 'model.safetensors'
 PRUNER_CONFIG = 'pruner.json'
 PRUNER_WEIGHTS = 'pruner.safetensors'
+PRUNERS_DIR = 'pruners'  # extra pruners, one per schedule: pruners/<sampler>-<K>/
+SERVING_CONFIG = 'serving.json'
 
 
 class CheckpointError(RuntimeError):
@@ -159,8 +163,93 @@ def read_pruner_metadata(directory: str) -> dict:
     return _read_json(os.path.join(directory, PRUNER_CONFIG)).get('metadata', {})
 
 
-def load_pruner(directory: str, device: str = 'cpu'):
-    """Build the pruner stored in ``directory`` (eval mode)."""
+def policy_sha256(directory: str) -> str:
+    """Hex SHA-256 of a model directory's policy weights (what a pruner was trained for)."""
+    digest = hashlib.sha256()
+    with open(os.path.join(directory, POLICY_WEIGHTS), 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def schedule_name(sampler: str, steps: int) -> str:
+    """``'<sampler>-<K>'``, e.g. ``'ddim-10'`` (pruner sub-directory names, variant names)."""
+    return f'{sampler}-{int(steps)}'
+
+
+def pruner_schedule_of(metadata: dict) -> Optional[Tuple[str, int]]:
+    """(sampler, K) a pruner was trained for, from its metadata; None when not recorded."""
+    if 'sampler' in metadata and 'num_inference_steps' in metadata:
+        return str(metadata['sampler']), int(metadata['num_inference_steps'])
+    return None
+
+
+def pruner_dirs(model_dir: str) -> Dict[Optional[Tuple[str, int]], str]:
+    """Every pruner of a model directory by the schedule it was trained for.
+
+    The top-level ``pruner.json`` and each ``pruners/<sampler>-<K>/pruner.json``. A pruner
+    without a recorded schedule is keyed ``None`` (usable on any schedule, unchecked).
+
+    Raises:
+        CheckpointError: two pruners claim the same schedule.
+    """
+    found: Dict[Optional[Tuple[str, int]], str] = {}
+    candidates = [model_dir]
+    extra = os.path.join(model_dir, PRUNERS_DIR)
+    if os.path.isdir(extra):
+        candidates += [os.path.join(extra, d) for d in sorted(os.listdir(extra))]
+    for directory in candidates:
+        if not has_pruner(directory):
+            continue
+        schedule = pruner_schedule_of(read_pruner_metadata(directory))
+        if schedule in found:
+            raise CheckpointError(f'{directory} and {found[schedule]} both hold a pruner for '
+                                  f'schedule {schedule}; keep one')
+        found[schedule] = directory
+    return found
+
+
+def load_pruners(model_dir: str, device: str = 'cpu') -> dict:
+    """Load every pruner of ``model_dir`` (see :func:`pruner_dirs`), each checked against
+    the policy weights it was trained for.
+
+    Returns:
+        {(sampler, K) or None: Pruner}.
+    """
+    return {schedule: load_pruner(directory, device, policy_dir=model_dir)
+            for schedule, directory in pruner_dirs(model_dir).items()}
+
+
+def read_serving_config(model_dir: str) -> Optional[dict]:
+    """The serving default installed by ``sparse-policy frontier --install``, or None.
+
+    Returns:
+        ``{'runtime': {RuntimeConfig fields}, ...}`` as written.
+    """
+    path = os.path.join(model_dir, SERVING_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    data = _read_json(path)
+    if not isinstance(data.get('runtime'), dict):
+        raise CheckpointError(f'{path} must hold a "runtime" object')
+    return data
+
+
+def write_serving_config(model_dir: str, runtime: dict, provenance: dict) -> str:
+    """Write the serving default (RuntimeConfig fields + how it was chosen); return the path."""
+    path = os.path.join(model_dir, SERVING_CONFIG)
+    _write_json(path, {'format_version': FORMAT_VERSION, 'runtime': runtime,
+                       'chosen_by': provenance})
+    return path
+
+
+def load_pruner(directory: str, device: str = 'cpu', policy_dir: Optional[str] = None):
+    """Build the pruner stored in ``directory`` (eval mode).
+
+    The pruner gets ``schedule`` ((sampler, K) it was trained for, or None) and ``metadata``.
+    With ``policy_dir``, the policy hash recorded at training is checked against that
+    directory's weights: a pruner trained for other weights raises :class:`CheckpointError`.
+    """
     from sparse_policy_node.core.pruner import Pruner
     path = os.path.join(directory, PRUNER_CONFIG)
     data = _read_json(path)
@@ -169,7 +258,16 @@ def load_pruner(directory: str, device: str = 'cpu'):
         num_units, cond_dim = int(data['num_units']), int(data['cond_dim'])
     except (ConfigError, TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f'{path}: {exc}') from exc
+    metadata = data.get('metadata') or {}
+    recorded = metadata.get('policy_sha256')
+    if policy_dir is not None and recorded and recorded != policy_sha256(policy_dir):
+        raise CheckpointError(
+            f'{path} was trained for policy weights with sha256 {recorded[:12]}..., but '
+            f'{os.path.join(policy_dir, POLICY_WEIGHTS)} has {policy_sha256(policy_dir)[:12]}'
+            f'...; retrain the pruner for these weights (sparse-policy train-pruner)')
     pruner = Pruner(config, num_units=num_units, cond_dim=cond_dim)
     weights = os.path.join(directory, PRUNER_WEIGHTS)
     load_state_strict(pruner, _load_tensors(weights), weights)
+    pruner.schedule = pruner_schedule_of(metadata)
+    pruner.metadata = metadata
     return pruner.to(device).eval()

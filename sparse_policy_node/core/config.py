@@ -285,6 +285,9 @@ class RuntimeConfig:
             ``('forward', 'timestep', 'rollout')``.
         sampler: ``'ddpm'`` or ``'ddim'``.
         num_inference_steps: K.
+        rollout_max_age: cache aging, in chunks: a rollout-cache slot written more than this
+            many chunks ago is not reused (the unit computes and refreshes it). 0 never
+            expires a slot (the paper's semantics).
     """
 
     sparsity_enabled: bool = True
@@ -293,6 +296,7 @@ class RuntimeConfig:
     directions: Tuple[str, ...] = REUSE_DIRECTIONS
     sampler: str = 'ddpm'
     num_inference_steps: int = 100
+    rollout_max_age: int = 0
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
@@ -316,6 +320,10 @@ class RuntimeConfig:
         _require(isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1,
                  f'RuntimeConfig.num_inference_steps must be an int >= 1, '
                  f'got {self.num_inference_steps!r}')
+        _require(isinstance(self.rollout_max_age, int)
+                 and not isinstance(self.rollout_max_age, bool) and self.rollout_max_age >= 0,
+                 f'RuntimeConfig.rollout_max_age must be an int >= 0 (0: never expire), '
+                 f'got {self.rollout_max_age!r}')
         _require(self.gate_source != 'static' or s >= 0,
                  'RuntimeConfig.target_sparsity must be set (>= 0) for gate_source=static')
         _require(self.gate_source != 'random' or s >= 0,

@@ -39,6 +39,7 @@ from sparse_policy_node.core.gates import static_gates
 from sparse_policy_node.core.policy import ObservationError
 from sparse_policy_node.core.sampler import initial_noise
 from sparse_policy_node.core.scheduler import NoiseScheduler
+from sparse_policy_node.core.sparse_sampler import RolloutAgeStats
 from sparse_policy_node.core.sparse_sampler import sample_soft
 from sparse_policy_node.core.sparse_sampler import sample_sparse
 import torch
@@ -53,14 +54,29 @@ class SparseEngine:
     """Sparse diffusion-policy inference with caches that live across control steps."""
 
     def __init__(self, policy, pruner=None, runtime: Optional[RuntimeConfig] = None):
+        """
+        Args:
+            policy: the :class:`DiffusionPolicy` (frozen, eval mode).
+            pruner: None, one :class:`Pruner`, or ``{(sampler, K): Pruner}`` with one pruner
+                per schedule it was trained for (:func:`checkpoint.load_pruners`). A pruner
+                whose ``schedule`` is None is used on any schedule without a check.
+            runtime: knobs; default: learned gates on the first pruner's schedule, or dense on
+                the model's schedule without a pruner.
+        """
         self.policy = policy.eval()
-        self.pruner = None if pruner is None else pruner.eval()
+        if pruner is None:
+            pruner = {}
+        elif not isinstance(pruner, dict):
+            pruner = {pruner.schedule: pruner}
+        self.pruners = {s: p.eval() for s, p in pruner.items()}
         self.device = next(policy.parameters()).device
         if runtime is None:
-            runtime = RuntimeConfig(
-                sparsity_enabled=pruner is not None,
-                sampler=policy.config.scheduler.sampler,
-                num_inference_steps=policy.config.scheduler.num_inference_steps)
+            sched = policy.config.scheduler
+            trained = [s for s in self.pruners if s is not None]
+            sampler, steps = trained[0] if trained else (sched.sampler,
+                                                         sched.num_inference_steps)
+            runtime = RuntimeConfig(sparsity_enabled=bool(self.pruners), sampler=sampler,
+                                    num_inference_steps=steps)
         self.check_runtime(runtime)
         self._runtime = runtime
         self._pending: Optional[RuntimeConfig] = None
@@ -90,15 +106,36 @@ class SparseEngine:
         with self._lock:
             return self._pending or self._runtime
 
+    def pruner_for(self, sampler: str, steps: int):
+        """The pruner trained for schedule (sampler, K), else an unchecked one, else None."""
+        return self.pruners.get((sampler, int(steps)), self.pruners.get(None))
+
+    @property
+    def pruner(self):
+        """The pruner of the schedule in force (None: no pruner for it)."""
+        runtime = self.runtime
+        return self.pruner_for(runtime.sampler, runtime.num_inference_steps)
+
     def check_runtime(self, cfg: RuntimeConfig) -> None:
-        """Raise ConfigError when ``cfg`` cannot run with this model (no side effects)."""
+        """Raise ConfigError when ``cfg`` cannot run with this model (no side effects).
+
+        Learned gates need a pruner trained for the requested schedule (sampler, K): gates
+        learned for DDPM-100 mean nothing at DDIM-10's timesteps, so that is refused, not run.
+        """
         n_train = self.policy.config.scheduler.num_train_timesteps
         if cfg.num_inference_steps > n_train:
             raise ConfigError(f'RuntimeConfig.num_inference_steps={cfg.num_inference_steps} '
                               f'exceeds num_train_timesteps={n_train} of the model')
-        if cfg.sparsity_enabled and cfg.gate_source == 'pruner' and self.pruner is None:
-            raise ConfigError('RuntimeConfig.gate_source=pruner but this model has no pruner; '
-                              'use static, random or dense, or train a pruner')
+        if cfg.sparsity_enabled and cfg.gate_source == 'pruner':
+            if not self.pruners:
+                raise ConfigError('RuntimeConfig.gate_source=pruner but this model has no '
+                                  'pruner; use static, random or dense, or train a pruner')
+            if self.pruner_for(cfg.sampler, cfg.num_inference_steps) is None:
+                have = ', '.join(f'{s}-{k}' for s, k in sorted(self.pruners))
+                raise ConfigError(
+                    f'no pruner trained for {cfg.sampler}-{cfg.num_inference_steps} (this model '
+                    f'has pruners for: {have}); switch the schedule to one of those, turn '
+                    f'sparsity off, or train a pruner on rollouts of that schedule')
 
     def set_runtime(self, cfg: RuntimeConfig) -> None:
         """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
@@ -143,7 +180,8 @@ class SparseEngine:
         if runtime.gate_source == 'random':
             return torch.stack([random_gates(K, U, s, runtime.directions,
                                              self.random_generator) for _ in range(B)])
-        logits = self.pruner(time_mem, obs_mem)  # (B, K, U, 4)
+        pruner = self.pruner_for(runtime.sampler, runtime.num_inference_steps)
+        logits = pruner(time_mem, obs_mem)  # (B, K, U, 4)
         if s >= 0:
             return torch.stack([dial_gates(z, s, runtime.directions) for z in logits])
         return argmax_gates(logits, runtime.directions)
@@ -356,9 +394,11 @@ class SparseEngine:
         obs_mem = model.encode_obs_tokens(cond)  # (B, T_o, D)
         kv_all = model.assemble_kv(time_kv, model.obs_kv(obs_mem))  # per layer (B,K,nh,T_c,dh)
         schedule = (sched.sampler, B, *sched.timesteps.tolist())
-        forced_dense = self.cache.begin_chunk(schedule, sched.num_steps)
+        forced_dense = self.cache.begin_chunk(schedule, sched.num_steps,
+                                              runtime.rollout_max_age)
         K, U = sched.num_steps, model.num_units
         timing = {}
+        ages = RolloutAgeStats()
         if B == 1:
             gates_fn = None
             if not forced_dense and gates is not None:
@@ -367,7 +407,7 @@ class SparseEngine:
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
             t_dec = time.perf_counter()
             nactions, executed = sample_sparse(model, sched, kv_all, noise, gates_fn,
-                                               self.cache, step_noise, generator)
+                                               self.cache, step_noise, generator, ages)
             timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
             executed = torch.tensor(executed)  # (K, U)
         else:
@@ -395,15 +435,17 @@ class SparseEngine:
         per_sample = executed.reshape(-1, K, U)
         kinds = [int((per_sample[..., j::3] == 0).sum()) // per_sample.shape[0]
                  for j in range(3)]
+        pruner = self.pruner_for(runtime.sampler, runtime.num_inference_steps)
         macs = chunk_macs(policy.config.transformer, policy.config.obs.obs_feature_dim,
-                          sched.num_steps, kinds,
-                          self.pruner.config if pruner_ran else None)
+                          sched.num_steps, kinds, pruner.config if pruner_ran else None)
         stats.update(dense=forced_dense, num_steps=sched.num_steps, sampler=sched.sampler,
                      latency_ms=(time.perf_counter() - t_start) * 1e3,
                      encode_ms=encode_ms, frames_encoded=encoded,
                      pruner_ms=timing.get('pruner_ms', 0.0),
                      decoder_ms=timing.get('decoder_ms', 0.0),
-                     gmacs=macs['total'] / 1e9, gmacs_pruner=macs['pruner'] / 1e9)
+                     gmacs=macs['total'] / 1e9, gmacs_pruner=macs['pruner'] / 1e9,
+                     chunk_index=self.cache.chunk, rollout_max_age=runtime.rollout_max_age,
+                     **ages.as_dict())
         return {'action_pred': action_pred,
                 'action': policy.chunk_from_prediction(action_pred),
                 'stats': stats}
@@ -417,20 +459,30 @@ def load_engine(model_dir: str, device: str = 'cpu',
                 runtime: Optional[RuntimeConfig] = None) -> SparseEngine:
     """Load a model directory (policy + pruner when present) into a :class:`SparseEngine`.
 
-    Without ``runtime``, a model with a pruner runs its learned gates on the schedule (sampler,
-    steps) the pruner was trained for, as recorded in its metadata; a model without one runs
-    dense on its config's schedule.
+    Every pruner of the directory is loaded (one per schedule; see
+    :func:`checkpoint.pruner_dirs`) and checked against the policy weights it was trained for.
+    Without ``runtime`` the model's serving default (``serving.json``, written by
+    ``sparse-policy frontier --install``) is used; without one, learned gates on the schedule
+    the pruner was trained for, or dense on the config's schedule without a pruner.
     """
-    from sparse_policy_node.core.checkpoint import has_pruner
     from sparse_policy_node.core.checkpoint import load_policy
-    from sparse_policy_node.core.checkpoint import load_pruner
-    from sparse_policy_node.core.checkpoint import read_pruner_metadata
+    from sparse_policy_node.core.checkpoint import load_pruners
     policy = load_policy(model_dir, device)
-    pruner = None
-    if has_pruner(model_dir):
-        pruner = load_pruner(model_dir, device)
-        meta = read_pruner_metadata(model_dir)
-        if runtime is None and 'sampler' in meta and 'num_inference_steps' in meta:
-            runtime = RuntimeConfig(sampler=meta['sampler'],
-                                    num_inference_steps=int(meta['num_inference_steps']))
-    return SparseEngine(policy, pruner, runtime)
+    pruners = load_pruners(model_dir, device)
+    if runtime is None:
+        runtime = serving_runtime(model_dir)
+    return SparseEngine(policy, pruners, runtime)
+
+
+def serving_runtime(model_dir: str) -> Optional[RuntimeConfig]:
+    """The model directory's serving default (``serving.json``), or None when it has none.
+
+    ``sparse-policy frontier --install`` writes it: the point of the speed/success frontier
+    chosen to serve (sampler, K, gates, dial, cache max age).
+    """
+    from sparse_policy_node.core.checkpoint import read_serving_config
+    from sparse_policy_node.core.config import config_from_dict
+    data = read_serving_config(model_dir)
+    if data is None:
+        return None
+    return config_from_dict(RuntimeConfig, data['runtime'], 'serving.json runtime')

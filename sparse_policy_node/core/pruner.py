@@ -41,6 +41,10 @@ class Pruner(nn.Module):
         self.config = config
         self.num_units = num_units
         self.cond_dim = cond_dim
+        # (sampler, K) the pruner was trained for (set from metadata by load_pruner); None:
+        # unknown, usable on any schedule without a check.
+        self.schedule = None
+        self.metadata = {}
         self.n_head = config.n_head
         self.memory_proj = nn.Linear(cond_dim, H)
         self.register_buffer('queries', sinusoidal_embedding(torch.arange(num_units), H),

@@ -5,6 +5,9 @@ Per unit b = 3 l + j at step k (tts_method.md §6.2)::
     choice C: d = f_b(LN_j(x)); x = x + d; refresh F[j], T[b], R[k][b] with d
     choice F: x = x + F[j]        choice T: x = x + T[b]        choice R: x = x + R[k][b]
 
+A reuse whose slot is empty, or a rollout reuse whose slot is older than the cache's
+``max_age`` chunks (see :mod:`cache`), computes instead.
+
 :func:`sample_sparse` branches in Python per unit, so a reused unit costs one tensor add and
 no kernel of the unit runs at all (no compute-then-mask). With every gate set to compute it
 executes exactly the operations of :func:`sampler.dense_step`, hence identical bits.
@@ -28,9 +31,30 @@ import torch
 GateRows = List[List[int]]
 
 
+class RolloutAgeStats:
+    """Ages of the rollout-cache slots one batch-1 chunk reused, and the slots that expired."""
+
+    def __init__(self):
+        self.reused = 0
+        self.age_sum = 0
+        self.age_max = 0
+        self.expired = 0
+
+    def add(self, age: int) -> None:
+        """Count one rollout reuse of a slot ``age`` chunks old."""
+        self.reused += 1
+        self.age_sum += age
+        self.age_max = max(self.age_max, age)
+
+    def as_dict(self) -> dict:
+        """``rollout_age_mean`` / ``rollout_age_max`` of reused slots, ``rollout_expired``."""
+        return {'rollout_age_mean': self.age_sum / self.reused if self.reused else 0.0,
+                'rollout_age_max': self.age_max, 'rollout_expired': self.expired}
+
+
 def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
                 gates: Optional[List[int]], cache: FeatureCache, step: int,
-                executed: List[int]) -> torch.Tensor:
+                executed: List[int], ages: Optional[RolloutAgeStats] = None) -> torch.Tensor:
     """One batch-1 denoiser call that skips reused units.
 
     Args:
@@ -41,13 +65,16 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
         cache: feature caches, updated in place.
         step: denoising step index k.
         executed: U ints, overwritten with the choices actually executed (a reuse whose cache
-            slot is empty falls back to compute).
+            slot is empty, or a rollout slot older than ``cache.max_age``, falls back to
+            compute).
+        ages: optional accumulator of the ages of reused rollout slots.
 
     Returns:
         (1, T_a, A) predicted noise.
     """
     x = model.embed_sample(sample)
     fwd, ts, roll = cache.forward, cache.timestep, cache.rollout[step]
+    written, chunk, max_age = cache.written[step], cache.chunk, cache.max_age
     for b in range(len(executed)):
         choice = 0 if gates is None else gates[b]
         d = None
@@ -57,11 +84,20 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
             d = ts[b]
         elif choice == 3:
             d = roll[b]
+            if d is not None:
+                age = chunk - written[b]
+                if max_age and age > max_age:
+                    d = None
+                    if ages is not None:
+                        ages.expired += 1
+                elif ages is not None:
+                    ages.add(age)
         if d is None:
             d = compute_unit(model, b, x, kv_all, step)
             fwd[b % 3] = d
             ts[b] = d
             roll[b] = d
+            written[b] = chunk
             choice = 0
         executed[b] = choice
         x += d  # x is this step's own residual stream (no cache holds it): add in place
@@ -72,7 +108,8 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
 def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
                   noise: torch.Tensor, gates_fn: Optional[Callable[[], GateRows]],
                   cache: FeatureCache, step_noise: Optional[torch.Tensor] = None,
-                  generator: Optional[torch.Generator] = None):
+                  generator: Optional[torch.Generator] = None,
+                  ages: Optional[RolloutAgeStats] = None):
     """Reverse diffusion at batch 1 with per-(step, unit) gates.
 
     Step 0 always computes every unit; ``gates_fn`` is called once, just before step 1, so
@@ -87,6 +124,7 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
         cache: feature caches; :meth:`FeatureCache.begin_chunk` must have been called.
         step_noise: optional (K, 1, T_a, A) DDPM variance noise.
         generator: draws variance noise when ``step_noise`` is None.
+        ages: optional accumulator of the ages of reused rollout slots.
 
     Returns:
         x: (1, T_a, A) denoised normalized actions.
@@ -100,23 +138,52 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
         if k == 1 and gates_fn is not None:
             gates = gates_fn()
         eps = sparse_step(model, x, kv_all, None if k == 0 or gates is None else gates[k],
-                          cache, k, executed[k])
+                          cache, k, executed[k], ages)
         x = scheduler.step(eps, k, x, None if step_noise is None else step_noise[k], generator)
     return x, executed
 
 
-def _mix(x, d, gate, candidates):
+def _mix(x, d, gate, candidates, rollout_fresh=None):
     # x + g_C d + sum_c g_c * candidate_c. An empty candidate falls back to compute (as the
-    # hard path does), so its gate weight moves to d. gate: (B, 4). Returns (x, g_compute).
+    # hard path does), so its gate weight moves to d; so does the rollout weight of samples
+    # whose rollout slot expired (rollout_fresh: (B,) bool or None). gate: (B, 4).
+    # Returns (x, g_compute).
     g_compute = gate[:, 0]
-    for c, value in enumerate(candidates, start=1):
+    g = [gate[:, c] for c in range(1, 4)]
+    if rollout_fresh is not None and candidates[2] is not None:
+        fresh = rollout_fresh.to(gate.dtype)
+        g_compute = g_compute + g[2] * (1.0 - fresh)
+        g[2] = g[2] * fresh
+    for c, value in enumerate(candidates):
         if value is None:
-            g_compute = g_compute + gate[:, c]
+            g_compute = g_compute + g[c]
     x = x + g_compute[:, None, None] * d
-    for c, value in enumerate(candidates, start=1):
+    for c, value in enumerate(candidates):
         if value is not None:
-            x = x + gate[:, c, None, None] * value
+            x = x + g[c][:, None, None] * value
     return x, g_compute
+
+
+def _rollout_fresh(cache: FeatureCache, step: int, unit: int, batch: int):
+    # (B,) bool: rollout slot not older than cache.max_age, per sample; None when no limit.
+    if not cache.max_age or cache.rollout[step][unit] is None:
+        return None
+    age = cache.chunk - cache.written[step][unit]
+    if not torch.is_tensor(age):
+        age = torch.full((batch,), age, dtype=torch.long)
+    return age <= cache.max_age
+
+
+def _write_age(cache: FeatureCache, step: int, unit: int, computed: torch.Tensor) -> None:
+    # Per-sample chunk number of rollout slot (step, unit) after this unit; computed: (B,)
+    # bool. An empty slot is filled for every sample (as the caches are).
+    if cache.rollout[step][unit] is None:
+        cache.written[step][unit] = cache.chunk
+        return
+    old = cache.written[step][unit]
+    if not torch.is_tensor(old):
+        old = torch.full(computed.shape, old, dtype=torch.long)
+    cache.written[step][unit] = torch.where(computed, cache.chunk, old)
 
 
 def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
@@ -151,8 +218,10 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
             kind = b % 3
             d = compute_unit(model, b, x, kv_all, k)
             candidates = (cache.forward[kind], cache.timestep[b], roll[b])
-            x, g_compute = _mix(x, d, gates[:, k, b], candidates)
+            x, g_compute = _mix(x, d, gates[:, k, b], candidates,
+                                _rollout_fresh(cache, k, b, x.shape[0]))
             computed = (g_compute > 0.5)[:, None, None]  # (B, 1, 1)
+            _write_age(cache, k, b, computed.view(-1))
             fresh = d.detach()
             for slots, idx in ((cache.forward, kind), (cache.timestep, b), (roll, b)):
                 old = slots[idx]

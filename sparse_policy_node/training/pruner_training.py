@@ -77,6 +77,8 @@ class PrunerTrainConfig:
             the first episode-batch boundary after it, then validates and saves; 0 disables.
         seed: seed of initialisation and episode order.
         threads: torch CPU threads; 0 leaves torch's default.
+        rollout_max_age: cache aging during training, as deployed (``RuntimeConfig``): a
+            rollout slot older than this many frames falls back to compute; 0 never.
         pruner: pruner architecture.
     """
 
@@ -93,6 +95,7 @@ class PrunerTrainConfig:
     max_minutes: float = 0.0
     seed: int = 0
     threads: int = 0
+    rollout_max_age: int = 0
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
     def __post_init__(self):
@@ -110,9 +113,9 @@ class PrunerTrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f'PrunerTrainConfig.{name} must be >= 1, '
                                   f'got {getattr(self, name)!r}')
-        if self.val_episodes < 0 or self.warmup_steps < 0 or self.threads < 0:
-            raise ConfigError('PrunerTrainConfig.val_episodes, warmup_steps and threads must '
-                              'be >= 0')
+        if min(self.val_episodes, self.warmup_steps, self.threads, self.rollout_max_age) < 0:
+            raise ConfigError('PrunerTrainConfig.val_episodes, warmup_steps, threads and '
+                              'rollout_max_age must be >= 0')
         if not self.lr > 0 or self.lambda_sparse < 0 or self.max_minutes < 0:
             raise ConfigError(f'PrunerTrainConfig needs lr > 0, lambda_sparse >= 0 and '
                               f'max_minutes >= 0, got {self.lr!r}, {self.lambda_sparse!r}, '
@@ -172,9 +175,7 @@ class EpisodeBatch:
 
 def narrow_cache(cache: FeatureCache, n: int) -> None:
     """Keep the first ``n`` samples of every cached (B, T_a, D) tensor (episodes that ended)."""
-    cache.forward = [None if v is None else v[:n] for v in cache.forward]
-    cache.timestep = [None if v is None else v[:n] for v in cache.timestep]
-    cache.rollout = [[None if v is None else v[:n] for v in row] for row in cache.rollout]
+    cache.narrow_(n)
 
 
 # ==== one control step ====
@@ -224,7 +225,7 @@ class FrameRunner:
             cond = policy.encode_obs(frame['obs'])
             obs_mem = model.encode_obs_tokens(cond)  # (B, T_o, D)
             kv_all = model.assemble_kv(self.time_kv, model.obs_kv(obs_mem))
-        dense = self.cache.begin_chunk(self.schedule, K)
+        dense = self.cache.begin_chunk(self.schedule, K, cfg.rollout_max_age)
         with torch.set_grad_enabled(not hard):
             logits = self.pruner(self.time_mem, obs_mem)  # (B, K, U, 4)
             if hard:
@@ -449,18 +450,30 @@ def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainCo
     summary = {'best_epoch': best['epoch'], 'best': best['metrics'], 'out_dir': out_dir,
                'minutes': (time.time() - start) / 60, 'metadata': metadata}
     if install:
-        install_pruner(os.path.join(out_dir, 'best'), model_dir)
-        summary['installed'] = model_dir
+        summary['installed'] = install_pruner(os.path.join(out_dir, 'best'), model_dir)
     return summary
 
 
-def install_pruner(pruner_dir: str, model_dir: str) -> None:
-    """Copy a trained pruner (config, weights, metadata) next to the policy of ``model_dir``."""
+def install_pruner(pruner_dir: str, model_dir: str) -> str:
+    """Copy a trained pruner (config, weights, metadata) into the model directory.
+
+    A model keeps one pruner per schedule: the top-level ``pruner.json`` when it is free or
+    holds the same schedule, else ``pruners/<sampler>-<K>/``. Returns the directory written.
+    """
     from sparse_policy_node.core.checkpoint import load_pruner
-    from sparse_policy_node.core.checkpoint import PRUNER_CONFIG
-    with open(os.path.join(pruner_dir, PRUNER_CONFIG)) as f:
-        metadata = json.load(f).get('metadata', {})
-    save_pruner(load_pruner(pruner_dir), model_dir, metadata)
+    from sparse_policy_node.core.checkpoint import pruner_dirs
+    from sparse_policy_node.core.checkpoint import PRUNERS_DIR
+    from sparse_policy_node.core.checkpoint import schedule_name
+    pruner = load_pruner(pruner_dir, policy_dir=model_dir)
+    existing = {d: s for s, d in pruner_dirs(model_dir).items()}
+    target = model_dir
+    if model_dir in existing and existing[model_dir] != pruner.schedule:
+        if pruner.schedule is None:
+            raise ValueError(f'{pruner_dir} records no schedule and {model_dir} already has a '
+                             f'pruner; retrain it with this package to record one')
+        target = os.path.join(model_dir, PRUNERS_DIR, schedule_name(*pruner.schedule))
+    save_pruner(pruner, target, pruner.metadata)
+    return target
 
 
 def read_log(out_dir: str) -> List[dict]:

@@ -57,8 +57,8 @@ def file_sha256(path: str) -> str:
 
 def policy_fingerprint(model_dir: str) -> str:
     """SHA-256 of a model directory's policy weights."""
-    from sparse_policy_node.core.checkpoint import POLICY_WEIGHTS
-    return file_sha256(os.path.join(model_dir, POLICY_WEIGHTS))
+    from sparse_policy_node.core.checkpoint import policy_sha256
+    return policy_sha256(model_dir)
 
 
 class RecordingPolicy:

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='stop after the epoch that crosses this time (0: no limit)')
     parser.add_argument('--seed', type=int, default=d.seed)
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--rollout-max-age', type=int, default=d.rollout_max_age,
+                        help='cache aging as deployed: rollout slots older than this many '
+                             'control steps are recomputed (0: never)')
     parser.add_argument('--hidden-dim', type=int, default=p.hidden_dim)
     parser.add_argument('--n-head', type=int, default=p.n_head)
     parser.add_argument('--dim-feedforward', type=int, default=p.dim_feedforward)
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         batch_episodes=args.batch_episodes, val_episodes=args.val_episodes, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
+        rollout_max_age=args.rollout_max_age,
         pruner=PrunerConfig(hidden_dim=args.hidden_dim, n_head=args.n_head,
                             dim_feedforward=args.dim_feedforward, dropout=args.dropout))
     summary = train_pruner(args.model, args.rollouts, args.out, cfg, install=args.install,
