@@ -34,6 +34,10 @@ COMMANDS = {
     'bench-node': ('sparse_policy_node.tools.bench_node',
                    'policy node + robosuite bridge: observation-to-chunk latency and keeping '
                    'up, sparse next to dense'),
+    'record-bag': ('sparse_policy_node.tools.record_bag',
+                   'record the policy node inputs and outputs to a rosbag2 (MCAP or sqlite3)'),
+    'dataset-from-bag': ('sparse_policy_node.tools.dataset_from_bag',
+                         'teleoperation bags -> robomimic-layout HDF5 demos for train-policy'),
     'launch': ('sparse_policy_node.ros.bringup',
                'start the policy node (and the robosuite bridge) like ros2 launch, rclpy only'),
 }
