@@ -1,4 +1,7 @@
-r"""``sparse-policy train-pruner``: train the TTS pruner of a model on recorded rollouts.
+r"""``sparse-policy train-pruner``: train the TTS pruner of a model on rollouts or demos.
+
+With ``--demos`` the targets are demonstrated action chunks (see :mod:`demo_targets`), for a
+robot without a simulator.
 
 See :mod:`pruner_training` for the method. Example (the shipped Lift pruner)::
 
@@ -10,6 +13,7 @@ See :mod:`pruner_training` for the method. Example (the shipped Lift pruner)::
 
 import argparse
 import json
+import os
 
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
@@ -24,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = PrunerConfig()
     parser.add_argument('--model', default='models/lift',
                         help='model directory (its EMA weights are the frozen policy)')
-    parser.add_argument('--rollouts', required=True, help='rollout file of this model')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--rollouts', help='rollout file of this model')
+    source.add_argument('--demos', help='demonstrations (robomimic HDF5): targets are the '
+                                        'demonstrated chunks (real-robot recipe)')
+    parser.add_argument('--frame-stride', type=int, default=0,
+                        help='with --demos: steps between frames (0: n_action_steps)')
     parser.add_argument('--out', required=True, help='run directory (log, best/, last/)')
     parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity)
     parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
@@ -65,7 +74,17 @@ def run(args: argparse.Namespace) -> int:
         rollout_max_age=args.rollout_max_age,
         pruner=PrunerConfig(hidden_dim=args.hidden_dim, n_head=args.n_head,
                             dim_feedforward=args.dim_feedforward, dropout=args.dropout))
-    summary = train_pruner(args.model, args.rollouts, args.out, cfg, install=args.install,
+    rollouts = args.rollouts
+    if args.demos:
+        from sparse_policy_node.training.demo_targets import demos_to_rollouts
+        os.makedirs(args.out, exist_ok=True)
+        rollouts = os.path.join(args.out, 'demo_targets.hdf5')
+        try:
+            demos_to_rollouts(args.model, args.demos, rollouts,
+                              frame_stride=args.frame_stride or None, seed=args.seed)
+        except (ValueError, KeyError, OSError) as exc:
+            raise SystemExit(f'train-pruner: {exc}') from exc
+    summary = train_pruner(args.model, rollouts, args.out, cfg, install=args.install,
                            allow_other_policy=args.allow_other_policy)
     best = summary['best']
     keys = ('val_fidelity', 'val_sparsity_executed', 'train_fidelity', 'train_sparsity')
