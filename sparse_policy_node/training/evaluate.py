@@ -9,6 +9,16 @@ Each episode resets the simulator and torch's global generator with the episode 
 variants see identical initial states and initial noise. Results: a printed table,
 ``report.json``, ``success.png`` and ``tradeoff.png`` (success against sparsity and chunk
 latency) in ``--out``; ``--json`` prints one JSON object instead of the table.
+
+Quality beyond success, per variant: ``steps_success`` (mean episode length of the successful
+episodes: hesitant, slower motion shows here first) and ``action_dev``, the deviation of the
+variant's executed actions from the dense policy's on the same observations. For every chunk
+the dense reference (the model's own sampler and K) is sampled on the variant's observation
+window with the same random draws (initial noise, and DDPM variance noise in the same order),
+and ``mean |a_variant - a_dense|`` is taken in the policy's normalized action space (each
+dimension mapped to [-1, 1]). It is exactly 0 for the dense variant; for a DDIM-K variant it
+measures how far the sampler departs from the model's own. The reference costs a dense chunk
+per chunk and is excluded from ``chunk_ms``; ``--no-deviation`` skips it.
 """
 
 import argparse
@@ -26,6 +36,7 @@ import numpy as np
 from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
+from sparse_policy_node.core import keys
 from sparse_policy_node.core.config import SAMPLERS
 from sparse_policy_node.training.parallel import episode_results
 from sparse_policy_node.training.sparse_eval import check_variant
@@ -52,12 +63,75 @@ class DensePolicy:
         return self.policy.predict_action(obs)
 
 
+class DeviationProbe:
+    """Wrap a policy-like variant; measure its actions against the dense reference.
+
+    Per chunk: the global RNG state is saved, the variant samples its chunk (timed alone),
+    the state is rewound and the dense reference (the model's own schedule) samples on the
+    same observation window with the same draws, and the state is set to where the variant
+    left it, so the episode's random stream is the variant's own.
+    """
+
+    def __init__(self, inner, policy):
+        from sparse_policy_node.core.scheduler import NoiseScheduler
+        self.inner = inner
+        self.policy = policy
+        sched = policy.config.scheduler
+        self.scheduler = NoiseScheduler(sched)
+        self.scheduler.set_timesteps(sched.num_inference_steps, sched.sampler)
+        self.deviations: List[float] = []
+
+    def reset(self) -> None:
+        """New episode: reset the variant and the per-episode deviations."""
+        self.inner.reset()
+        self.deviations = []
+
+    @torch.no_grad()
+    def reference(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(1, n_action_steps, A) dense chunk, normalized, drawing from torch's global RNG."""
+        from sparse_policy_node.core.sampler import initial_noise
+        from sparse_policy_node.core.sampler import sample_dense
+        policy = self.policy
+        cond = policy.encode_obs(obs)
+        noise = initial_noise(policy.action_shape(1), None, cond.device, cond.dtype)
+        pred = sample_dense(policy.transformer, self.scheduler, cond, noise, None, None)
+        return policy.chunk_from_prediction(pred)
+
+    def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The variant's chunk, with ``chunk_ms`` (the variant alone) and ``action_dev``."""
+        before = torch.get_rng_state()
+        t0 = time.perf_counter()
+        out = self.inner.predict_action(obs)
+        chunk_ms = (time.perf_counter() - t0) * 1e3
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        ref = self.reference(obs)
+        torch.set_rng_state(after)
+        mine = self.policy.chunk_from_prediction(
+            self.policy.normalizer.normalize(keys.ACTION, out['action_pred']))
+        dev = float((mine - ref).abs().mean())
+        self.deviations.append(dev)
+        return dict(out, chunk_ms=chunk_ms, action_dev=dev)
+
+    def episode_stats(self) -> dict:
+        """The variant's statistics plus the episode's mean ``action_dev``."""
+        stats = self.inner.episode_stats() if hasattr(self.inner, 'episode_stats') else {}
+        if self.deviations:
+            stats['action_dev'] = round(float(np.mean(self.deviations)), 5)
+        return stats
+
+    def close(self) -> None:
+        """Close the variant."""
+        if hasattr(self.inner, 'close'):
+            self.inner.close()
+
+
 # name -> factory(policy, args) returning a policy-like object; any other valid name
 # (see sparse_eval) is built by make_sparse_variant.
 VARIANTS: Dict[str, Callable] = {
     'dense': lambda policy, args: DensePolicy(policy, args.get('sampler'), args.get('steps')),
 }
-SPARSE_STAT_KEYS = ('realized_sparsity', 'episode_sparsity', 'gmacs')
+SPARSE_STAT_KEYS = ('realized_sparsity', 'episode_sparsity', 'gmacs', 'action_dev')
 
 
 def make_variant(name: str, policy, options: dict):
@@ -87,8 +161,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
     parser.add_argument('--variants', nargs='+', default=['dense'], type=_variant_arg,
-                        help='dense, sparse (learned gates), dial-P, omni, only-forward, '
-                             'only-timestep, only-rollout, static[-P], random[-P], ddim-K')
+                        help='default (serving.json), dense, sparse (learned gates), dial-P '
+                             '(P %% or a fraction < 1), omni, only-forward, only-timestep, '
+                             'only-rollout, static[-P], random[-P], ddim-K; any but default '
+                             'and ddim-K take a schedule suffix @ddim-K / @ddpm-K')
+    parser.add_argument('--rollout-max-age', type=int, default=0,
+                        help='cache aging of the sparse variants (0: never expire; the '
+                             'default variant uses its own)')
+    parser.add_argument('--no-deviation', action='store_true',
+                        help='skip the dense reference per chunk (no action_dev column)')
     parser.add_argument('--ablation-sparsity', type=float, default=0.93,
                         help='sparsity of omni / only-* / static / random without -P')
     parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
@@ -118,8 +199,9 @@ def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
     done, info = False, {'success': False}
     while not done:
         t0 = time.perf_counter()
-        actions = policy.predict_action(obs_window(history))['action'][0].cpu().numpy()
-        chunk_s += time.perf_counter() - t0
+        out = policy.predict_action(obs_window(history))
+        chunk_s += out['chunk_ms'] / 1e3 if 'chunk_ms' in out else time.perf_counter() - t0
+        actions = out['action'][0].cpu().numpy()
         chunks += 1
         for action in actions:
             obs, _, done, info = env.step(action)
@@ -151,9 +233,15 @@ def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int,
     worker['n_obs_steps'] = policy.config.transformer.n_obs_steps
 
 
+def _make_probed(policy, variant, options):
+    inner = make_variant(variant, policy, options)
+    return inner if options.get('no_deviation') else DeviationProbe(inner, policy)
+
+
 def _init_worker(model_dir, task, max_steps, variant, options, threads):
     init_episode_worker(_WORKER, model_dir, task, max_steps, threads,
-                        partial(make_variant, variant, options=dict(options, model=model_dir)))
+                        partial(_make_probed, variant=variant,
+                                options=dict(options, model=model_dir)))
 
 
 def _close_local() -> None:
@@ -193,6 +281,8 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
     for name, results in per_variant.items():
         report[f'success_{name}'] = float(np.mean([r['success'] for r in results]))
         report[f'chunk_ms_{name}'] = float(np.mean([r['chunk_ms'] for r in results]))
+        wins = [r['steps'] for r in results if r['success']]
+        report[f'steps_success_{name}'] = float(np.mean(wins)) if wins else None
         for key in SPARSE_STAT_KEYS:
             if all(key in r for r in results):
                 report[f'{key}_{name}'] = float(np.mean([r[key] for r in results]))
@@ -208,17 +298,21 @@ def print_table(report: dict, variants: List[str]) -> None:
     """Print one row per variant."""
     print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}, '
           f'{report["sampler"]}-{report["num_inference_steps"]}')
-    print(f'{"variant":<14} {"success":>9} {"rate":>6} {"chunk ms":>9} {"mean steps":>11} '
-          f'{"sparsity":>9} {"episode sp.":>11} {"GMAC":>7}')
+    print(f'{"variant":<18} {"success":>9} {"rate":>6} {"chunk ms":>9} {"steps/succ.":>11} '
+          f'{"action dev":>10} {"sparsity":>9} {"episode sp.":>11} {"GMAC":>7}')
     for name in variants:
         results = report[f'episodes_{name}']
         wins = sum(r['success'] for r in results)
-        extra = ''.join(f' {report[k]:>{w}.3f}' if k in report else f' {"-":>{w}}'
-                        for k, w in ((f'realized_sparsity_{name}', 9),
-                                     (f'episode_sparsity_{name}', 11), (f'gmacs_{name}', 7)))
-        print(f'{name:<14} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
+        steps = report.get(f'steps_success_{name}')
+        extra = ''.join(f' {report[k]:>{w}.{p}f}' if report.get(k) is not None
+                        else f' {"-":>{w}}'
+                        for k, w, p in ((f'action_dev_{name}', 10, 4),
+                                        (f'realized_sparsity_{name}', 9, 3),
+                                        (f'episode_sparsity_{name}', 11, 3),
+                                        (f'gmacs_{name}', 7, 3)))
+        print(f'{name:<18} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
               f'{report[f"chunk_ms_{name}"]:>9.1f} '
-              f'{np.mean([r["steps"] for r in results]):>11.1f}{extra}')
+              f'{steps if steps is not None else float("nan"):>11.1f}{extra}')
 
 
 def plot_report(report: dict, variants: List[str], path: str) -> None:
@@ -247,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
     task = args.task or model_task(args.model)
     seeds = list(range(args.seed_start, args.seed_start + args.episodes))
     options = {'sampler': args.sampler, 'steps': args.steps,
-               'ablation_sparsity': args.ablation_sparsity}
+               'ablation_sparsity': args.ablation_sparsity,
+               'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
     per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
                                           args.workers, args.threads)
                    for name in args.variants}

@@ -4,8 +4,12 @@ Every variant runs through :class:`SparseEngine` at batch 1, so units are truly 
 the measured chunk latency is the deployed one. Variant names:
 
 ================  ===========================================================================
+``default``       the model's serving default (``serving.json``, written by
+                  ``sparse-policy frontier --install``); without one, learned gates on the
+                  pruner's schedule, or dense
 ``sparse``        learned gates as trained (argmax of the pruner, ``target_sparsity = -1``)
-``dial-P``        the pruner's compute preference, exactly ``P`` % of (step, unit) reused
+``dial-P``        the pruner's compute preference, exactly ``P`` of (step, unit) reused:
+                  ``P >= 1`` is a percentage (``dial-90``), ``P < 1`` a fraction (``dial-0.9``)
 ``omni``          the dial at the ablation sparsity, all three reuse directions
 ``only-forward``  the dial at the ablation sparsity, reuse only across blocks (F)
 ``only-timestep`` ... only from the previous denoising step (T)
@@ -15,13 +19,18 @@ the measured chunk latency is the deployed one. Variant names:
 ``ddim-K``        dense DDIM with K steps (the fewer-steps baseline; no engine sparsity)
 ================  ===========================================================================
 
+Any variant but ``default`` and ``ddim-K`` takes a schedule suffix ``@<sampler>-<K>``:
+``dial-60@ddim-10`` runs the dial on DDIM-10 with the pruner trained for DDIM-10, and
+``dense@ddim-10`` equals ``ddim-10``. A learned-gate variant on a schedule that has no pruner
+is refused (gates learned for one schedule mean nothing on another).
+
 ``P`` defaults to ``--ablation-sparsity`` (0.93, the shipped pruner's target). The
 single-direction ablations restrict the *omni-trained* pruner's preferences to one
 direction at matched sparsity; the paper trains one binary pruner per direction instead
 (tts_method.md §6.4), which is costlier and favours each ablation somewhat more.
 
-Sampler and K of the pruner variants default to those the pruner was trained for (its
-metadata), so learned gates always run on the schedule they were trained on.
+Without a suffix, sampler and K of the pruner variants default to ``--sampler`` / ``--steps``,
+else to the schedule of the model's first pruner (its metadata).
 """
 
 import re
@@ -36,38 +45,73 @@ from sparse_policy_node.core.config import RuntimeConfig
 import torch
 
 ONLY = {f'only-{d}': d for d in REUSE_DIRECTIONS}
-_PATTERN = re.compile(r'^(dense|sparse|omni|only-forward|only-timestep|only-rollout|'
-                      r'dial-\d+(?:\.\d+)?|static(?:-\d+(?:\.\d+)?)?|'
-                      r'random(?:-\d+(?:\.\d+)?)?|ddim-\d+)$')
-USES_PRUNER = ('sparse', 'dial', 'omni', 'only')
+_NUMBER = r'\d+(?:\.\d+)?'
+_SCHEDULE = r'(?:@(?:ddpm|ddim)-\d+)?'
+_PATTERN = re.compile(rf'^(default|ddim-\d+|(?:dense|sparse|omni|only-forward|only-timestep|'
+                      rf'only-rollout|dial-{_NUMBER}|static(?:-{_NUMBER})?|'
+                      rf'random(?:-{_NUMBER})?){_SCHEDULE})$')
+USES_PRUNER = ('sparse', 'dial', 'omni', 'only', 'default')
 
 
 def check_variant(name: str) -> str:
     """Validate a variant name (argparse ``type``); raise ``ValueError`` naming the forms."""
     if not _PATTERN.match(name):
-        raise ValueError(f'unknown variant {name!r}; use dense, sparse, dial-P, omni, '
+        raise ValueError(f'unknown variant {name!r}; use default, dense, sparse, dial-P, omni, '
                          f'only-forward, only-timestep, only-rollout, static[-P], random[-P] '
-                         f'or ddim-K')
+                         f'or ddim-K, optionally with a schedule suffix @ddpm-K / @ddim-K')
+    base = name.partition('@')[0]
+    kind, _, value = base.partition('-')
+    if kind in ('dial', 'static', 'random') and value and not 0 <= _sparsity(value) <= 0.99:
+        raise ValueError(f'variant {name!r}: sparsity {value} is outside [0, 0.99] (P >= 1 '
+                         f'is a percentage, P < 1 a fraction)')
+    steps = [int(value)] if kind == 'ddim' else []
+    if '@' in name:
+        steps.append(int(name.rpartition('-')[2]))
+    if any(k < 1 for k in steps):
+        raise ValueError(f'variant {name!r}: K must be >= 1')
     return name
 
 
-def parse_variant(name: str, ablation_sparsity: float) -> Tuple[str, Optional[float]]:
-    """Split a variant name into (kind, parameter): sparsity in [0, 1), or K for ``ddim``."""
+def _sparsity(value: str) -> float:
+    # 'P' of dial-P / static-P / random-P: a percentage when >= 1, else a fraction.
+    number = float(value)
+    return number / 100.0 if number >= 1 else number
+
+
+def variant_schedule(name: str) -> Optional[Tuple[str, int]]:
+    """The ``@<sampler>-<K>`` suffix of a variant name (``ddim-K``: DDIM-K), else None."""
     check_variant(name)
-    if name in ('dense', 'sparse'):
+    base, _, suffix = name.partition('@')
+    if suffix:
+        sampler, _, steps = suffix.partition('-')
+        return sampler, int(steps)
+    if base.startswith('ddim-'):
+        return 'ddim', int(base.split('-')[1])
+    return None
+
+
+def parse_variant(name: str, ablation_sparsity: float) -> Tuple[str, Optional[float]]:
+    """Split a variant name (without its schedule suffix) into (kind, parameter).
+
+    The parameter is a sparsity in [0, 0.99], or K for ``ddim``; None for ``dense``,
+    ``sparse`` and ``default``.
+    """
+    check_variant(name)
+    name = name.partition('@')[0]
+    if name in ('dense', 'sparse', 'default'):
         return name, None
     if name == 'omni' or name in ONLY:
         return ('omni' if name == 'omni' else 'only'), ablation_sparsity
     kind, _, value = name.partition('-')
     if kind == 'ddim':
         return kind, int(value)
-    return kind, (float(value) / 100.0 if value else ablation_sparsity)
+    return kind, (_sparsity(value) if value else ablation_sparsity)
 
 
 class SparseVariant:
     """Policy-like wrapper of :class:`SparseEngine` that keeps per-chunk statistics."""
 
-    def __init__(self, policy, pruner, runtime: RuntimeConfig):
+    def __init__(self, policy, pruner, runtime: Optional[RuntimeConfig]):
         from sparse_policy_node.core.engine import SparseEngine
         self.engine = SparseEngine(policy, pruner, runtime)
         self.chunks: List[dict] = []
@@ -112,18 +156,13 @@ def chunk_summary(chunks: List[dict]) -> dict:
 
 
 def pruner_schedule(model_dir: str) -> Optional[Tuple[str, int]]:
-    """(sampler, K) the model's pruner was trained for, None without a pruner or metadata."""
-    import json
-    import os
-    from sparse_policy_node.core.checkpoint import PRUNER_CONFIG
-    path = os.path.join(model_dir, PRUNER_CONFIG)
-    if not os.path.isfile(path):
+    """(sampler, K) of the model's top-level pruner, None without a pruner or metadata."""
+    from sparse_policy_node.core.checkpoint import has_pruner
+    from sparse_policy_node.core.checkpoint import pruner_schedule_of
+    from sparse_policy_node.core.checkpoint import read_pruner_metadata
+    if not has_pruner(model_dir):
         return None
-    with open(path) as f:
-        meta = json.load(f).get('metadata', {})
-    if 'sampler' in meta and 'num_inference_steps' in meta:
-        return str(meta['sampler']), int(meta['num_inference_steps'])
-    return None
+    return pruner_schedule_of(read_pruner_metadata(model_dir))
 
 
 def make_sparse_variant(name: str, policy, options: dict):
@@ -135,16 +174,25 @@ def make_sparse_variant(name: str, policy, options: dict):
         options: ``model`` (directory), optional ``sampler``, ``steps`` and
             ``ablation_sparsity``.
     """
-    from sparse_policy_node.core.checkpoint import load_pruner
+    from sparse_policy_node.core.checkpoint import load_pruners
+    from sparse_policy_node.core.engine import serving_runtime
     from sparse_policy_node.training.evaluate import DensePolicy
     kind, param = parse_variant(name, options.get('ablation_sparsity') or 0.93)
-    if kind == 'ddim':
-        return DensePolicy(policy, 'ddim', param)
+    suffix = variant_schedule(name)
+    if kind == 'ddim' or kind == 'dense':
+        sampler, steps = suffix or (options.get('sampler'), options.get('steps'))
+        return DensePolicy(policy, sampler, steps)
+    pruners = load_pruners(options['model']) if kind in USES_PRUNER else {}
+    if kind == 'default':
+        return SparseVariant(policy, pruners, serving_runtime(options['model']))
     sched = policy.config.scheduler
     trained = pruner_schedule(options['model']) if kind in USES_PRUNER else None
-    sampler = options.get('sampler') or (trained[0] if trained else sched.sampler)
-    steps = options.get('steps') or (trained[1] if trained else sched.num_inference_steps)
-    pruner = load_pruner(options['model']) if kind in USES_PRUNER else None
+    if suffix:
+        sampler, steps = suffix
+    else:
+        sampler = options.get('sampler') or (trained[0] if trained else sched.sampler)
+        steps = options.get('steps') or (trained[1] if trained else sched.num_inference_steps)
+    pruner = pruners
     if kind == 'sparse':
         knobs = {'gate_source': 'pruner', 'target_sparsity': -1.0}
     elif kind in ('dial', 'omni'):
@@ -154,7 +202,8 @@ def make_sparse_variant(name: str, policy, options: dict):
                  'directions': (ONLY[name],)}
     else:  # static / random baselines
         knobs = {'gate_source': kind, 'target_sparsity': param}
-    runtime = RuntimeConfig(sampler=sampler, num_inference_steps=steps, **knobs)
+    runtime = RuntimeConfig(sampler=sampler, num_inference_steps=steps,
+                            rollout_max_age=options.get('rollout_max_age') or 0, **knobs)
     return SparseVariant(policy, pruner, runtime)
 
 
