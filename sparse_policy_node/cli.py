@@ -25,6 +25,9 @@ COMMANDS = {
     'eval': ('sparse_policy_node.training.evaluate',
              'success rate of a model over a seed range in the simulator (dense and sparse '
              'variants)'),
+    'frontier': ('sparse_policy_node.training.frontier',
+                 'speed/success frontier of a model (dense, DDIM-K, learned sparsity per '
+                 'schedule); --install writes the serving default'),
     'rollouts': ('sparse_policy_node.training.rollouts',
                  'record dense rollouts (obs windows, noise, chunks) for pruner training'),
     'train-pruner': ('sparse_policy_node.training.train_pruner',

@@ -52,14 +52,18 @@ class DensePolicy:
     def __init__(self, policy, sampler: str = None, steps: int = None):
         self.policy = policy
         sched = policy.config.scheduler
-        policy.scheduler.set_timesteps(steps or sched.num_inference_steps,
-                                       sampler or sched.sampler)
+        self.sampler = sampler or sched.sampler
+        self.steps = steps or sched.num_inference_steps
+        policy.scheduler.set_timesteps(self.steps, self.sampler)
 
     def reset(self) -> None:
         """Nothing to clear between episodes."""
 
     def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """One dense chunk; noise comes from torch's global generator."""
+        sched = self.policy.scheduler
+        if (sched.sampler, sched.num_steps) != (self.sampler, self.steps):
+            sched.set_timesteps(self.steps, self.sampler)  # several variants, one policy
         return self.policy.predict_action(obs)
 
 
