@@ -14,6 +14,7 @@ from launch.actions import DeclareLaunchArgument
 from launch.actions import OpaqueFunction
 from launch.actions import Shutdown
 from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode
 from launch_ros.actions import Node
 from sparse_policy_node.ros.launch_args import check_values
 from sparse_policy_node.ros.launch_args import LAUNCH_ARGS
@@ -26,12 +27,14 @@ def launch_setup(context):
     values = check_values({a.name: LaunchConfiguration(a.name).perform(context)
                            for a in LAUNCH_ARGS})
     plan = plan_nodes(values, get_package_share_directory(PACKAGE))
-    # When one node ends (episodes done, model missing), the whole bring-up ends with it.
-    return [Node(package=PACKAGE, executable=n.executable, name=n.name, output='screen',
-                 parameters=n.params_files + [n.overrides],
-                 ros_arguments=['--log-level', n.log_level],
-                 on_exit=Shutdown(reason=f'{n.name} exited'))
-            for n in plan]
+    # The policy node is a managed node (it configures and activates itself unless
+    # autostart is false); when one node ends (episodes done, model missing), the whole
+    # bring-up ends with it.
+    return [(LifecycleNode if n.lifecycle else Node)(
+        package=PACKAGE, executable=n.executable, name=n.name, namespace=n.namespace,
+        remappings=n.remappings, output='screen', parameters=n.params_files + [n.overrides],
+        ros_arguments=['--log-level', n.log_level], on_exit=Shutdown(reason=f'{n.name} exited'))
+        for n in plan]
 
 
 def generate_launch_description():

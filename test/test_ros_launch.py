@@ -30,7 +30,7 @@ REAL_API = {
     'launch': {'LaunchDescription'},
     'launch.actions': {'DeclareLaunchArgument', 'OpaqueFunction', 'Shutdown'},
     'launch.substitutions': {'LaunchConfiguration'},
-    'launch_ros.actions': {'Node'},
+    'launch_ros.actions': {'Node', 'LifecycleNode'},
     'ament_index_python.packages': {'get_package_share_directory'},
 }
 
@@ -40,6 +40,10 @@ class Recorder:
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
+
+
+class LifecycleRecorder(Recorder):
+    """Stand-in for launch_ros's LifecycleNode."""
 
 
 class FakeConfiguration(Recorder):
@@ -55,7 +59,8 @@ def load_launch_file(monkeypatch, share):
         'launch.actions': {'DeclareLaunchArgument': Recorder, 'OpaqueFunction': Recorder,
                            'Shutdown': Recorder},
         'launch.substitutions': {'LaunchConfiguration': FakeConfiguration},
-        'launch_ros': {}, 'launch_ros.actions': {'Node': Recorder},
+        'launch_ros': {},
+        'launch_ros.actions': {'Node': Recorder, 'LifecycleNode': LifecycleRecorder},
         'ament_index_python': {},
         'ament_index_python.packages': {'get_package_share_directory': lambda pkg: share},
     }
@@ -85,7 +90,9 @@ def test_launch_file_uses_only_real_launch_api():
     [], ['sim:=none', 'device:=cpu', 'sparsity:=off'],
     ['model:=/m', 'sparsity:=0.93', 'steps:=16', 'episodes:=5', 'seed:=7',
      'params_file:=/p.yaml', 'summary_dir:=/s', 'log_level:=debug', 'use_sim_time:=false',
-     'lockstep:=false']])
+     'lockstep:=false', 'namespace:=robot1'],
+    ['sim:=none', 'namespace:=/arm/left', 'remap:=ee_pose=/arm/ee_pose,'
+     'agentview/image_raw=/camera/color/image_raw']])
 def test_launch_file_and_bringup_start_the_same_nodes(monkeypatch, tokens):
     description = load_launch_file(monkeypatch, '/share')
     entities = description.args[0]
@@ -105,8 +112,17 @@ def test_launch_file_and_bringup_start_the_same_nodes(monkeypatch, tokens):
         assert node.kwargs['executable'] == p.executable
         assert node.kwargs['parameters'] == p.params_files + [p.overrides]
         assert node.kwargs['ros_arguments'] == ['--log-level', p.log_level]
+        # The policy node is a LifecycleNode in the launch file; namespace and remaps are
+        # the same in both bring-ups.
+        assert isinstance(node, LifecycleRecorder) == p.lifecycle == (p.name == 'policy_node')
+        assert node.kwargs['namespace'] == p.namespace
+        assert node.kwargs['remappings'] == p.remappings
         cmd = bringup.node_command(p, '/o.yaml')
         assert cmd[cmd.index('-m') + 1] == p.module
+        rules = [cmd[i + 1] for i, t in enumerate(cmd) if t == '-r']
+        assert rules == [f'__node:={p.name}'] + ([f'__ns:={p.namespace}'] if p.namespace
+                                                  else []) + [f'{a}:={b}'
+                                                              for a, b in p.remappings]
         files = [cmd[i + 1] for i, t in enumerate(cmd) if t == '--params-file']
         assert files == p.params_files + ['/o.yaml']
 
@@ -121,8 +137,12 @@ def test_plan_maps_arguments_to_parameters():
     bridge = la.plan_nodes(la.parse_launch_args(['lockstep:=false']), '/share')[1]
     assert bridge.overrides['lockstep'] is False
     assert la.sparsity_overrides('off') == {'sparsity.enabled': False}
+    policy = la.plan_nodes(la.parse_launch_args(
+        ['sim:=none', 'namespace:=robot1', 'remap:=ee_pose=/arm/ee_pose']), '/share')[0]
+    assert (policy.namespace, policy.remappings) == ('/robot1', [('ee_pose', '/arm/ee_pose')])
     for bad in (['sparsity:=2'], ['sim:=gazebo'], ['nonsense'], ['steps:=x'], ['x:=1'],
-                ['lockstep:=maybe']):
+                ['lockstep:=maybe'], ['remap:=ee_pose=/arm/ee_pose'],   # needs sim:=none
+                ['sim:=none', 'remap:=ee_pose'], ['namespace:=1robot']):
         with pytest.raises(ValueError):
             la.plan_nodes(la.parse_launch_args(bad), '/share')
 

@@ -1,5 +1,7 @@
 """Observation history: alignment to the policy rate, padding, ordering and resets."""
 
+import time
+
 import numpy as np
 from sparse_policy_node.ros import obs_history as oh
 
@@ -55,5 +57,16 @@ def test_reset_floor_drops_late_messages_of_the_old_episode():
     assert h.add('cam', 1 * DT, np.ones(1)) == oh.ACCEPTED
 
 
-def test_stale_streams_by_arrival():
-    assert oh.stale_streams({'a': 1.0, 'b': 9.5, 'c': None}, 1.0, now=10.0) == ['a']
+def test_one_staleness_rule_stamp_age_or_arrival_age_whichever_is_larger():
+    s = 1_000_000_000
+    assert oh.input_age_s(9 * s, arrival=9.9, now_ns=10 * s, now_mono=10.0) == 1.0  # old stamp
+    assert abs(oh.input_age_s(10 * s, arrival=8.0, now_ns=10 * s, now_mono=10.0) - 2.0) < 1e-9
+    assert oh.input_age_s(12 * s, arrival=10.0, now_ns=10 * s, now_mono=10.0) == 0.0  # future
+    assert oh.input_age_s(5 * s, arrival=9.5, now_ns=0, now_mono=10.0) == 0.5  # no clock yet
+    assert oh.future_by_s(12 * s, 10 * s) == 2.0 and oh.future_by_s(12 * s, 0) == 0.0
+    h = make(('a', 'b'))
+    arrival = time.monotonic()
+    h.add('a', 10 * s, np.ones(1), arrival=arrival)
+    ages = h.ages(now_ns=11 * s, now_mono=arrival + 0.5)
+    assert ages['a'] == 1.0                    # by its stamp
+    assert ages['b'] >= 0.5                    # missing: waiting since the history was cleared

@@ -1,6 +1,7 @@
 """Policy node behaviour and robustness with real rclpy nodes (tiny random-weight model)."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -34,20 +35,52 @@ def system(context, model_dir):
     """Start a policy node and a fake robot; yield a factory taking parameter overrides."""
     started = []
 
-    def start(**overrides):
-        values = dict(TINY_PARAMS, model_dir=model_dir, diagnostics_period_s=0.2, **overrides)
-        node = PolicyNode(context=context, parameter_overrides=[
+    def start(namespace='', **overrides):
+        # The fake robot runs ahead of real time (steps published 5 ms apart, stamped
+        # 50 ms apart): allow stamps up to 2 s ahead unless a test says otherwise.
+        values = dict(TINY_PARAMS, model_dir=model_dir, diagnostics_period_s=0.2,
+                      max_future_stamp_s=2.0)
+        values.update(overrides)
+        node = PolicyNode(context=context, namespace=namespace, parameter_overrides=[
             Parameter(k, value=v) for k, v in values.items()])
-        robot = FakeRobot(context=context)
+        robot = FakeRobot(context=context, namespace=namespace)
         spinner = Spinner(context, node, robot).__enter__()
-        started.append((spinner, node))
+        started.append((spinner, node, robot))
         time.sleep(0.3)  # discovery
         return node, robot
 
     yield start
-    for spinner, node in started:
+    for spinner, node, robot in started:
         spinner.__exit__()
         node.close()
+        node.destroy_node()
+        robot.destroy_node()
+
+
+class Logs:
+    """The node's log lines, read from the test's stderr (rcutils writes them there)."""
+
+    def __init__(self, capfd):
+        self.capfd, self.text = capfd, ''
+
+    def wait(self, text: str, timeout: float = 3.0, start: int = 0) -> bool:
+        """Wait until ``text`` was logged (after character ``start``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.text += self.capfd.readouterr().err
+            if text in self.text[start:] or time.monotonic() > deadline:
+                return text in self.text[start:]
+            time.sleep(0.05)
+
+    def mark(self) -> int:
+        """Return a position to count log lines from."""
+        self.text += self.capfd.readouterr().err
+        return len(self.text)
+
+
+@pytest.fixture
+def logs(capfd):
+    return Logs(capfd)
 
 
 def now_ns():
@@ -73,7 +106,12 @@ def test_chunk_is_stamped_named_timed_and_clamped(system):
     deadline = time.monotonic() + 2.0
     while not robot.next_actions and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert robot.next_actions and len(robot.next_actions[0]) == 7
+    assert robot.next_actions
+    action = robot.next_actions[0]   # stamped with the time it is for, named like the chunk
+    assert list(action.name) == chunk.joint_names and len(action.position) == 7
+    k = (conv.stamp_to_ns(action.header.stamp) - t0) // DT
+    assert conv.stamp_to_ns(action.header.stamp) == t0 + k * DT and 0 <= k < 4
+    assert np.allclose(action.position, chunk.points[k].positions)
 
 
 def test_replans_once_per_execution_horizon_and_horizon_is_dynamic(system):
@@ -164,7 +202,7 @@ def test_camera_stops_then_resumes(system):
         robot.publish_obs(t, camera=False)
         time.sleep(0.05)
     assert len(robot.chunks) == n_chunks
-    status = robot.latest_status('policy_node: inputs', newer_than=len(robot.diagnostics))
+    status = robot.latest_status('/policy_node: inputs', newer_than=len(robot.diagnostics))
     assert status is not None and status.level == b'\x01'
     assert 'agentview_image' in status.message
     assert float(status_values(status)['age_s.agentview_image']) > 0.3
@@ -175,7 +213,7 @@ def test_camera_stops_then_resumes(system):
         t += DT
         robot.publish_obs(t)
         time.sleep(0.05)
-    status = robot.latest_status('policy_node: inputs', newer_than=len(robot.diagnostics))
+    status = robot.latest_status('/policy_node: inputs', newer_than=len(robot.diagnostics))
     assert status.level == b'\x00', status.message
 
 
@@ -246,7 +284,7 @@ def test_diagnostics_report_latency_rate_sparsity(system):
     for k in range(1, 4):
         steps(robot, t0 + (4 * k - 3) * DT, 4)
         assert robot.wait_chunk(t0 + 4 * k * DT) is not None
-    status = robot.latest_status('policy_node: inference', newer_than=len(robot.diagnostics))
+    status = robot.latest_status('/policy_node: inference', newer_than=len(robot.diagnostics))
     values = status_values(status)
     for key in ('latency_p50_ms', 'latency_p99_ms', 'obs_to_chunk_p99_ms', 'chunk_rate_hz',
                 'realized_sparsity', 'chunks', 'dense_chunks', 'steps', 'device'):
@@ -333,7 +371,8 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     robot.publish_obs(t0)
     assert robot.wait_chunk(t0, timeout=1.0) is None             # configured, not active
     node.trigger_activate()
-    assert robot.drive(t0 + DT) is not None
+    robot.publish_obs(t0 + DT)
+    assert robot.wait_chunk(count=1) is not None                # t0's or t0 + DT's window
     response = robot.call(ChangeState, 'policy_node/change_state', ChangeState.Request(
         transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
     assert response is not None and response.success
@@ -341,7 +380,7 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     steps(robot, t0 + 2 * DT, 6)
     time.sleep(0.5)
     assert len(robot.chunks) == chunks                           # inactive: robot holds
-    status = robot.latest_status('policy_node: inference', newer_than=len(robot.diagnostics))
+    status = robot.latest_status('/policy_node: inference', newer_than=len(robot.diagnostics))
     assert status.message == 'inactive: no chunks'
     dense = node.stats.counters['dense_chunks']
     node.trigger_activate()                                      # a new episode: dense first
@@ -350,3 +389,276 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     node.trigger_deactivate()
     node.trigger_cleanup()
     assert node.engine is None and not node._threads
+
+
+# ==== issue 12: bad input from outside, lifecycle truth, portability ====
+
+def test_future_stamps_are_rejected_logged_and_counted(system, logs):
+    node, robot = system(max_future_stamp_s=0.5)
+    since = robot.diagnostics_received
+    future = now_ns() + 10_000_000_000                           # 10 s ahead of the clock
+    steps(robot, future, 3)
+    time.sleep(0.5)
+    assert not robot.chunks
+    assert node.stats.counters['future_stamps'] == 12          # 3 steps x 4 observation keys
+    assert node.stats.counters['rejected_agentview_image'] == 3
+    assert logs.wait('rejected agentview_image: stamped 9.')
+    assert robot.wait_status('/policy_node: inputs', lambda st: st.level == b'\x01' and
+                             'future_stamps' in st.message, since) is not None
+    assert robot.drive(now_ns()) is not None                    # real-time stamps: served
+
+
+def test_zero_quaternion_is_rejected_and_others_are_normalized(system, logs):
+    node, robot = system(max_obs_age_s=30.0)
+    t0 = now_ns()
+    for i in range(2):
+        robot.publish_image(t0 + i * DT)
+        robot.publish_joints(t0 + i * DT)
+        robot.publish_pose(t0 + i * DT, quat=(0.0, 0.0, 0.0, 0.0))
+    time.sleep(0.5)
+    assert not robot.chunks
+    assert node.stats.counters['rejected_robot0_eef_quat'] == 2
+    assert node.stats.counters['rejected_robot0_eef_pos'] == 0  # position is fine
+    assert logs.wait('rejected robot0_eef_quat: orientation quaternion [0.0, 0.0, 0.0, 0.0]')
+    t1 = t0 + 2 * DT
+    for t in (t1, t1 + DT):
+        robot.publish_image(t)
+        robot.publish_joints(t)
+        robot.publish_pose(t, quat=(0.0, 2.0, 0.0, 0.0))          # unnormalized: accepted
+    assert robot.wait_chunk(count=1) is not None
+    window, _ = node.history.window()
+    assert np.allclose(window.arrays['robot0_eef_quat'][-1], [0.0, 1.0, 0.0, 0.0])
+
+
+def test_a_silent_input_is_logged_once_per_gap(system, logs):
+    node, robot = system(max_obs_age_s=0.3)
+    t = now_ns()
+    assert robot.drive(t) is not None
+    start, gaps = logs.mark(), node.stats.counters['input_gaps']
+    for _ in range(16):                                         # 0.8 s without the camera
+        t += DT
+        robot.publish_obs(t, camera=False)
+        time.sleep(0.05)
+    assert logs.wait('no chunks: stale or missing inputs agentview_image (', start=start)
+    assert logs.text[start:].count('stale or missing') == 1
+    assert node.stats.counters['input_gaps'] == gaps + 1
+    t = now_ns()
+    robot.publish_obs(t - DT)
+    robot.publish_obs(t)
+    assert robot.wait_chunk(count=2) is not None                # back to work
+    assert logs.wait('all inputs fresh again', start=start)
+
+
+def test_inverted_action_limits_are_rejected_after_broadcasting(system):
+    node, robot = system()
+    for name, value in (('action.upper', [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -2.0]),
+                        ('action.lower', [2.0]), ('action.upper', [float('nan')])):
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+        assert not result.successful, (name, value)
+        assert 'action.lower must be below action.upper' in result.reason or \
+            'finite' in result.reason, result.reason
+    assert node.get_parameter('action.upper').value == [1.0]
+    chunk = robot.drive(now_ns())
+    values = np.array([p.positions for p in chunk.points])
+    assert values.min() >= -1.0 and values.max() <= 1.0
+
+
+def test_a_chunk_is_published_under_its_episode_check(system, monkeypatch):
+    """A reset between the episode check and the publish cannot let an old chunk out."""
+    node, robot = system()
+    order, reset_done = [], threading.Event()
+    to_trajectory = conv.chunk_to_trajectory
+
+    class Recording:
+        def __init__(self, pub):
+            self.pub = pub
+
+        def publish(self, msg):
+            order.append('published')
+            self.pub.publish(msg)
+
+    def reset_in_the_gap(*args, **kwargs):
+        msg = to_trajectory(*args, **kwargs)
+        # Where the old code released the lock before publishing: reset from another
+        # thread and give it the chance to finish first.
+        threading.Thread(target=lambda: (node._reset('test'), order.append('reset'),
+                                         reset_done.set())).start()
+        reset_done.wait(0.5)
+        return msg
+
+    node.chunk_pub = Recording(node.chunk_pub)
+    monkeypatch.setattr(conv, 'chunk_to_trajectory', reset_in_the_gap)
+    robot.publish_obs(now_ns())
+    assert reset_done.wait(3.0)
+    time.sleep(0.2)
+    # Either the chunk went out before the reset (it belonged to the episode then), or
+    # it was discarded; never published after the reset.
+    assert order in (['published', 'reset'], ['reset']), order
+    assert order == ['published', 'reset'] or node.stats.counters['discarded_after_reset'] == 1
+
+
+def test_deactivate_stops_an_in_flight_chunk(system):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    node, robot = system()
+    in_flight, release = threading.Event(), threading.Event()
+    predict = node.engine.predict_action
+
+    def slow_predict(obs, **kwargs):
+        in_flight.set()
+        release.wait(5.0)
+        return predict(obs, **kwargs)
+
+    node.engine.predict_action = slow_predict
+    robot.publish_obs(now_ns())
+    assert in_flight.wait(3.0)
+    response = robot.call(ChangeState, 'policy_node/change_state', ChangeState.Request(
+        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+    assert response is not None and response.success
+    release.set()
+    deadline = time.monotonic() + 3.0
+    while not node.stats.counters['discarded_inactive'] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node.stats.counters['discarded_inactive'] == 1
+    time.sleep(0.2)
+    assert not robot.chunks and not robot.next_actions          # nothing left the node
+    assert not node.chunk_pub.is_activated                      # lifecycle publishers
+
+
+def test_unexpected_configure_error_is_logged_and_start_up_exits_1(tmp_path, model_dir):
+    isolate_ros(str(tmp_path / 'log'))
+    code = ('import sys\n'
+            'import sparse_policy_node.ros.policy_node as pn\n'
+            'def load_engine(*args, **kwargs):\n'
+            '    raise OSError(5, "Input/output error")\n'
+            'pn.load_engine = load_engine\n'
+            'sys.exit(pn.main(sys.argv[1:]))\n')
+    proc = subprocess.run(
+        [sys.executable, '-c', code, '--ros-args', '-p', f'model_dir:={model_dir}'],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1, proc.stderr
+    assert 'cannot configure: OSError' in proc.stderr                   # the node's log
+    assert 'cannot start: OSError' in proc.stderr and 'Input/output error' in proc.stderr
+
+
+def test_failed_model_change_reverts_the_parameter_and_its_error_clears(system, model_dir,
+                                                                        tmp_path):
+    node, robot = system(max_obs_age_s=30.0)
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'config.json').write_bytes(open(os.path.join(model_dir, 'config.json'),
+                                              'rb').read())
+    (broken / 'model.safetensors').write_bytes(b'{"truncated')
+    assert node.set_parameters([Parameter('model_dir', value=str(broken))])[0].successful
+    deadline = time.monotonic() + 5.0
+    while node.get_parameter('model_dir').value != model_dir and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.get_parameter('model_dir').value == model_dir   # reverted: what is served
+    assert node.stats.counters['model_load_failures'] == 1
+    since = robot.diagnostics_received
+    assert robot.wait_status('/policy_node: inference', lambda st: st.level == b'\x02' and
+                             'model change' in st.message, since) is not None
+    assert node.set_parameters([Parameter('sparsity.target', value=0.6)])[0].successful
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    assert node.stats.counters['model_load_failures'] == 1      # no retry of the broken one
+    since = robot.diagnostics_received
+    assert robot.wait_status('/policy_node: inference', lambda st: st.level == b'\x00' and
+                             st.message == 'serving', since) is not None
+
+
+def test_diagnostics_names_hardware_id_and_levels(system):
+    node, robot = system(namespace='robot1', max_obs_age_s=30.0)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    inputs = robot.latest_status('/robot1/policy_node: inputs',
+                                 newer_than=len(robot.diagnostics))
+    assert inputs is not None and inputs.level == b'\x00', inputs
+    assert inputs.hardware_id.endswith('/cpu')
+    # A sync failure: the camera 30 ms off the others, beyond the 25 ms tolerance.
+    since = robot.diagnostics_received
+    robot.publish_image(t0 + DT + 30_000_000)
+    robot.publish_joints(t0 + DT)
+    robot.publish_pose(t0 + DT)
+    assert robot.wait_status('/robot1/policy_node: inputs', lambda st: st.level == b'\x01'
+                             and 'sync_failures' in st.message, since) is not None
+    assert node.stats.counters['sync_failures'] == 1
+    # A burst of rejected images.
+    since = robot.diagnostics_received
+    for i in range(3):
+        robot.publish_image(t0 + (3 + i) * DT, image=Image(height=2, width=2, encoding='x'))
+    assert robot.wait_status('/robot1/policy_node: inputs', lambda st: st.level == b'\x01'
+                             and '3 rejected_agentview_image' in st.message, since) is not None
+    # A worker error raises the inference status to ERROR until the next good chunk.
+    predict = node.engine.predict_action
+
+    def failing_predict(obs, **kwargs):
+        raise RuntimeError('CUDA error: an illegal memory access')
+
+    node.engine.predict_action = failing_predict
+    t1 = now_ns()
+    robot.publish_obs(t1 - DT)
+    robot.publish_obs(t1)
+    deadline = time.monotonic() + 3.0
+    while not node.stats.counters['worker_errors'] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    since = robot.diagnostics_received
+    assert robot.wait_status('/robot1/policy_node: inference', lambda st: st.level == b'\x02'
+                             and 'illegal memory access' in st.message, since) is not None
+    node.engine.predict_action = predict
+    assert robot.wait_chunk(count=2) is not None                # the same window, now good
+    since = robot.diagnostics_received
+    assert robot.wait_status('/robot1/policy_node: inference',
+                             lambda st: st.level == b'\x00', since) is not None
+
+
+def test_humble_rclpy_without_post_set_callbacks_still_applies_changes(system, monkeypatch):
+    import rclpy.node
+    monkeypatch.delattr(rclpy.node.Node, 'add_post_set_parameters_callback')
+    node, robot = system()
+    assert not node._params_watch.native                        # the fallback path
+    assert node.set_parameters([Parameter('sparsity.target', value=0.8)])[0].successful
+    deadline = time.monotonic() + 3.0
+    while node.engine.runtime.target_sparsity != 0.8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node.engine.runtime.target_sparsity == 0.8
+
+
+def test_ros_session_works_where_rclpy_init_is_no_context_manager(monkeypatch):
+    import rclpy
+    from sparse_policy_node.ros import compat
+    real_init = rclpy.init
+    monkeypatch.setattr(rclpy, 'init', lambda **kwargs: real_init(**kwargs) and None)
+    monkeypatch.delattr(rclpy, 'try_shutdown')                  # Humble has none
+    context = rclpy.Context()
+    with compat.ros_session([], context=context):
+        assert context.ok()
+    assert not context.ok()
+
+
+def test_node_starts_and_stops_on_humble_style_rclpy(tmp_path, model_dir):
+    """main() with rclpy.init returning None, no try_shutdown, no post-set callbacks."""
+    isolate_ros(str(tmp_path / 'log'))
+    code = ('import sys\n'
+            'import rclpy, rclpy.node\n'
+            'del rclpy.node.Node.add_post_set_parameters_callback\n'
+            'del rclpy.try_shutdown\n'
+            'real_init = rclpy.init\n'
+            'rclpy.init = lambda **kwargs: real_init(**kwargs) and None\n'
+            'from sparse_policy_node.ros.policy_node import main\n'
+            'sys.exit(main(sys.argv[1:]))\n')
+    args = [f'{k}:={v}' for k, v in TINY_PARAMS.items()]
+    cmd = [sys.executable, '-c', code, '--ros-args', '-p', f'model_dir:={model_dir}']
+    for a in args:
+        cmd += ['-p', a]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    lines = []
+    for line in proc.stderr:  # serving, then (no inputs) the gap log from the worker
+        lines.append(line)
+        if 'stale or missing' in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = ''.join(lines) + proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0, out
+    assert 'serving' in out and '[policy_node] summary' in out

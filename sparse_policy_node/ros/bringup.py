@@ -36,6 +36,10 @@ def add_arguments(parser) -> None:
 def node_command(node: NodePlan, overrides_file: str) -> List[str]:
     """Return the command line that starts ``node`` (what ros2 launch would run)."""
     cmd = [sys.executable, '-m', node.module, '--ros-args', '-r', f'__node:={node.name}']
+    if node.namespace:
+        cmd += ['-r', f'__ns:={node.namespace}']
+    for src, dst in node.remappings:
+        cmd += ['-r', f'{src}:={dst}']
     for path in node.params_files:
         cmd += ['--params-file', path]
     return cmd + ['--params-file', overrides_file, '--log-level', node.log_level]

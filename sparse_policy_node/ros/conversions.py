@@ -195,12 +195,36 @@ def _finite(vec: np.ndarray, what: str) -> np.ndarray:
     return vec
 
 
+# A quaternion shorter than this cannot be normalized into a rotation (zero or garbage).
+MIN_QUATERNION_NORM = 1e-3
+
+
+def normalized_quaternion(xyzw: Sequence[float]) -> List[float]:
+    """Return the unit quaternion of ``xyzw``; drivers often send slightly unnormalized ones.
+
+    Raises:
+        ConversionError: NaN/inf, or a norm below :data:`MIN_QUATERNION_NORM` (e.g. the
+            all-zero quaternion of an uninitialized pose), which names no rotation.
+    """
+    q = _finite(np.asarray(xyzw, dtype=np.float64), 'orientation quaternion')
+    norm = float(np.linalg.norm(q))
+    if norm < MIN_QUATERNION_NORM:
+        raise ConversionError(f'orientation quaternion {q.tolist()} has norm {norm:.3g}: not '
+                              f'a rotation (uninitialized pose?)')
+    return (q / norm).tolist()
+
+
 def pose_to_vector(msg, part: str) -> np.ndarray:
-    """Extract position (3), orientation x, y, z, w (4) or both (7) from a (stamped) pose."""
+    """Extract position (3), orientation x, y, z, w (4) or both (7) from a (stamped) pose.
+
+    The orientation is normalized to a unit quaternion; one that cannot be normalized (zero
+    norm) or holds NaN/inf is rejected with :class:`ConversionError`.
+    """
     pose = getattr(msg, 'pose', msg)
     p, q = pose.position, pose.orientation
-    vec = {'position': [p.x, p.y, p.z], 'orientation': [q.x, q.y, q.z, q.w],
-           'pose': [p.x, p.y, p.z, q.x, q.y, q.z, q.w]}[part]
+    position = [p.x, p.y, p.z]
+    quat = normalized_quaternion([q.x, q.y, q.z, q.w]) if part != 'position' else []
+    vec = {'position': position, 'orientation': quat, 'pose': position + quat}[part]
     return _finite(np.asarray(vec, dtype=np.float32), f'pose {part}')
 
 
@@ -244,6 +268,28 @@ def broadcast_limits(values: Sequence[float], action_dim: int, what: str) -> np.
     if len(values) != action_dim:
         raise ConversionError(f'{what} needs 1 or {action_dim} values, got {len(values)}')
     return np.asarray(values, dtype=np.float64)
+
+
+def action_limits(lower: Sequence[float], upper: Sequence[float],
+                  action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Broadcast both limits to ``action_dim`` and check them as a pair.
+
+    Raises:
+        ConversionError: a wrong length, a non-finite value, or a dimension whose lower limit
+            is not below its upper limit (after broadcasting: ``lower=[-1]`` with an upper
+            entry of -2 is inverted).
+    """
+    lo = broadcast_limits(lower, action_dim, 'action.lower')
+    hi = broadcast_limits(upper, action_dim, 'action.upper')
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ConversionError(f'action limits must be finite, got {lo.tolist()} and '
+                              f'{hi.tolist()}')
+    bad = [i for i in range(action_dim) if lo[i] >= hi[i]]
+    if bad:
+        raise ConversionError(f'action.lower must be below action.upper in every dimension; '
+                              f'dimensions {bad} are not (lower {lo.tolist()}, upper '
+                              f'{hi.tolist()})')
+    return lo, hi
 
 
 def clamp_actions(actions: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:

@@ -52,6 +52,11 @@ LAUNCH_ARGS = (
               'value.', ('', 'true', 'false')),
     LaunchArg('use_sim_time', '', 'Run on the /clock of the simulator; empty: true with a '
               'simulator, false without.', ('', 'true', 'false')),
+    LaunchArg('namespace', '', 'Namespace of the nodes (e.g. robot1: /robot1/policy_node and '
+              'inputs such as /robot1/ee_pose); empty: none.'),
+    LaunchArg('remap', '', 'Topic remappings of the policy node for sim:=none, '
+              'comma-separated from=to pairs, e.g. "ee_pose=/arm/ee_pose,'
+              'agentview/image_raw=/camera/color/image_raw"; empty: none.'),
     LaunchArg('summary_dir', '', 'Directory where each node writes <node>.json, a run '
               'summary, at exit; empty: none.'),
     LaunchArg('log_level', 'info', 'Log level of the nodes.',
@@ -70,6 +75,9 @@ class NodePlan:
     params_files: List[str]
     overrides: Dict[str, object] = field(default_factory=dict)
     log_level: str = 'info'
+    namespace: str = ''              # '' or an absolute namespace ('/robot1')
+    remappings: List[Tuple[str, str]] = field(default_factory=list)
+    lifecycle: bool = False          # a managed node: launch_ros LifecycleNode
 
 
 def package_share_dir() -> str:
@@ -149,6 +157,29 @@ def sparsity_overrides(value: str) -> Dict[str, object]:
     return {'sparsity.enabled': True, 'sparsity.target': target}
 
 
+def parse_namespace(value: str) -> str:
+    """Return ``''`` or the absolute namespace of the ``namespace`` launch argument."""
+    name = value.strip().strip('/')
+    if not name:
+        return ''
+    if not all(part and (part[0].isalpha() or part[0] == '_')
+               and part.replace('_', 'a').isalnum() for part in name.split('/')):
+        raise ValueError(f'namespace:={value!r} is not a valid ROS namespace')
+    return '/' + name
+
+
+def parse_remappings(value: str) -> List[Tuple[str, str]]:
+    """Parse the ``remap`` launch argument: comma-separated ``from=to`` topic pairs."""
+    pairs = []
+    for item in filter(None, (v.strip() for v in value.split(','))):
+        src, sep, dst = item.partition('=')
+        if not sep or not src.strip() or not dst.strip() or ' ' in item:
+            raise ValueError(f'remap entry {item!r} must look like from=to, e.g. '
+                             f'ee_pose=/arm/ee_pose')
+        pairs.append((src.strip(), dst.strip()))
+    return pairs
+
+
 def _int(values, name):
     try:
         return int(values[name])
@@ -162,6 +193,11 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
     config = os.path.join(share, 'config')
     sim = values['sim'] != 'none'
     use_sim_time = sim if values['use_sim_time'] == '' else values['use_sim_time'] == 'true'
+    namespace = parse_namespace(values['namespace'])
+    remappings = parse_remappings(values['remap'])
+    if remappings and sim:
+        raise ValueError('remap:= is for sim:=none (a real robot); the simulator bridge and '
+                         'the policy node already agree on their topics')
 
     policy = {'use_sim_time': use_sim_time}
     if values['model']:
@@ -175,7 +211,7 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
         policy['summary_file'] = os.path.join(values['summary_dir'], 'policy_node.json')
     nodes = [NodePlan('policy_node', 'policy_node', f'{PACKAGE}.ros.policy_node',
                       [values['params_file'] or os.path.join(config, 'policy.yaml')],
-                      policy, values['log_level'])]
+                      policy, values['log_level'], namespace, remappings, lifecycle=True)]
     if sim:
         # The bridge is the clock source: it publishes /clock instead of listening to it.
         bridge = {'task': values['task'], 'publish_clock': use_sim_time}
@@ -189,5 +225,5 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
         nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',
                               [values['bridge_params_file']
                                or os.path.join(config, 'sim_bridge.yaml')],
-                              bridge, values['log_level']))
+                              bridge, values['log_level'], namespace))
     return nodes

@@ -63,6 +63,7 @@ class ObservationHistory:
             self._first = dict.fromkeys(self.keys)     # first stamp since the reset
             self._floor = floor_ns
             self._newest_seen = None
+            self._cleared_at = time.monotonic()
 
     def add(self, key: str, stamp_ns: int, value: np.ndarray,
             arrival: Optional[float] = None) -> str:
@@ -126,14 +127,35 @@ class ObservationHistory:
         with self._lock:
             self.tolerance_ns, self.jump_ns = tolerance_ns, jump_ns
 
-    def last_arrivals(self) -> Dict[str, Optional[float]]:
-        """Monotonic arrival time of each stream's newest entry (None if empty)."""
+    def ages(self, now_ns: int, now_mono: Optional[float] = None) -> Dict[str, float]:
+        """Age of each stream's newest entry by :func:`input_age_s` (the staleness rule).
+
+        A stream with no entry since the last :meth:`clear` (start-up or reset) counts as
+        having been waiting since then, so a missing input turns stale like a silent one.
+        """
+        now_mono = time.monotonic() if now_mono is None else now_mono
         with self._lock:
-            return {k: (s[-1][2] if s else None) for k, s in self._streams.items()}
+            return {k: (input_age_s(s[-1][0], s[-1][2], now_ns, now_mono) if s
+                        else now_mono - self._cleared_at)
+                    for k, s in self._streams.items()}
 
 
-def stale_streams(arrivals: Dict[str, Optional[float]], max_age_s: float,
-                  now: Optional[float] = None) -> List[str]:
-    """Keys whose newest entry arrived more than ``max_age_s`` ago on the wall clock."""
-    now = time.monotonic() if now is None else now
-    return [k for k, t in arrivals.items() if t is not None and now - t > max_age_s]
+def input_age_s(stamp_ns: int, arrival: float, now_ns: int,
+                now_mono: Optional[float] = None) -> float:
+    """Age of an input in seconds: the one staleness rule of the node.
+
+    An input is as old as the larger of its stamp's age on the node clock and the wall time
+    since it arrived, so neither a late-delivered message nor a silent topic that was
+    stamped recently counts as fresh. A stamp ahead of the clock adds no age (intake rejects
+    stamps beyond ``max_future_stamp_s``); a node clock at 0 (sim time before the first
+    ``/clock``) leaves only the arrival age. The intake, the chunk gate and the diagnostics
+    all compare this age with ``max_obs_age_s``.
+    """
+    now_mono = time.monotonic() if now_mono is None else now_mono
+    stamp_age = (now_ns - stamp_ns) / 1e9 if now_ns > 0 else 0.0
+    return max(stamp_age, now_mono - arrival)
+
+
+def future_by_s(stamp_ns: int, now_ns: int) -> float:
+    """Seconds a stamp lies ahead of the node clock (<= 0: not in the future; 0 without clock)."""
+    return (stamp_ns - now_ns) / 1e9 if now_ns > 0 else 0.0

@@ -25,6 +25,7 @@ from sparse_policy_node.core.config import GATE_SOURCES
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.core.config import RuntimeConfig
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.ros.conversions import action_limits
 from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
 
@@ -111,6 +112,7 @@ class NodeSettings:
     image_topic_format: str = '{camera}/image_raw'
     lowdim_map: Tuple[str, ...] = (
         'robot0_eef_pos=pose:ee_pose:position',
+    max_future_stamp_s: float = 0.5
         'robot0_eef_quat=pose:ee_pose:orientation',
         'robot0_gripper_qpos=joint_state:joint_states:position:'
         'panda_finger_joint1,panda_finger_joint2')
@@ -135,10 +137,14 @@ class NodeSettings:
             raise ConfigError(str(exc)) from exc
         if not self.action_lower or not self.action_upper:
             raise ConfigError('action.lower and action.upper need at least one value')
-        if len(self.action_lower) == len(self.action_upper) and any(
-                lo >= hi for lo, hi in zip(self.action_lower, self.action_upper)):
-            raise ConfigError(f'action.lower must be below action.upper, got '
-                              f'{list(self.action_lower)} and {list(self.action_upper)}')
+        # Checked as a pair after broadcasting a single value, so that lower=[-1] with
+        # upper=[1, ..., -2] is caught here; the node repeats the check with the model's A.
+        n = max(len(self.action_lower), len(self.action_upper))
+        if len(self.action_lower) in (1, n) and len(self.action_upper) in (1, n):
+            try:
+                action_limits(self.action_lower, self.action_upper, n)
+            except ConversionError as exc:
+                raise ConfigError(str(exc)) from exc
         if len(set(self.action_names)) != len(self.action_names):
             raise ConfigError(f'action.names must be unique, got {list(self.action_names)}')
 
@@ -182,6 +188,9 @@ NODE_PARAMS = (
           "A stamp this far behind its stream's newest is a time jump (sim reset, bag "
           'loop) and starts a new episode; smaller steps back are dropped as out of order.',
           min_value=0.0, max_value=3600.0),
+    Param('max_future_stamp_s', 'max_future_stamp_s', _NS.max_future_stamp_s,
+          'Inputs stamped more than this ahead of the node clock (clock skew, wrong time '
+          'source) are rejected, logged and counted.', min_value=0.0, max_value=60.0),
     Param('image_topic_format', 'image_topic_format', _NS.image_topic_format,
           'Image topic of each camera the model needs.', read_only=True,
           constraints='contains {camera}'),

@@ -3,8 +3,10 @@
 Inputs (sensor-data QoS): ``<camera>/image_raw`` (sensor_msgs/Image) per model camera and the
 low-dim topics of ``lowdim_map`` (sensor_msgs/JointState, geometry_msgs/PoseStamped).
 Outputs: ``~/action_chunk`` (trajectory_msgs/JointTrajectory stamped with the observation
-time, point k at k * dt), ``~/next_action`` (std_msgs/Float64MultiArray at the control rate,
-for simple consumers) and ``/diagnostics``. Service: ``~/reset`` (std_srvs/Trigger).
+time, point k at k * dt), ``~/next_action`` (sensor_msgs/JointState at the control rate,
+stamped with the time the action is for and named like the chunk, for simple consumers) and
+``/diagnostics``. Service: ``~/reset`` (std_srvs/Trigger). Chunks and next actions go out on
+lifecycle publishers, and only while the node is active.
 
 Intake callbacks only convert and store; a worker thread runs one chunk at a time, so
 inference never blocks observation intake. A frame-encoder thread encodes each accepted camera
@@ -16,19 +18,20 @@ are applied by the worker between chunks.
 from collections import deque
 import json
 import os
+import socket
 import sys
 import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
-import rclpy
 from rclpy.clock import Clock
 from rclpy.clock import ClockType
 from rclpy.executors import ExternalShutdownException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
@@ -39,15 +42,16 @@ from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.engine import load_engine
 from sparse_policy_node.core.engine import NonFiniteActionError
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
-from sparse_policy_node.ros.diagnostics import diagnostics_message
+from sparse_policy_node.ros.diagnostics import Diagnostics
 from sparse_policy_node.ros.launch_args import package_share_dir
 from sparse_policy_node.ros.obs_history import ACCEPTED
+from sparse_policy_node.ros.obs_history import future_by_s
 from sparse_policy_node.ros.obs_history import ObservationHistory
 from sparse_policy_node.ros.obs_history import TIME_JUMP
 from sparse_policy_node.ros.stats import RunStats
-from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 import torch
 from trajectory_msgs.msg import JointTrajectory
@@ -58,6 +62,16 @@ def resolve_model_dir(path: str) -> str:
     if os.path.isabs(path) or os.path.exists(path):
         return os.path.abspath(path)
     return os.path.join(package_share_dir(), path)
+
+
+REJECT_LOG_PERIOD_S = 5.0
+
+
+def describe(exc: BaseException) -> str:
+    """Say what went wrong: the message of expected errors, type and message of others."""
+    if isinstance(exc, (CheckpointError, ConfigError, conv.ConversionError)):
+        return str(exc)
+    return f'{type(exc).__name__}: {exc}'
 
 
 def model_signature(cfg) -> tuple:
@@ -85,9 +99,14 @@ class PolicyNode(LifecycleNode):
         self._entities = []      # (destroy function, entity) created by configure
         self._threads = []
         self._configure_error = None
+        self._error = None       # standing error for diagnostics; cleared by a good chunk
+        self._reject_logged = {}  # key -> time.monotonic() of its last rejection log line
         self._lock = threading.Lock()
         self.add_on_set_parameters_callback(params.make_validator(self, self._check))
-        self.add_post_set_parameters_callback(lambda _: self._mark_dirty())
+        # Post-set callback where rclpy has one (Iron+), polled by the worker on Humble.
+        self._params_watch = compat.ParameterWatch(
+            self, [p.name for p in params.RUNTIME_PARAMS + params.NODE_PARAMS],
+            self._mark_dirty)
         if self.settings.autostart:
             self.trigger_configure()
             if self._configure_error is not None:
@@ -97,12 +116,16 @@ class PolicyNode(LifecycleNode):
     # ==== lifecycle ====
 
     def on_configure(self, state) -> TransitionCallbackReturn:
-        """Load the model and create the node's interfaces; FAILURE with a logged reason."""
+        """Load the model and create the node's interfaces; FAILURE with a logged reason.
+
+        Every error fails the transition with its reason logged (not only the expected
+        model and parameter errors), so nothing ends as a bare "Unable to start transition".
+        """
         try:
             self._configure()
-        except (CheckpointError, ConfigError, conv.ConversionError) as exc:
+        except Exception as exc:  # noqa: B902 - any failure: logged, node stays unconfigured
             self._configure_error = exc
-            self.get_logger().error(f'cannot configure: {exc}')
+            self.get_logger().error(f'cannot configure: {describe(exc)}')
             self._teardown()
             return TransitionCallbackReturn.FAILURE
         self._configure_error = None
@@ -112,15 +135,22 @@ class PolicyNode(LifecycleNode):
         """Publish again; a re-activation starts a new episode (the robot may have moved)."""
         if self._activated_before:
             self._reset('activated again')
-        self._activated_before = self._active = True
-        return TransitionCallbackReturn.SUCCESS
+        with self._lock:
+            self._activated_before = self._active = True
+        return super().on_activate(state)  # enables the lifecycle publishers
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
-        """Stop publishing chunks and next actions; keep the model loaded."""
-        self._active = False
-        self._current = None
+        """Stop publishing chunks and next actions; keep the model loaded.
+
+        ``_active`` is cleared under the lock that every chunk is published under, so once
+        this returns no chunk goes out, not even one that was being computed; the lifecycle
+        publishers are disabled as well.
+        """
+        with self._lock:
+            self._active = False
+            self._current = None
         self.get_logger().info('deactivated: no chunks until activated again')
-        return TransitionCallbackReturn.SUCCESS
+        return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Stop the threads and free the model and the interfaces."""
@@ -162,6 +192,9 @@ class PolicyNode(LifecycleNode):
         self._last = None        # (stamp_ns, n_points) of the last published chunk
         self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
+        self._inputs_version = self._sync_failed_version = 0  # accepted inputs / last failure
+        self._gap = False        # an input is stale or missing (logged once per gap)
+        self._diagnostics = Diagnostics(self.get_fully_qualified_name(), '')
         for cam in cfg.obs.vision.cameras:
             self._own(self.destroy_subscription, self.create_subscription(
                 Image, s.image_topic_format.format(camera=cam),
@@ -173,10 +206,13 @@ class PolicyNode(LifecycleNode):
             self._own(self.destroy_subscription, self.create_subscription(
                 PoseStamped if kind == 'pose' else JointState, topic,
                 lambda m, g=group: self._on_lowdim(g, m), qos_profile_sensor_data))
-        self.chunk_pub = self._own(self.destroy_publisher, self.create_publisher(
-            JointTrajectory, '~/action_chunk', 10))
-        self.next_pub = self._own(self.destroy_publisher, self.create_publisher(
-            Float64MultiArray, '~/next_action', 10))
+        # Lifecycle publishers: nothing leaves the node unless it is active.
+        self.chunk_pub = self._own(self.destroy_lifecycle_publisher,
+                                   self.create_lifecycle_publisher(
+                                       JointTrajectory, '~/action_chunk', 10))
+        self.next_pub = self._own(self.destroy_lifecycle_publisher,
+                                  self.create_lifecycle_publisher(
+                                      JointState, '~/next_action', 10))
         self.diag_pub = self._own(self.destroy_publisher, self.create_publisher(
             DiagnosticArray, '/diagnostics', 10))
         self._own(self.destroy_service, self.create_service(Trigger, '~/reset', self._on_reset))
@@ -244,8 +280,7 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(f'replan_lead_steps={s.replan_lead_steps} must be below the '
                               f'execution horizon ({horizon} actions)')
         try:
-            conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower')
-            conv.broadcast_limits(s.action_upper, self.action_dim, 'action.upper')
+            conv.action_limits(s.action_lower, s.action_upper, self.action_dim)
         except conv.ConversionError as exc:
             raise ConfigError(str(exc)) from exc
 
@@ -275,6 +310,12 @@ class PolicyNode(LifecycleNode):
         ns = conv.stamp_to_ns(stamp)
         if ns == 0:
             raise conv.ConversionError('message is not stamped (header.stamp is 0)')
+        ahead = future_by_s(ns, self.get_clock().now().nanoseconds)
+        if ahead > self.settings.max_future_stamp_s:
+            self.stats.count('future_stamps')
+            raise conv.ConversionError(f'stamped {ahead:.3f} s ahead of the node clock '
+                                       f'(max_future_stamp_s='
+                                       f'{self.settings.max_future_stamp_s}); wrong clock?')
         status = self.history.add(key, ns, value)
         if status == TIME_JUMP:
             self._reset(f'time jumped back on {key}', keep_floor=False)
@@ -282,15 +323,19 @@ class PolicyNode(LifecycleNode):
         if status != ACCEPTED:
             self.stats.count(f'dropped_{status}')
             return
-        self.stats.arrived(key)
+        self._inputs_version += 1
         if key in self.image_keys and self.settings.encode_on_arrival:
             self._frames.append((key, (self._episode, ns), value))
             self._frames_ready.set()
         self._wake.set()
 
     def _reject(self, key, exc) -> None:
+        """Count a rejected input; log it, at most every 5 s per key (not per call site)."""
         self.stats.count(f'rejected_{key}')
-        self.get_logger().warning(f'rejected {key}: {exc}', throttle_duration_sec=5.0)
+        now, last = time.monotonic(), self._reject_logged.get(key)
+        if last is None or now - last >= REJECT_LOG_PERIOD_S:
+            self._reject_logged[key] = now
+            self.get_logger().warning(f'rejected {key}: {exc}')
 
     def _reset(self, reason: str, keep_floor: bool = True) -> None:
         with self._lock:
@@ -342,11 +387,13 @@ class PolicyNode(LifecycleNode):
             self._wake.wait(0.05)
             self._wake.clear()
             try:
+                self._params_watch.poll()  # Humble: no post-set callback
                 self._apply_changes()
                 self._maybe_run_chunk()
             except Exception as exc:  # noqa: B902 - keep serving; the error is diagnosed
                 self.stats.count('worker_errors')
-                self.get_logger().error(f'inference failed: {exc!r}', throttle_duration_sec=5.0)
+                self._error = f'inference failed: {describe(exc)}'
+                self.get_logger().error(self._error, throttle_duration_sec=5.0)
 
     def _apply_changes(self) -> None:
         with self._lock:
@@ -358,10 +405,8 @@ class PolicyNode(LifecycleNode):
             if (s.model_dir, s.device) != (old.model_dir, old.device):
                 try:
                     new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
-                except (CheckpointError, ConfigError, RuntimeError) as exc:
-                    self.stats.count('model_load_failures')
-                    self.get_logger().error(f'keeping the running model: {exc}')
-                    s.model_dir, s.device = old.model_dir, old.device
+                except Exception as exc:  # noqa: B902 - any load failure keeps the old model
+                    self._keep_running_model(s, old, exc)
                 else:
                     self.engine.close()
                     self.engine, reset = new, True
@@ -374,6 +419,49 @@ class PolicyNode(LifecycleNode):
         if reset:
             self.engine.reset()
 
+    def _keep_running_model(self, s, old, exc) -> None:
+        """Keep the running model and revert the parameters after a failed model change.
+
+        The reverted parameters show what is actually served, later unrelated changes do not
+        retry the load, and the error stands in the diagnostics until the next good chunk.
+        """
+        self.stats.count('model_load_failures')
+        self._error = (f'model change to {s.model_dir} on {s.device} failed, kept '
+                       f'{old.model_dir} on {old.device}: {describe(exc)}')
+        self.get_logger().error(self._error)
+        s.model_dir, s.device = old.model_dir, old.device
+        result = self.set_parameters([Parameter('model_dir', value=old.model_dir),
+                                      Parameter('device', value=old.device)])
+        if not all(r.successful for r in result):
+            self.get_logger().error(f'could not revert model_dir/device: {result}')
+
+    def _watch_inputs(self, window_reason: str) -> list:
+        """Apply the staleness rule to every input; log each gap once; count sync failures.
+
+        Returns:
+            the stale or missing observation keys.
+        """
+        s = self.settings
+        ages = self.history.ages(self.get_clock().now().nanoseconds)
+        stale = [k for k, a in ages.items() if a > s.max_obs_age_s]
+        if stale and not self._gap:
+            self._gap = True
+            self.stats.count('input_gaps')
+            self.get_logger().warning(
+                'no chunks: stale or missing inputs ' + ', '.join(
+                    f'{k} ({ages[k]:.2f} s)' for k in stale) + f' (max_obs_age_s='
+                f'{s.max_obs_age_s}); chunks resume when they are fresh again')
+        elif not stale and self._gap:
+            self._gap = False
+            self.get_logger().info('all inputs fresh again: chunks resume')
+        if window_reason and not window_reason.startswith('waiting for') \
+                and self._inputs_version != self._sync_failed_version:
+            self._sync_failed_version = self._inputs_version  # once per new input
+            self.stats.count('sync_failures')
+            self.get_logger().warning(f'no synchronized window: {window_reason}',
+                                      throttle_duration_sec=5.0)
+        return stale
+
     def _maybe_run_chunk(self) -> None:
         if not self._active:
             return
@@ -382,17 +470,15 @@ class PolicyNode(LifecycleNode):
         # old episode (discarded below), never a new-episode chunk of old observations.
         episode = self._episode
         window, why = self.history.window()
+        stale = self._watch_inputs(why)
         if window is None or window.stamp_ns == self._skip_stamp:
             return
         if self._last is not None and window.stamp_ns < self._last[0] + (
                 self._last[1] - s.replan_lead_steps) * dt - dt // 2:
             return  # the previous chunk is still being executed
-        age = (self.get_clock().now().nanoseconds - window.stamp_ns) / 1e9
-        if max(age, time.monotonic() - window.newest_arrival) > s.max_obs_age_s:
+        if stale:
             self._skip_stamp = window.stamp_ns
             self.stats.count('stale_skips')
-            self.get_logger().warning(f'observation is {age:.2f} s old: no chunk',
-                                      throttle_duration_sec=5.0)
             return
         device = self.engine.device
         obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
@@ -411,20 +497,25 @@ class PolicyNode(LifecycleNode):
         try:
             actions = conv.clamp_actions(
                 out['action'][0, :horizon].double().cpu().numpy(),
-                conv.broadcast_limits(s.action_lower, self.action_dim, 'action.lower'),
-                conv.broadcast_limits(s.action_upper, self.action_dim, 'action.upper'))
+                *conv.action_limits(s.action_lower, s.action_upper, self.action_dim))
         except conv.ConversionError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
             return
+        msg = conv.chunk_to_trajectory(actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns))
+        # Checked and published under the lock that resets and deactivation take: a chunk
+        # of an old episode, or one finished after deactivation, never goes out.
         with self._lock:
             if episode != self._episode:
                 self.stats.count('discarded_after_reset')  # computed for the old episode
                 return
+            if not self._active:
+                self.stats.count('discarded_inactive')     # deactivated while computing
+                return
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions)
-        self.chunk_pub.publish(conv.chunk_to_trajectory(
-            actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
+            self.chunk_pub.publish(msg)
+        self._error = None
         st = out['stats']
         self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
                          st['realized_sparsity'], st['dense'])
@@ -436,16 +527,21 @@ class PolicyNode(LifecycleNode):
     # ==== outputs on timers ====
 
     def _on_control_tick(self) -> None:
-        current = self._current
-        if current is None or not self._active:
-            return
-        k = round((self.get_clock().now().nanoseconds - current[0]) / self.dt_ns)
-        if 0 <= k < len(current[1]):
-            self.next_pub.publish(Float64MultiArray(data=current[1][k].tolist()))
+        with self._lock:
+            current = self._current
+            if current is None or not self._active:
+                return
+            k = round((self.get_clock().now().nanoseconds - current[0]) / self.dt_ns)
+            if 0 <= k < len(current[1]):
+                msg = JointState(name=list(self.names), position=current[1][k].tolist())
+                msg.header.stamp = conv.ns_to_stamp(current[0] + k * self.dt_ns)
+                self.next_pub.publish(msg)
 
     def _publish_diagnostics(self) -> None:
-        msg = diagnostics_message(self.stats, self.keys, self.settings, self.engine.runtime,
-                                  self._active)
+        self._diagnostics.hardware_id = f'{socket.gethostname()}/{self.settings.device}'
+        msg = self._diagnostics.message(
+            self.stats, self.history.ages(self.get_clock().now().nanoseconds), self.settings,
+            self.engine.runtime, self._active, self._error)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
@@ -466,11 +562,11 @@ class PolicyNode(LifecycleNode):
 def main(args=None) -> int:
     """Run the policy node; exit 1 when the model or the parameters cannot be loaded."""
     try:
-        with rclpy.init(args=args):
+        with compat.ros_session(args):
             try:
                 node = PolicyNode()
-            except (CheckpointError, ConfigError, conv.ConversionError) as exc:
-                print(f'[policy_node] cannot start: {exc}', file=sys.stderr)
+            except Exception as exc:  # noqa: B902 - every start-up failure: reason, exit 1
+                print(f'[policy_node] cannot start: {describe(exc)}', file=sys.stderr)
                 return 1
             executor = SingleThreadedExecutor()
             executor.add_node(node)

@@ -19,7 +19,6 @@ import time
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import PoseStamped
 import numpy as np
-import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -30,6 +29,7 @@ from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.core import keys
 from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
 from sparse_policy_node.ros.stats import percentile
@@ -278,7 +278,7 @@ def main(args=None) -> int:
     """Run the bridge until its episodes are done (exit 0) or it is stopped."""
     code = 0
     try:
-        with rclpy.init(args=args):
+        with compat.ros_session(args):  # Humble/Jazzy: rclpy.init is no context manager
             try:
                 node = SimBridgeNode()
             except (ConfigError, ImportError, ValueError, RuntimeError) as exc:

@@ -5,7 +5,6 @@ from collections import deque
 import threading
 import time
 from typing import Dict
-from typing import Optional
 
 import numpy as np
 
@@ -31,18 +30,12 @@ class RunStats:
         self.sparsity = deque(maxlen=HISTORY)
         self.chunk_times = deque(maxlen=HISTORY)
         self.counters = Counter()
-        self.last_arrival: Dict[str, float] = {}
         self.started = time.monotonic()
 
     def count(self, what: str, n: int = 1) -> None:
         """Increment a named counter (rejections, drops, resets, ...)."""
         with self._lock:
             self.counters[what] += n
-
-    def arrived(self, key: str) -> None:
-        """Record that an input for ``key`` was accepted now."""
-        with self._lock:
-            self.last_arrival[key] = time.monotonic()
 
     def chunk(self, inference_ms: float, obs_to_chunk_ms: float, sparsity: float,
               dense: bool) -> None:
@@ -63,13 +56,6 @@ class RunStats:
             return {'inference_ms': list(self.inference_ms),
                     'obs_to_chunk_ms': list(self.obs_to_chunk_ms),
                     'steady_obs_to_chunk_ms': list(self.steady_obs_to_chunk_ms)}
-
-    def obs_ages(self, keys, now: Optional[float] = None) -> Dict[str, float]:
-        """Seconds since each key's last accepted input (inf if never)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return {k: now - self.last_arrival[k] if k in self.last_arrival else float('inf')
-                    for k in keys}
 
     def chunk_rate(self, window_s: float = 10.0) -> float:
         """Chunks per second over the last ``window_s`` seconds of wall time."""

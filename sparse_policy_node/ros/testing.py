@@ -19,7 +19,6 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.ros import conversions as conv
-from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 FINGERS = ['panda_finger_joint1', 'panda_finger_joint2']
@@ -86,9 +85,10 @@ class FakeRobot(Node):
         self.pose_pub = self.create_publisher(PoseStamped, 'ee_pose', qos_profile_sensor_data)
         self.cond = threading.Condition()
         self.chunks, self.next_actions, self.diagnostics = [], [], []
+        self.diagnostics_received = 0
         self.create_subscription(JointTrajectory, f'{policy}/action_chunk', self._on_chunk, 10)
-        self.create_subscription(Float64MultiArray, f'{policy}/next_action',
-                                 lambda m: self.next_actions.append(list(m.data)), 10)
+        self.create_subscription(JointState, f'{policy}/next_action',
+                                 lambda m: self.next_actions.append(m), 10)
         self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
 
     def _on_chunk(self, msg):
@@ -98,6 +98,7 @@ class FakeRobot(Node):
 
     def _on_diag(self, msg):
         with self.cond:
+            self.diagnostics_received += 1
             self.diagnostics.append(msg)
             del self.diagnostics[:-20]
             self.cond.notify_all()
@@ -184,6 +185,23 @@ class FakeRobot(Node):
                     if status.name == name:
                         return status
         return None
+
+    def wait_status(self, name: str, predicate, since: int, timeout: float = 3.0):
+        """Wait for a status named ``name`` that satisfies ``predicate``; return it or None.
+
+        Only diagnostics messages received after the first ``since`` count (pass
+        ``diagnostics_received`` from before the event).
+        """
+        def match():
+            new = min(self.diagnostics_received - since, len(self.diagnostics))
+            for msg in self.diagnostics[len(self.diagnostics) - new:]:
+                for status in msg.status:
+                    if status.name == name and predicate(status):
+                        return status
+            return None
+        with self.cond:
+            self.cond.wait_for(lambda: match() is not None, timeout)
+            return match()
 
 
 def status_values(status) -> dict:
