@@ -120,9 +120,9 @@ def test_launch_file_and_bringup_start_the_same_nodes(monkeypatch, tokens):
         cmd = bringup.node_command(p, '/o.yaml')
         assert cmd[cmd.index('-m') + 1] == p.module
         rules = [cmd[i + 1] for i, t in enumerate(cmd) if t == '-r']
-        assert rules == [f'__node:={p.name}'] + ([f'__ns:={p.namespace}'] if p.namespace
-                                                  else []) + [f'{a}:={b}'
-                                                              for a, b in p.remappings]
+        namespace = [f'__ns:={p.namespace}'] if p.namespace else []
+        remaps = [f'{a}:={b}' for a, b in p.remappings]
+        assert rules == [f'__node:={p.name}'] + namespace + remaps
         files = [cmd[i + 1] for i, t in enumerate(cmd) if t == '--params-file']
         assert files == p.params_files + ['/o.yaml']
 

@@ -470,6 +470,7 @@ def test_a_chunk_is_published_under_its_episode_check(system, monkeypatch):
     to_trajectory = conv.chunk_to_trajectory
 
     class Recording:
+
         def __init__(self, pub):
             self.pub = pub
 
