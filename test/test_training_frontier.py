@@ -31,7 +31,7 @@ def make_pruner(policy, seed=0):
 
 
 def model_with_pruners(policy, tmp_path, schedules=(('ddpm', 10), ('ddim', 4))):
-    """A model directory with one pruner per schedule, installed as train-pruner does."""
+    """Write a model directory with one pruner per schedule, as train-pruner installs."""
     model_dir = str(tmp_path / 'model')
     save_policy(policy, model_dir, {'env_args': {'task': 'lift'}})
     for i, (sampler, steps) in enumerate(schedules):

@@ -210,8 +210,9 @@ def pruner_dirs(model_dir: str) -> Dict[Optional[Tuple[str, int]], str]:
 
 
 def load_pruners(model_dir: str, device: str = 'cpu') -> dict:
-    """Load every pruner of ``model_dir`` (see :func:`pruner_dirs`), each checked against
-    the policy weights it was trained for.
+    """Load every pruner of ``model_dir``, each checked against its policy weights.
+
+    See :func:`pruner_dirs` for where pruners live.
 
     Returns:
         {(sampler, K) or None: Pruner}.
@@ -221,7 +222,7 @@ def load_pruners(model_dir: str, device: str = 'cpu') -> dict:
 
 
 def read_serving_config(model_dir: str) -> Optional[dict]:
-    """The serving default installed by ``sparse-policy frontier --install``, or None.
+    """Read the serving default of ``sparse-policy frontier --install``, or None.
 
     Returns:
         ``{'runtime': {RuntimeConfig fields}, ...}`` as written.

@@ -54,7 +54,8 @@ class SparseEngine:
     """Sparse diffusion-policy inference with caches that live across control steps."""
 
     def __init__(self, policy, pruner=None, runtime: Optional[RuntimeConfig] = None):
-        """
+        """Build an engine with empty caches.
+
         Args:
             policy: the :class:`DiffusionPolicy` (frozen, eval mode).
             pruner: None, one :class:`Pruner`, or ``{(sampler, K): Pruner}`` with one pruner
@@ -107,7 +108,7 @@ class SparseEngine:
             return self._pending or self._runtime
 
     def pruner_for(self, sampler: str, steps: int):
-        """The pruner trained for schedule (sampler, K), else an unchecked one, else None."""
+        """Return the pruner trained for (sampler, K), else an unchecked one, else None."""
         return self.pruners.get((sampler, int(steps)), self.pruners.get(None))
 
     @property
@@ -475,7 +476,7 @@ def load_engine(model_dir: str, device: str = 'cpu',
 
 
 def serving_runtime(model_dir: str) -> Optional[RuntimeConfig]:
-    """The model directory's serving default (``serving.json``), or None when it has none.
+    """Return the model directory's serving default (``serving.json``), or None.
 
     ``sparse-policy frontier --install`` writes it: the point of the speed/success frontier
     chosen to serve (sampler, K, gates, dial, cache max age).

@@ -18,19 +18,18 @@ def build_model(model_dir: Optional[str], preset: str, device: str, with_pruner:
     """Load ``model_dir`` or build a random-weight ``preset`` policy (+ pruner) on ``device``.
 
     Returns:
-        (policy, pruner or None, description string).
+        (policy, pruners, description string): a model directory's pruners by schedule
+        (``{(sampler, K): Pruner}``, empty without one), or the preset's random pruner (or None).
     """
-    from sparse_policy_node.core.checkpoint import has_pruner
     from sparse_policy_node.core.checkpoint import load_policy
-    from sparse_policy_node.core.checkpoint import load_pruner
+    from sparse_policy_node.core.checkpoint import load_pruners
     from sparse_policy_node.core.config import make_preset
     from sparse_policy_node.core.config import PrunerConfig
     from sparse_policy_node.core.policy import DiffusionPolicy
     from sparse_policy_node.core.pruner import Pruner
     if model_dir:
         policy = load_policy(model_dir, device)
-        pruner = load_pruner(model_dir, device) if has_pruner(model_dir) else None
-        return policy, pruner, os.path.abspath(model_dir)
+        return policy, load_pruners(model_dir, device), os.path.abspath(model_dir)
     torch.manual_seed(seed)
     policy = DiffusionPolicy(make_preset(preset)).to(device).eval()
     pruner = None

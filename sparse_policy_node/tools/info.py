@@ -18,6 +18,15 @@ def add_arguments(parser):
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
 
 
+def serving_point(model_dir) -> object:
+    """Return the serving default's point name and runtime knobs, None without one."""
+    from sparse_policy_node.core.checkpoint import read_serving_config
+    serving = read_serving_config(model_dir) if model_dir else None
+    if serving is None:
+        return None
+    return {'point': serving.get('chosen_by', {}).get('point'), **serving['runtime']}
+
+
 def describe(args) -> dict:
     """Build the model, run one dense chunk on random observations and summarise."""
     import torch
@@ -43,7 +52,10 @@ def describe(args) -> dict:
         'parameters_total': n_params,
         'parameters_transformer': n_transformer,
         'units': policy.transformer.num_units,
-        'has_pruner': pruner is not None,
+        'has_pruner': bool(pruner),
+        'pruner_schedules': sorted(f'{s[0]}-{s[1]}' for s in pruner if s is not None)
+        if isinstance(pruner, dict) else [],
+        'serving_default': serving_point(args.model),
         'gflops_dense_chunk': round(macs['total'] / 1e9, 4),
         'dense_chunk_ms': round(ms, 2),
         'threads': threads,

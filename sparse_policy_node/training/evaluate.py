@@ -33,10 +33,10 @@ from typing import Dict
 from typing import List
 
 import numpy as np
+from sparse_policy_node.core import keys
 from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
-from sparse_policy_node.core import keys
 from sparse_policy_node.core.config import SAMPLERS
 from sparse_policy_node.training.parallel import episode_results
 from sparse_policy_node.training.sparse_eval import check_variant
@@ -86,7 +86,7 @@ class DeviationProbe:
         self.deviations: List[float] = []
 
     def reset(self) -> None:
-        """New episode: reset the variant and the per-episode deviations."""
+        """Start a new episode: reset the variant and the per-episode deviations."""
         self.inner.reset()
         self.deviations = []
 
@@ -102,7 +102,7 @@ class DeviationProbe:
         return policy.chunk_from_prediction(pred)
 
     def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The variant's chunk, with ``chunk_ms`` (the variant alone) and ``action_dev``."""
+        """Sample the variant's chunk; add ``chunk_ms`` (the variant alone), ``action_dev``."""
         before = torch.get_rng_state()
         t0 = time.perf_counter()
         out = self.inner.predict_action(obs)
@@ -118,7 +118,7 @@ class DeviationProbe:
         return dict(out, chunk_ms=chunk_ms, action_dev=dev)
 
     def episode_stats(self) -> dict:
-        """The variant's statistics plus the episode's mean ``action_dev``."""
+        """Return the variant's statistics plus the episode's mean ``action_dev``."""
         stats = self.inner.episode_stats() if hasattr(self.inner, 'episode_stats') else {}
         if self.deviations:
             stats['action_dev'] = round(float(np.mean(self.deviations)), 5)

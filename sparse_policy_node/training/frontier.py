@@ -118,7 +118,7 @@ def is_lossless(point: dict, dense: dict, episodes: int, tolerance_episodes: int
 
 
 def point_runtime(name: str, model_dir: str, rollout_max_age: int) -> dict:
-    """RuntimeConfig fields that serve point ``name``."""
+    """Return the RuntimeConfig fields that serve point ``name``."""
     from dataclasses import asdict
     from sparse_policy_node.core.checkpoint import load_policy_config
     from sparse_policy_node.core.config import RuntimeConfig
@@ -309,4 +309,3 @@ def run(args: argparse.Namespace) -> int:
         if args.install:
             print(f'serving default {report["chosen"]} -> {report["installed"]}')
     return 0
-

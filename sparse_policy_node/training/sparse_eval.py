@@ -79,7 +79,7 @@ def _sparsity(value: str) -> float:
 
 
 def variant_schedule(name: str) -> Optional[Tuple[str, int]]:
-    """The ``@<sampler>-<K>`` suffix of a variant name (``ddim-K``: DDIM-K), else None."""
+    """Return the ``@<sampler>-<K>`` suffix of a variant (``ddim-K``: DDIM-K), else None."""
     check_variant(name)
     base, _, suffix = name.partition('@')
     if suffix:
