@@ -663,3 +663,36 @@ def test_node_starts_and_stops_on_humble_style_rclpy(tmp_path, model_dir):
     out = ''.join(lines) + proc.communicate(timeout=30)[1]
     assert proc.returncode == 0, out
     assert 'serving' in out and '[policy_node] summary' in out
+
+
+def test_runtime_comes_from_the_serving_default_unless_given_explicitly(context, tmp_path):
+    from sparse_policy_node.core.checkpoint import write_serving_config
+    served = save_tiny_model(str(tmp_path / 'served'))
+    write_serving_config(served, {'sparsity_enabled': True, 'gate_source': 'static',
+                                  'target_sparsity': 0.6, 'sampler': 'ddim',
+                                  'num_inference_steps': 4, 'rollout_max_age': 3},
+                         {'point': 'static-60@ddim-4'})
+    nodes = []
+    try:
+        for explicit in ({}, {'sampler.steps': 6}):
+            node = PolicyNode(context=context, parameter_overrides=[
+                Parameter(k, value=v) for k, v in
+                dict(model_dir=served, num_threads=1, **explicit).items()])
+            nodes.append(node)
+            runtime = node.engine.runtime
+            assert (runtime.sampler, runtime.gate_source, runtime.target_sparsity,
+                    runtime.rollout_max_age) == ('ddim', 'static', 0.6, 3)
+            assert runtime.num_inference_steps == explicit.get('sampler.steps', 4)
+            assert node.get_parameter('sampler.steps').value == runtime.num_inference_steps
+            assert node.get_parameter('sparsity.rollout_max_age').value == 3
+        off = PolicyNode(context=context, parameter_overrides=[
+            Parameter('model_dir', value=served), Parameter('serving_default', value=False),
+            Parameter('sparsity.enabled', value=False), Parameter('sampler.steps', value=7)])
+        nodes.append(off)
+        runtime = off.engine.runtime  # declared defaults, not the served ones
+        assert (runtime.sampler, runtime.gate_source, runtime.rollout_max_age) == (
+            'ddpm', 'pruner', 0)
+    finally:
+        for node in nodes:
+            node.close()
+            node.destroy_node()

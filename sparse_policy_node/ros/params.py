@@ -91,6 +91,10 @@ RUNTIME_PARAMS = (
           constraints=f'one of {SAMPLERS}'),
     Param('sampler.steps', 'num_inference_steps', _RT.num_inference_steps,
           'Denoising steps per chunk (K).', min_value=1, max_value=1000),
+    Param('sparsity.rollout_max_age', 'rollout_max_age', _RT.rollout_max_age,
+          'Cache aging: a rollout-cache slot written more than this many chunks ago is '
+          'recomputed instead of reused; 0 never expires slots (the paper).',
+          min_value=0, max_value=100000),
 )
 
 
@@ -103,16 +107,17 @@ class NodeSettings:
     num_threads: int = 1
     encode_on_arrival: bool = True
     autostart: bool = True
+    serving_default: bool = True
     control_rate_hz: float = 20.0
     execution_horizon: int = 0
     replan_lead_steps: int = 0
     sync_tolerance_s: float = 0.025
     max_obs_age_s: float = 1.0
+    max_future_stamp_s: float = 0.5
     time_jump_reset_s: float = 0.5
     image_topic_format: str = '{camera}/image_raw'
     lowdim_map: Tuple[str, ...] = (
         'robot0_eef_pos=pose:ee_pose:position',
-    max_future_stamp_s: float = 0.5
         'robot0_eef_quat=pose:ee_pose:orientation',
         'robot0_gripper_qpos=joint_state:joint_states:position:'
         'panda_finger_joint1,panda_finger_joint2')
@@ -164,6 +169,10 @@ NODE_PARAMS = (
           'Encode each camera frame in a separate thread as it arrives, so that a chunk '
           'starts from cached image features (off: a chunk encodes the frames it does not '
           'have yet).'),
+    Param('serving_default', 'serving_default', _NS.serving_default,
+          "At configure, runtime parameters not given explicitly (parameter file or command "
+          "line) take the model's serving default (serving.json, written by sparse-policy "
+          'frontier --install), when it has one.', read_only=True),
     Param('autostart', 'autostart', _NS.autostart,
           'Configure and activate at start-up; false: wait for lifecycle transitions '
           '(ros2 lifecycle set /policy_node configure, then activate).', read_only=True),
@@ -184,13 +193,13 @@ NODE_PARAMS = (
     Param('max_obs_age_s', 'max_obs_age_s', _NS.max_obs_age_s,
           'Inputs older than this (stamp, or arrival on the wall clock) are stale: no chunks.',
           min_value=0.01, max_value=60.0),
+    Param('max_future_stamp_s', 'max_future_stamp_s', _NS.max_future_stamp_s,
+          'Inputs stamped more than this ahead of the node clock (clock skew, wrong time '
+          'source) are rejected, logged and counted.', min_value=0.0, max_value=60.0),
     Param('time_jump_reset_s', 'time_jump_reset_s', _NS.time_jump_reset_s,
           "A stamp this far behind its stream's newest is a time jump (sim reset, bag "
           'loop) and starts a new episode; smaller steps back are dropped as out of order.',
           min_value=0.0, max_value=3600.0),
-    Param('max_future_stamp_s', 'max_future_stamp_s', _NS.max_future_stamp_s,
-          'Inputs stamped more than this ahead of the node clock (clock skew, wrong time '
-          'source) are rejected, logged and counted.', min_value=0.0, max_value=60.0),
     Param('image_topic_format', 'image_topic_format', _NS.image_topic_format,
           'Image topic of each camera the model needs.', read_only=True,
           constraints='contains {camera}'),
@@ -385,3 +394,25 @@ def runtime_fields_covered() -> bool:
     """Return True when every RuntimeConfig field has exactly one parameter."""
     return sorted(p.attr for p in RUNTIME_PARAMS) == sorted(f.name
                                                             for f in fields(RuntimeConfig))
+
+
+def serving_default_values(node, model_dir: str) -> Dict[str, object]:
+    """Runtime parameters to take from the model's serving default, by parameter name.
+
+    Only parameters the user did not give explicitly: those absent from the node's parameter
+    overrides (parameter files and ``--ros-args -p``). Empty without a ``serving.json``.
+
+    Raises:
+        ConfigError: the serving default is unreadable or invalid.
+    """
+    from sparse_policy_node.core.checkpoint import CheckpointError
+    from sparse_policy_node.core.engine import serving_runtime
+    try:
+        runtime = serving_runtime(model_dir)
+    except CheckpointError as exc:
+        raise ConfigError(f'serving default: {exc}') from exc
+    if runtime is None:
+        return {}
+    explicit = set(getattr(node, '_parameter_overrides', {}) or {})
+    return {name: value for name, value in runtime_to_params(runtime).items()
+            if name not in explicit}

@@ -167,8 +167,10 @@ class PolicyNode(LifecycleNode):
         s = self.settings = params.settings_from_params(self)
         if s.num_threads:
             torch.set_num_threads(s.num_threads)
-        self.engine = load_engine(resolve_model_dir(s.model_dir), s.device,
-                                  params.config_from_params(self))
+        model_dir = resolve_model_dir(s.model_dir)
+        if s.serving_default:
+            self._apply_serving_default(model_dir)
+        self.engine = load_engine(model_dir, s.device, params.config_from_params(self))
         cfg = self.engine.policy.config
         self.signature = model_signature(cfg)
         self.dt_ns = int(round(1e9 / s.control_rate_hz))
@@ -258,6 +260,23 @@ class PolicyNode(LifecycleNode):
 
     def _timing_ns(self, s):
         return int(s.sync_tolerance_s * 1e9), int(s.time_jump_reset_s * 1e9)
+
+    def _apply_serving_default(self, model_dir: str) -> None:
+        """Set the runtime parameters not given explicitly to the model's serving default.
+
+        The parameters then show what is served (``ros2 param get``) and stay live-tunable.
+        """
+        values = params.serving_default_values(self, model_dir)
+        if not values:
+            return
+        result = self.set_parameters_atomically(
+            [Parameter(name, value=value) for name, value in values.items()])
+        if not result.successful:
+            raise ConfigError(f'the serving default of {model_dir} was rejected: '
+                              f'{result.reason}')
+        self.get_logger().info(
+            'runtime from the model\'s serving default: ' + ', '.join(
+                f'{name}={value}' for name, value in values.items()))
 
     def _check(self, runtime, s) -> None:
         if self.engine is None:
