@@ -129,3 +129,31 @@ def test_frontier_end_to_end_installs_a_serving_default(tiny_policy, tmp_path, c
     assert main(['eval', '--model', model_dir, '--episodes', '1', '--seed-start', '11',
                  '--max-steps', '8', '--variants', 'default', '--json']) == 0
     assert 'success_default' in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.sim
+def test_closed_loop_selection_rolls_out_best_and_last_and_installs_one(tiny_policy, tmp_path):
+    pytest.importorskip('robosuite')
+    from sparse_policy_node.core.config import PrunerConfig as PC
+    from sparse_policy_node.training.pruner_selection import select_closed_loop
+    from sparse_policy_node.training.pruner_training import PrunerTrainConfig
+    from sparse_policy_node.training.pruner_training import train_pruner
+    from test_training_rollouts import write_tiny_rollouts
+    model_dir, path = str(tmp_path / 'model'), str(tmp_path / 'rollouts.hdf5')
+    write_tiny_rollouts(tiny_policy, model_dir, path)
+    run = str(tmp_path / 'run')
+    cfg = PrunerTrainConfig(target_sparsity=0.7, epochs=2, batch_episodes=2, val_episodes=1,
+                            warmup_steps=1, threads=1, rollout_max_age=2,
+                            pruner=PC(hidden_dim=16, n_head=2, dim_feedforward=32))
+    train_pruner(model_dir, path, run, cfg, progress=False)
+    summary = select_closed_loop(model_dir, run, [21, 22], rollout_max_age=2, max_steps=8,
+                                 progress=False)
+    assert summary['chosen'] in ('best', 'last') and summary['variant'] == 'sparse@ddpm-10'
+    for which in ('best', 'last'):
+        row = summary['candidates'][which]
+        assert 0.0 <= row['success'] <= 1.0 and row['chunk_ms'] > 0
+        assert 0.0 < row['realized_sparsity'] <= 0.9
+    assert json.loads(open(os.path.join(run, 'closed_loop.json')).read()) == summary
+    installed = install_pruner(os.path.join(run, summary['chosen']), model_dir)
+    assert load_pruners(model_dir)[('ddpm', 10)].metadata['train_config']['rollout_max_age'] == 2
+    assert installed == model_dir

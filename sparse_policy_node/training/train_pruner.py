@@ -18,6 +18,7 @@ import os
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.training.pruner_training import FIDELITY_LOSSES
+from sparse_policy_node.training.pruner_training import install_pruner
 from sparse_policy_node.training.pruner_training import PrunerTrainConfig
 from sparse_policy_node.training.pruner_training import train_pruner
 
@@ -58,7 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dim-feedforward', type=int, default=p.dim_feedforward)
     parser.add_argument('--dropout', type=float, default=p.dropout)
     parser.add_argument('--install', action='store_true',
-                        help='save the best pruner next to the policy in --model')
+                        help='save the chosen pruner into --model (pruners/<sampler>-<K>/ '
+                             'when the top-level pruner serves another schedule)')
+    parser.add_argument('--closed-loop-episodes', type=int, default=0,
+                        help='after training, roll out best/ and last/ on this many seeds '
+                             'and choose by success, then steps per successful episode '
+                             '(0: choose by validation loss)')
+    parser.add_argument('--closed-loop-seed-start', type=int, default=200000,
+                        help='first seed of the closed-loop validation range (keep it apart '
+                             'from rollout, evaluation and frontier seeds)')
+    parser.add_argument('--closed-loop-workers', type=int, default=2,
+                        help='simulator processes of the closed-loop validation')
     parser.add_argument('--allow-other-policy', action='store_true',
                         help='accept rollouts recorded with other weights (not recommended)')
 
@@ -84,12 +95,24 @@ def run(args: argparse.Namespace) -> int:
                               frame_stride=args.frame_stride or None, seed=args.seed)
         except (ValueError, KeyError, OSError) as exc:
             raise SystemExit(f'train-pruner: {exc}') from exc
-    summary = train_pruner(args.model, rollouts, args.out, cfg, install=args.install,
+    closed_loop = args.closed_loop_episodes > 0
+    summary = train_pruner(args.model, rollouts, args.out, cfg,
+                           install=args.install and not closed_loop,
                            allow_other_policy=args.allow_other_policy)
     best = summary['best']
     keys = ('val_fidelity', 'val_sparsity_executed', 'train_fidelity', 'train_sparsity')
-    print(json.dumps({'best_epoch': summary['best_epoch'],
-                      'minutes': round(summary['minutes'], 1),
-                      **{k: round(best[k], 4) for k in keys if k in best},
-                      'installed': summary.get('installed')}))
+    line = {'best_epoch': summary['best_epoch'], 'minutes': round(summary['minutes'], 1),
+            **{k: round(best[k], 4) for k in keys if k in best}}
+    if closed_loop:
+        from sparse_policy_node.training.pruner_selection import select_closed_loop
+        seeds = list(range(args.closed_loop_seed_start,
+                           args.closed_loop_seed_start + args.closed_loop_episodes))
+        selection = select_closed_loop(args.model, args.out, seeds, args.rollout_max_age,
+                                       args.closed_loop_workers)
+        line['closed_loop'] = selection
+        if args.install:
+            summary['installed'] = install_pruner(
+                os.path.join(args.out, selection['chosen']), args.model)
+    line['installed'] = summary.get('installed')
+    print(json.dumps(line))
     return 0
