@@ -170,7 +170,7 @@ NODE_PARAMS = (
           'starts from cached image features (off: a chunk encodes the frames it does not '
           'have yet).'),
     Param('serving_default', 'serving_default', _NS.serving_default,
-          "At configure, runtime parameters not given explicitly (parameter file or command "
+          'At configure, runtime parameters not given explicitly (parameter file or command '
           "line) take the model's serving default (serving.json, written by sparse-policy "
           'frontier --install), when it has one.', read_only=True),
     Param('autostart', 'autostart', _NS.autostart,

@@ -275,7 +275,7 @@ class PolicyNode(LifecycleNode):
             raise ConfigError(f'the serving default of {model_dir} was rejected: '
                               f'{result.reason}')
         self.get_logger().info(
-            'runtime from the model\'s serving default: ' + ', '.join(
+            "runtime from the model's serving default: " + ', '.join(
                 f'{name}={value}' for name, value in values.items()))
 
     def _check(self, runtime, s) -> None:
