@@ -41,6 +41,8 @@ COMMANDS = {
                    'record the policy node inputs and outputs to a rosbag2 (MCAP or sqlite3)'),
     'dataset-from-bag': ('sparse_policy_node.tools.dataset_from_bag',
                          'teleoperation bags -> robomimic-layout HDF5 demos for train-policy'),
+    'model-card': ('sparse_policy_node.tools.model_card',
+                   "show or write a model's card (action space, frames, rate, inputs)"),
     'launch': ('sparse_policy_node.ros.bringup',
                'start the policy node (and the robosuite bridge) like ros2 launch, rclpy only'),
 }

@@ -100,3 +100,16 @@ def test_bad_config_file_is_a_clear_error(dp_run, tmp_path):
     path.write_text('policy: [unclosed\n')
     with pytest.raises(SystemExit, match='cannot be parsed'):
         main(['import-dp', str(weights), str(tmp_path / 'm'), '--config', str(path)])
+
+
+def test_import_writes_a_model_card(dp_run, tmp_path):
+    from sparse_policy_node.core.model_card import read_card
+    _, _, weights, config = dp_run
+    out = tmp_path / 'model'
+    assert main(['import-dp', str(weights), str(out), '--config', str(config)]) == 0
+    policy = load_policy(str(out))
+    card = read_card(str(out), policy.config)   # checked against the model
+    assert card['action']['dim'] == policy.config.transformer.action_dim
+    assert card['action']['space'] in ('delta_eef', 'abs_eef_pose', 'joint_pos')
+    assert card['control_rate_hz'] > 0 and set(card['cameras']) == {'camera_0'}
+    assert card['inputs']['robot_eef_pose']['dim'] == 6

@@ -21,6 +21,8 @@ from sparse_policy_node.core.config import config_to_dict
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import PolicyConfig
 from sparse_policy_node.core.config import PrunerConfig
+from sparse_policy_node.core.model_card import default_card
+from sparse_policy_node.core.model_card import write_card
 import torch
 from torch import nn
 
@@ -111,6 +113,10 @@ def save_policy(policy, directory: str, metadata: Optional[dict] = None) -> None
         'policy': config_to_dict(policy.config),
         'metadata': metadata or {},
     })
+    # The model card (action space, frames, rate, preprocessing), when the metadata tells.
+    card = default_card(policy.config, metadata)
+    if card is not None:
+        write_card(directory, card)
 
 
 def load_policy_config(directory: str) -> PolicyConfig:

@@ -123,6 +123,32 @@ def read_config_file(path: str) -> dict:
         raise SystemExit(f'import-dp: config {path} cannot be parsed: {exc}') from exc
 
 
+def dp_card(config, dp_cfg) -> dict:
+    """Model card of an imported Diffusion Policy: action space from ``task.abs_action``.
+
+    DP's robomimic tasks train on OSC deltas (``abs_action: false``, 7-D) or absolute poses
+    with a 6-D rotation (``abs_action: true``, 10-D, ``rotation_6d``); real-robot tasks state
+    their rate in ``task.frequency`` (robomimic: 20 Hz). Anything else is recorded as an
+    end-effector-free ``joint_pos`` card the user must check.
+    """
+    from sparse_policy_node.core import model_card as mc
+    task = (dp_cfg or {}).get('task') or {}
+    rate = float(task.get('frequency') or (dp_cfg or {}).get('frequency') or 20.0)
+    dim = config.transformer.action_dim
+    common = dict(flip_vertical=False, resize='as in the Diffusion Policy dataset',
+                  source='import-dp (Diffusion Policy); check rate, frames and gripper')
+    gripper = dict(gripper_index=dim - 1, gripper_semantics='-1 open, +1 closed (robomimic)')
+    if task.get('abs_action') and dim == 10:
+        return mc.build_card(config, 'abs_eef_pose', rate, 'base',
+                             rotation_format='rotation_6d', **gripper, **common)
+    if dim == 7 and not task.get('abs_action'):
+        return mc.build_card(config, 'delta_eef', rate, 'base',
+                             names=mc.ROBOSUITE_DELTA_NAMES,
+                             position_scale=mc.ROBOSUITE_POSITION_SCALE,
+                             rotation_scale=mc.ROBOSUITE_ROTATION_SCALE, **gripper, **common)
+    return mc.build_card(config, 'joint_pos', rate, 'base', **common)
+
+
 def run(args) -> int:
     """Convert, verify by loading the result, and report."""
     from sparse_policy_node.core.checkpoint import load_policy
@@ -133,6 +159,7 @@ def run(args) -> int:
     from sparse_policy_node.core.dp_import import check_image_normalizer
     from sparse_policy_node.core.dp_import import convert_state_dict
     from sparse_policy_node.core.dp_import import infer_config
+    from sparse_policy_node.core.model_card import write_card
     from sparse_policy_node.core.policy import DiffusionPolicy
 
     state, cfg = load_checkpoint(args.checkpoint, args.use_raw, args.trust_pickle)
@@ -165,6 +192,7 @@ def run(args) -> int:
     if spec is not None:
         metadata['dp_obs_keys'] = [k for k, _, _ in spec.obs]
     save_policy(policy, args.out, metadata=metadata)
+    write_card(args.out, dp_card(config, cfg))
     load_policy(args.out)
     s = config.scheduler
     print(f'import-dp: wrote {args.out} ({sum(p.numel() for p in policy.parameters())} '
