@@ -157,3 +157,25 @@ def test_closed_loop_selection_rolls_out_best_and_last_and_installs_one(tiny_pol
     installed = install_pruner(os.path.join(run, summary['chosen']), model_dir)
     assert load_pruners(model_dir)[('ddpm', 10)].metadata['train_config']['rollout_max_age'] == 2
     assert installed == model_dir
+
+
+def test_points_per_schedule_dials_and_trained_max_age(tiny_policy, tmp_path):
+    from sparse_policy_node.training.frontier import frontier_points
+    from sparse_policy_node.training.frontier import parse_schedule_dials
+    from sparse_policy_node.training.frontier import point_runtime
+    model_dir = model_with_pruners(tiny_policy, tmp_path)
+    meta_dir = os.path.join(model_dir, 'pruners', 'ddim-4')
+    pruner = load_pruners(model_dir)[('ddim', 4)]
+    save_pruner(pruner, meta_dir, dict(pruner.metadata, train_config={'rollout_max_age': 3}))
+    points = frontier_points(model_dir, [2], [0.5], True,
+                             parse_schedule_dials(['ddpm-10=0.8,0.93']), ['static-60'])
+    assert points == ['dense', 'ddim-2', 'sparse@ddim-4', 'dial-50@ddim-4', 'sparse@ddpm-10',
+                      'dial-80@ddpm-10', 'dial-93@ddpm-10', 'static-60']
+    assert point_runtime('dial-50@ddim-4', model_dir, None)['rollout_max_age'] == 3
+    assert point_runtime('dial-80@ddpm-10', model_dir, None)['rollout_max_age'] == 0
+    assert point_runtime('dial-50@ddim-4', model_dir, 1)['rollout_max_age'] == 1
+    dense = point_runtime('ddim-2', model_dir, None)
+    assert not dense['sparsity_enabled'] and dense['num_inference_steps'] == 2
+    for bad in (['ddpm-10'], ['ddpm-10=1.5'], ['ddpm-10=x']):
+        with pytest.raises(ValueError, match='schedule-dials'):
+            parse_schedule_dials(bad)

@@ -190,6 +190,12 @@ def pruner_schedule_of(metadata: dict) -> Optional[Tuple[str, int]]:
     return None
 
 
+def trained_max_age(pruner) -> int:
+    """Cache max age a pruner was trained with (``train_config.rollout_max_age``; 0: none)."""
+    return int((getattr(pruner, 'metadata', None) or {}).get('train_config', {})
+               .get('rollout_max_age', 0))
+
+
 def pruner_dirs(model_dir: str) -> Dict[Optional[Tuple[str, int]], str]:
     """Every pruner of a model directory by the schedule it was trained for.
 

@@ -169,9 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '(P %% or a fraction < 1), omni, only-forward, only-timestep, '
                              'only-rollout, static[-P], random[-P], ddim-K; any but default '
                              'and ddim-K take a schedule suffix @ddim-K / @ddpm-K')
-    parser.add_argument('--rollout-max-age', type=int, default=0,
-                        help='cache aging of the sparse variants (0: never expire; the '
-                             'default variant uses its own)')
+    parser.add_argument('--rollout-max-age', type=int, default=None,
+                        help='cache aging of the learned-gate variants (0: never expire; '
+                             "default: the max age each schedule's pruner was trained with; "
+                             'the default variant uses its own)')
     parser.add_argument('--no-deviation', action='store_true',
                         help='skip the dense reference per chunk (no action_dev column)')
     parser.add_argument('--ablation-sparsity', type=float, default=0.93,

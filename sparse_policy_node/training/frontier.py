@@ -7,8 +7,10 @@ under the same machine load):
 - ``dense``: the model's own sampler and K (DDPM-100 for the shipped models);
 - ``ddim-K`` for each ``--ddim-steps`` K (dense, fewer steps);
 - for every schedule that has a pruner (``pruners/``): learned gates as trained
-  (``sparse@<schedule>``) and the dial at each ``--dials`` sparsity (``dial-P@<schedule>``),
-  with cache aging ``--rollout-max-age``.
+  (``sparse@<schedule>``) and the dial at each ``--dials`` sparsity (``dial-P@<schedule>``;
+  ``--schedule-dials ddpm-100=0.9,0.93`` sets them per schedule), with the cache max age each
+  pruner was trained with (``--rollout-max-age`` overrides it);
+- ``--extra-points``: any other ``eval`` variants.
 
 Per point: success, steps per successful episode, action deviation from the dense reference
 (see :mod:`evaluate`), mean chunk latency, realized sparsity. A point is on the Pareto
@@ -30,6 +32,7 @@ import sys
 from typing import Dict
 from typing import List
 from typing import Optional
+from typing import Sequence
 
 import numpy as np
 from sparse_policy_node.training.parallel import episode_results
@@ -39,17 +42,42 @@ _WORKER = {}
 
 
 def frontier_points(model_dir: str, ddim_steps: List[int], dials: List[float],
-                    include_sparse: bool = True) -> List[str]:
-    """Variant names of the frontier of ``model_dir`` (see the module docstring)."""
+                    include_sparse: bool = True,
+                    schedule_dials: Optional[Dict[str, List[float]]] = None,
+                    extra: Sequence[str] = ()) -> List[str]:
+    """Return the variant names of the frontier of ``model_dir`` (see the module docstring).
+
+    Args:
+        schedule_dials: ``{'<sampler>-<K>': [sparsity, ...]}`` replacing ``dials`` for that
+            schedule.
+        extra: further variant names, appended.
+    """
     from sparse_policy_node.core.checkpoint import pruner_dirs
     from sparse_policy_node.core.checkpoint import schedule_name
     points = ['dense'] + [f'ddim-{k}' for k in ddim_steps]
     for schedule in sorted(s for s in pruner_dirs(model_dir) if s is not None):
-        suffix = '@' + schedule_name(*schedule)
+        name = schedule_name(*schedule)
         if include_sparse:
-            points.append('sparse' + suffix)
-        points += [f'dial-{round(100 * p)}{suffix}' for p in dials]
+            points.append(f'sparse@{name}')
+        for p in (schedule_dials or {}).get(name, dials):
+            points.append(f'dial-{100 * p:g}@{name}')
+    points += [p for p in extra if p not in points]
     return points
+
+
+def parse_schedule_dials(items: Sequence[str]) -> Dict[str, List[float]]:
+    """Parse ``['ddpm-100=0.9,0.93', ...]`` into ``{'ddpm-100': [0.9, 0.93]}``."""
+    out = {}
+    for item in items:
+        name, sep, values = item.partition('=')
+        try:
+            out[name] = [float(v) for v in values.split(',') if v] if sep else None
+        except ValueError:
+            out[name] = None
+        if not sep or out[name] is None or not all(0 <= v <= 0.99 for v in out[name]):
+            raise ValueError(f'--schedule-dials takes SAMPLER-K=P,P,... with fractions in '
+                             f'[0, 0.99], got {item!r}')
+    return out
 
 
 def _init_worker(model_dir, task, max_steps, points, options, threads):
@@ -117,10 +145,15 @@ def is_lossless(point: dict, dense: dict, episodes: int, tolerance_episodes: int
     return point['steps_success'] <= max_steps_ratio * dense['steps_success']
 
 
-def point_runtime(name: str, model_dir: str, rollout_max_age: int) -> dict:
-    """Return the RuntimeConfig fields that serve point ``name``."""
+def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> dict:
+    """Return the RuntimeConfig fields that serve point ``name``.
+
+    ``rollout_max_age`` None: the max age the schedule's pruner was trained with.
+    """
     from dataclasses import asdict
     from sparse_policy_node.core.checkpoint import load_policy_config
+    from sparse_policy_node.core.checkpoint import load_pruners
+    from sparse_policy_node.core.checkpoint import trained_max_age
     from sparse_policy_node.core.config import RuntimeConfig
     from sparse_policy_node.training.sparse_eval import parse_variant
     from sparse_policy_node.training.sparse_eval import variant_schedule
@@ -131,6 +164,10 @@ def point_runtime(name: str, model_dir: str, rollout_max_age: int) -> dict:
         runtime = RuntimeConfig(sparsity_enabled=False, sampler=sampler,
                                 num_inference_steps=steps)
     else:
+        if rollout_max_age is None:
+            pruners = load_pruners(model_dir)
+            pruner = pruners.get((sampler, steps), pruners.get(None))
+            rollout_max_age = trained_max_age(pruner) if pruner is not None else 0
         runtime = RuntimeConfig(gate_source='pruner',
                                 target_sparsity=-1.0 if kind == 'sparse' else param,
                                 sampler=sampler, num_inference_steps=steps,
@@ -259,10 +296,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='K of the dense DDIM points')
     parser.add_argument('--dials', type=float, nargs='*', default=[0.5, 0.6, 0.7],
                         help='dial sparsities of the learned-gate points (fractions)')
+    parser.add_argument('--schedule-dials', nargs='*', default=[],
+                        help='per-schedule dials replacing --dials, e.g. ddpm-100=0.9,0.93')
+    parser.add_argument('--extra-points', nargs='*', default=[],
+                        help='further eval variants to place on the frontier')
     parser.add_argument('--no-sparse', action='store_true',
                         help='skip the learned gates as trained (argmax) points')
-    parser.add_argument('--rollout-max-age', type=int, default=0,
-                        help='cache aging of the learned-gate points (0: never)')
+    parser.add_argument('--rollout-max-age', type=int, default=None,
+                        help='cache aging of the learned-gate points (0: never; default: '
+                             "each schedule's pruner's trained max age)")
     parser.add_argument('--tolerance-episodes', type=int, default=1,
                         help='lossless: success at most this many episodes below dense')
     parser.add_argument('--max-steps-ratio', type=float, default=1.10,
@@ -281,6 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure the frontier as the arguments say."""
     from sparse_policy_node.training.evaluate import model_task
+    from sparse_policy_node.training.sparse_eval import check_variant
     for p in args.dials:
         if not 0.0 <= p <= 0.99:
             raise SystemExit(f'--dials takes fractions in [0, 0.99], got {p}')
@@ -288,7 +331,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f'--ddim-steps must be >= 1, got {args.ddim_steps}')
     args.task = args.task or model_task(args.model)
     args.seeds = list(range(args.seed_start, args.seed_start + args.episodes))
-    points = frontier_points(args.model, args.ddim_steps, args.dials, not args.no_sparse)
+    try:
+        schedule_dials = parse_schedule_dials(args.schedule_dials)
+        for name in args.extra_points:
+            check_variant(name)
+    except ValueError as exc:
+        raise SystemExit(f'frontier: {exc}') from exc
+    points = frontier_points(args.model, args.ddim_steps, args.dials, not args.no_sparse,
+                             schedule_dials, args.extra_points)
     options = {'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
     results = run_points(args.model, points, args.seeds, args.task, options, args.max_steps,
                          args.workers, args.threads)
