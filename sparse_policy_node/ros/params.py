@@ -30,6 +30,8 @@ from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
 
 
+OUTPUT_MODES = ('chunk', 'pose_target', 'joint_trajectory')
+BRIDGE_ACTION_MODES = ('chunk', 'pose_target')
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
 
 
@@ -126,8 +128,42 @@ class NodeSettings:
     action_upper: Tuple[float, ...] = (1.0,)
     summary_file: str = ''
     diagnostics_period_s: float = 1.0
+    pose_frame: str = 'world'
+    output_mode: str = 'chunk'
+    output_joint_names: Tuple[str, ...] = ('',)
+    output_pose_topic: str = 'ee_pose'
+    output_joint_state_topic: str = 'joint_states'
+    safety_max_step_change: Tuple[float, ...] = (0.0,)
+    safety_max_linear_speed: float = 0.0
+    safety_max_angular_speed: float = 0.0
+    safety_max_joint_speed: float = 0.0
+    safety_workspace_min: Tuple[float, ...] = (-1000.0, -1000.0, -1000.0)
+    safety_workspace_max: Tuple[float, ...] = (1000.0, 1000.0, 1000.0)
+    safety_require_enable: bool = False
+    safety_watchdog_s: float = 0.0
 
     def __post_init__(self):
+        self.output_joint_names = tuple(n for n in self.output_joint_names if n)
+        self.safety_max_step_change = tuple(float(v) for v in self.safety_max_step_change)
+        self.safety_workspace_min = tuple(float(v) for v in self.safety_workspace_min)
+        self.safety_workspace_max = tuple(float(v) for v in self.safety_workspace_max)
+        if self.output_mode not in OUTPUT_MODES:
+            raise ConfigError(f'output.mode must be one of {OUTPUT_MODES}, '
+                              f'got {self.output_mode!r}')
+        if len(set(self.output_joint_names)) != len(self.output_joint_names):
+            raise ConfigError(f'output.joint_names must be unique, got '
+                              f'{list(self.output_joint_names)}')
+        if self.output_mode == 'joint_trajectory' and not self.output_joint_names:
+            raise ConfigError('output.mode joint_trajectory needs output.joint_names (the '
+                              "joint_trajectory_controller's joints)")
+        lo, hi = self.safety_workspace_min, self.safety_workspace_max
+        if len(lo) != 3 or len(hi) != 3 or not all(a < b for a, b in zip(lo, hi)):
+            raise ConfigError(f'safety.workspace_min/max must be [x, y, z] with min < max, '
+                              f'got {list(lo)} / {list(hi)}')
+        if any(v < 0 or v != v for v in self.safety_max_step_change) or \
+                not self.safety_max_step_change:
+            raise ConfigError(f'safety.max_step_change must be >= 0 (0: off), got '
+                              f'{list(self.safety_max_step_change)}')
         self.lowdim_map = tuple(self.lowdim_map)
         self.action_names = tuple(self.action_names)
         self.action_lower = tuple(float(v) for v in self.action_lower)
@@ -219,6 +255,51 @@ NODE_PARAMS = (
     Param('diagnostics_period_s', 'diagnostics_period_s', _NS.diagnostics_period_s,
           'Period of /diagnostics (wall clock).', read_only=True, min_value=0.05,
           max_value=60.0),
+    Param('pose_frame', 'pose_frame', _NS.pose_frame,
+          'Frame of the pose inputs (their header.frame_id must match, else they are '
+          'rejected) and of the pose targets; empty: not checked.', read_only=True),
+    Param('output.mode', 'output_mode', _NS.output_mode,
+          "What the node commands: 'chunk' (the model's actions as ~/action_chunk and "
+          "~/next_action, today's robosuite delta interface), 'pose_target' (geometry_msgs/"
+          'PoseStamped ~/target_pose + std_msgs/Float64 ~/gripper_command at the control '
+          "rate, deltas integrated from the measured pose) or 'joint_trajectory' "
+          '(~/joint_trajectory for a joint_trajectory_controller).', read_only=True,
+          constraints=f'one of {OUTPUT_MODES}'),
+    Param('output.joint_names', 'output_joint_names', list(_NS.output_joint_names),
+          "joint_trajectory mode: the controller's joints, in the model's joint order.",
+          read_only=True),
+    Param('output.pose_topic', 'output_pose_topic', _NS.output_pose_topic,
+          'Measured end-effector pose (geometry_msgs/PoseStamped) that deltas are integrated '
+          'from and that workspace limits and holds use.', read_only=True),
+    Param('output.joint_state_topic', 'output_joint_state_topic',
+          _NS.output_joint_state_topic,
+          'Measured joint states (joint_trajectory mode: the hold position and the start of '
+          'the joint speed cap).', read_only=True),
+    Param('safety.max_step_change', 'safety_max_step_change',
+          list(_NS.safety_max_step_change),
+          'Largest change between consecutive actions, per action dimension (one value for '
+          'all, 0: off).'),
+    Param('safety.max_linear_speed', 'safety_max_linear_speed', _NS.safety_max_linear_speed,
+          'End-effector target speed cap in m/s (delta and pose_target output; 0: off).',
+          min_value=0.0, max_value=100.0),
+    Param('safety.max_angular_speed', 'safety_max_angular_speed',
+          _NS.safety_max_angular_speed,
+          'End-effector target rotation speed cap in rad/s (0: off).', min_value=0.0,
+          max_value=100.0),
+    Param('safety.max_joint_speed', 'safety_max_joint_speed', _NS.safety_max_joint_speed,
+          'Joint target speed cap in rad/s (joint_trajectory output; 0: off).',
+          min_value=0.0, max_value=100.0),
+    Param('safety.workspace_min', 'safety_workspace_min', list(_NS.safety_workspace_min),
+          'Lower corner [x, y, z] (m, pose_frame) of the box end-effector targets stay in.'),
+    Param('safety.workspace_max', 'safety_workspace_max', list(_NS.safety_workspace_max),
+          'Upper corner [x, y, z] (m, pose_frame) of the box end-effector targets stay in.'),
+    Param('safety.require_enable', 'safety_require_enable', _NS.safety_require_enable,
+          'Command the robot only while the last std_msgs/Bool on ~/enable was true; '
+          'otherwise hold (see the README for what hold sends per output mode).',
+          read_only=True),
+    Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
+          'Hold when no action covers the current control tick for this long, or when the '
+          'newest input is this old (0: off).', min_value=0.0, max_value=60.0),
 )
 
 
@@ -243,10 +324,16 @@ class BridgeSettings:
     gripper_joint_names: Tuple[str, ...] = ('panda_finger_joint1', 'panda_finger_joint2')
     action_topic: str = 'policy_node/action_chunk'
     reset_service: str = 'policy_node/reset'
-    frame_id: str = 'base'
+    frame_id: str = 'world'
     summary_file: str = ''
+    action_mode: str = 'chunk'
+    target_topic: str = 'policy_node/target_pose'
+    gripper_topic: str = 'policy_node/gripper_command'
 
     def __post_init__(self):
+        if self.action_mode not in BRIDGE_ACTION_MODES:
+            raise ConfigError(f'action_mode must be one of {BRIDGE_ACTION_MODES}, '
+                              f'got {self.action_mode!r}')
         self.cameras = tuple(self.cameras)
         self.image_size = tuple(int(v) for v in self.image_size)
         self.gripper_joint_names = tuple(self.gripper_joint_names)
@@ -300,10 +387,21 @@ BRIDGE_PARAMS = (
     Param('reset_service', 'reset_service', _BS.reset_service,
           'std_srvs/Trigger called before each episode (starts a new policy episode).',
           read_only=True),
-    Param('frame_id', 'frame_id', _BS.frame_id, 'Frame of the published pose.',
-          read_only=True),
+    Param('frame_id', 'frame_id', _BS.frame_id, "Frame of the published pose (robosuite's "
+          'site poses are in the world frame).', read_only=True),
     Param('summary_file', 'summary_file', _BS.summary_file,
           'Write a JSON run summary here at exit (empty: none).', read_only=True),
+    Param('action_mode', 'action_mode', _BS.action_mode,
+          "'chunk': execute the delta chunks of action_topic; 'pose_target': track the "
+          'PoseStamped targets of target_topic and the gripper commands of gripper_topic, as '
+          'a Cartesian controller would.', read_only=True,
+          constraints=f'one of {BRIDGE_ACTION_MODES}'),
+    Param('target_topic', 'target_topic', _BS.target_topic,
+          'pose_target mode: geometry_msgs/PoseStamped targets, one per control step.',
+          read_only=True),
+    Param('gripper_topic', 'gripper_topic', _BS.gripper_topic,
+          'pose_target mode: std_msgs/Float64 gripper commands (-1 open, +1 closed).',
+          read_only=True),
 )
 
 

@@ -25,6 +25,7 @@ import time
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped
+import numpy as np
 from rclpy.clock import Clock
 from rclpy.clock import ClockType
 from rclpy.executors import ExternalShutdownException
@@ -41,7 +42,11 @@ from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.engine import load_engine
 from sparse_policy_node.core.engine import NonFiniteActionError
+from sparse_policy_node.core.model_card import ModelCardError
+from sparse_policy_node.core.model_card import read_card
+from sparse_policy_node.core.model_card import ROTATION_DIMS
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
@@ -52,6 +57,8 @@ from sparse_policy_node.ros.obs_history import future_by_s
 from sparse_policy_node.ros.obs_history import ObservationHistory
 from sparse_policy_node.ros.obs_history import TIME_JUMP
 from sparse_policy_node.ros.stats import RunStats
+from std_msgs.msg import Bool
+from std_msgs.msg import Float64
 from std_srvs.srv import Trigger
 import torch
 from trajectory_msgs.msg import JointTrajectory
@@ -137,6 +144,7 @@ class PolicyNode(LifecycleNode):
             self._reset('activated again')
         with self._lock:
             self._activated_before = self._active = True
+            self._activated_ns = self.get_clock().now().nanoseconds
         return super().on_activate(state)  # enables the lifecycle publishers
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
@@ -182,6 +190,11 @@ class PolicyNode(LifecycleNode):
                                       f'model has {self.action_dim} action dimensions; '
                                       f'using a0..')
             self.names = conv.default_action_names(self.action_dim)
+        try:
+            self.card = read_card(model_dir, cfg)
+        except ModelCardError as exc:
+            raise ConfigError(f'model card of {model_dir}: {exc}') from exc
+        self.card_disagreements = self._check_card(self.card, s)
         sources = conv.parse_lowdim_map(s.lowdim_map)
         self._check_sources(cfg, sources)
         self.image_size = tuple(cfg.obs.vision.image_size)
@@ -218,6 +231,7 @@ class PolicyNode(LifecycleNode):
         self.diag_pub = self._own(self.destroy_publisher, self.create_publisher(
             DiagnosticArray, '/diagnostics', 10))
         self._own(self.destroy_service, self.create_service(Trigger, '~/reset', self._on_reset))
+        self._configure_outputs(s)
         self._own(self.destroy_timer, self.create_timer(self.dt_ns / 1e9,
                                                         self._on_control_tick))
         # Diagnostics tick on the wall clock so they keep flowing when sim time stops.
@@ -319,6 +333,14 @@ class PolicyNode(LifecycleNode):
             self._reject(key, exc)
 
     def _on_lowdim(self, group, msg) -> None:
+        frame = self.settings.pose_frame
+        if isinstance(msg, PoseStamped) and frame and msg.header.frame_id != frame:
+            for src in group:
+                self.stats.count('frame_mismatches')
+                self._reject(src.key, conv.ConversionError(
+                    f'pose in frame {msg.header.frame_id!r}, expected pose_frame '
+                    f'{frame!r} (transform it, or set pose_frame)'))
+            return
         for src in group:
             try:
                 self._add(src.key, msg.header.stamp, conv.extract_lowdim(src, msg))
@@ -363,6 +385,7 @@ class PolicyNode(LifecycleNode):
             # after the reset request (topics and services are not ordered).
             self.history.clear(self.get_clock().now().nanoseconds if keep_floor else None)
             self._last = self._current = None
+            self._last_target = None
             self._reset_pending = True
         self.stats.count('resets')
         self.get_logger().info(f'new episode ({reason}): caches cleared, next chunk dense')
@@ -482,7 +505,7 @@ class PolicyNode(LifecycleNode):
         return stale
 
     def _maybe_run_chunk(self) -> None:
-        if not self._active:
+        if not self._active or not self._enabled:
             return
         s, dt = self.settings, self.dt_ns
         # Read the episode before the window: a reset in between makes the chunk one of the
@@ -521,6 +544,12 @@ class PolicyNode(LifecycleNode):
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
             return
+        try:
+            actions, plan = self._plan(window.stamp_ns, actions)
+        except conv.ConversionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
+            return
         msg = conv.chunk_to_trajectory(actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns))
         # Checked and published under the lock that resets and deactivation take: a chunk
         # of an old episode, or one finished after deactivation, never goes out.
@@ -528,12 +557,13 @@ class PolicyNode(LifecycleNode):
             if episode != self._episode:
                 self.stats.count('discarded_after_reset')  # computed for the old episode
                 return
-            if not self._active:
+            if not self._active or not self._enabled:
                 self.stats.count('discarded_inactive')     # deactivated while computing
                 return
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
-                                                                          actions)
+                                                                          actions, plan)
             self.chunk_pub.publish(msg)
+            self._publish_plan(window.stamp_ns, actions, plan)
         self._error = None
         st = out['stats']
         self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
@@ -543,18 +573,337 @@ class PolicyNode(LifecycleNode):
                                 f'{st["latency_ms"]:.1f} ms, sparsity '
                                 f'{st["realized_sparsity"]:.2f}')
 
+    # ==== model card, output adapters and the safety layer ====
+
+    def _check_card(self, card, s) -> list:
+        """Check the parameters against the model card; log and return what disagrees.
+
+        A mode the model's actions cannot drive is an error; other disagreements (rate,
+        names, frame, camera flip) are logged as warnings and served as configured.
+        """
+        if card is None:
+            if s.output_mode != 'chunk':
+                raise ConfigError(f'output.mode {s.output_mode} needs the model card '
+                                  f'(model_card.json: action space, scaling, frames); write it '
+                                  f'with sparse-policy model-card MODEL --write or by hand')
+            self.get_logger().info('the model has no model card: parameters not checked')
+            return []
+        action = card['action']
+        space = action['space']
+        need = {'pose_target': ('delta_eef', 'abs_eef_pose'), 'joint_trajectory': ('joint_pos',)}
+        if s.output_mode in need and space not in need[s.output_mode]:
+            wanted = ' or '.join(need[s.output_mode])
+            raise ConfigError(f'output.mode {s.output_mode} needs a {wanted} model; the model '
+                              f'card says {space}')
+        arm = action['dim'] - (action.get('gripper') is not None)
+        if s.output_mode == 'joint_trajectory' and len(s.output_joint_names) != arm:
+            raise ConfigError(f'output.joint_names has {len(s.output_joint_names)} joints, the '
+                              f'model commands {arm}')
+        diffs = []
+        if abs(card['control_rate_hz'] - s.control_rate_hz) > 1e-6:
+            diffs.append(f'control_rate_hz={s.control_rate_hz} but the model was trained at '
+                         f"{card['control_rate_hz']} Hz")
+        if list(s.action_names) != list(action['names']):
+            diffs.append(f'action.names={list(s.action_names)} but the card names '
+                         f"{action['names']}")
+        frame = card.get('frames', {}).get('pose_frame')
+        if frame and s.pose_frame and frame != s.pose_frame:
+            diffs.append(f'pose_frame={s.pose_frame!r} but the model saw poses in {frame!r}')
+        names = action.get('joint_names')
+        if s.output_mode == 'joint_trajectory' and names and list(names) != list(
+                s.output_joint_names):
+            diffs.append(f'output.joint_names={list(s.output_joint_names)} but the card names '
+                         f'{names}')
+        for cam, spec in card.get('cameras', {}).items():
+            if spec.get('flip_vertical'):
+                diffs.append(f'camera {cam}: the model was trained on vertically flipped '
+                             f'images; this node does not flip')
+        for d in diffs:
+            self.get_logger().warning(f'model card disagrees: {d}')
+        if not diffs:
+            self.get_logger().info(f'model card: {space} actions at {card["control_rate_hz"]} '
+                                   f'Hz; parameters agree')
+        return diffs
+
+    def _configure_outputs(self, s) -> None:
+        """Create the adapter's publishers, the measurement and enable subscriptions."""
+        action = (self.card or {}).get('action', {})
+        self.space = action.get('space')
+        gripper = action.get('gripper')
+        self.gripper_index = None if gripper is None else int(gripper['index'])
+        self.limits = act.Limits(
+            dt=self.dt_ns / 1e9,
+            max_step_change=np.broadcast_to(np.asarray(s.safety_max_step_change, float),
+                                            (self.action_dim,)).copy()
+            if len(s.safety_max_step_change) in (1, self.action_dim) else None,
+            max_linear_speed=s.safety_max_linear_speed,
+            max_angular_speed=s.safety_max_angular_speed,
+            max_joint_speed=s.safety_max_joint_speed,
+            workspace_min=np.asarray(s.safety_workspace_min, float),
+            workspace_max=np.asarray(s.safety_workspace_max, float))
+        if self.limits.max_step_change is None:
+            raise ConfigError(f'safety.max_step_change needs 1 or {self.action_dim} values, got '
+                              f'{len(s.safety_max_step_change)}')
+        self._eef_limited = bool(s.safety_max_linear_speed or s.safety_max_angular_speed or
+                                 min(s.safety_workspace_min) > -1000.0 or
+                                 max(s.safety_workspace_max) < 1000.0)
+        if s.output_mode == 'chunk' and self._eef_limited and self.space != 'delta_eef':
+            raise ConfigError('end-effector speed and workspace limits on chunk output need a '
+                              'delta_eef model card')
+        self._poses = deque(maxlen=256)      # measured (stamp_ns, position, quaternion)
+        self._joints = None                  # measured joint positions (output order)
+        self._last_target = None             # (position, quaternion) last sent
+        self._last_gripper = None
+        self._enabled = not s.safety_require_enable
+        self._holding = None                 # hold reason while holding
+        self._covered_ns = None              # last tick an action covered
+        self._activated_ns = None
+        self.target_pub = self.gripper_pub = self.joint_traj_pub = None
+        if s.output_mode in ('pose_target', 'chunk'):
+            self._own(self.destroy_subscription, self.create_subscription(
+                PoseStamped, s.output_pose_topic, self._on_measured_pose,
+                qos_profile_sensor_data))
+        if s.output_mode == 'pose_target':
+            self.target_pub = self._own(self.destroy_lifecycle_publisher,
+                                        self.create_lifecycle_publisher(
+                                            PoseStamped, '~/target_pose', 10))
+        if s.output_mode == 'joint_trajectory':
+            self._own(self.destroy_subscription, self.create_subscription(
+                JointState, s.output_joint_state_topic, self._on_measured_joints,
+                qos_profile_sensor_data))
+            self.joint_traj_pub = self._own(self.destroy_lifecycle_publisher,
+                                            self.create_lifecycle_publisher(
+                                                JointTrajectory, '~/joint_trajectory', 10))
+        if s.output_mode != 'chunk' and self.gripper_index is not None:
+            self.gripper_pub = self._own(self.destroy_lifecycle_publisher,
+                                         self.create_lifecycle_publisher(
+                                             Float64, '~/gripper_command', 10))
+        if s.safety_require_enable:
+            self._own(self.destroy_subscription, self.create_subscription(
+                Bool, '~/enable', self._on_enable, 10))
+
+    def _on_measured_pose(self, msg) -> None:
+        frame = self.settings.pose_frame
+        if frame and msg.header.frame_id != frame:
+            return  # rejected and logged by the observation intake
+        try:
+            pose = conv.pose_to_vector(msg, 'pose').astype(np.float64)
+        except conv.ConversionError:
+            return  # rejected and logged by the observation intake
+        p, q = pose[:3], pose[3:]
+        with self._lock:
+            self._poses.append((conv.stamp_to_ns(msg.header.stamp), p, q))
+
+    def _on_measured_joints(self, msg) -> None:
+        index = {n: i for i, n in enumerate(msg.name)}
+        names = self.settings.output_joint_names
+        if all(n in index for n in names) and len(msg.position) == len(msg.name):
+            values = np.array([msg.position[index[n]] for n in names], float)
+            if np.isfinite(values).all():
+                with self._lock:
+                    self._joints = values
+
+    def _on_enable(self, msg) -> None:
+        with self._lock:
+            was, self._enabled = self._enabled, bool(msg.data)
+            if not msg.data:
+                self._current = self._last = None   # never resume an old chunk
+        if was != bool(msg.data):
+            self.get_logger().warning('enable input: ' + (
+                'enabled, commanding again' if msg.data else 'disabled: holding'))
+            self._wake.set()
+
+    def _measured_pose_at(self, stamp_ns: int):
+        """Return the measured pose nearest the chunk stamp (within a control period)."""
+        with self._lock:
+            poses = list(self._poses)
+        if not poses:
+            raise conv.ConversionError(f'no measured pose on {self.settings.output_pose_topic} '
+                                       f'to integrate the chunk from')
+        ns, p, q = min(poses, key=lambda e: abs(e[0] - stamp_ns))
+        if abs(ns - stamp_ns) > max(self.dt_ns, int(self.settings.sync_tolerance_s * 1e9)):
+            raise conv.ConversionError(f'no measured pose within a control period of the '
+                                       f'chunk stamp (nearest {(ns - stamp_ns) / 1e9:+.3f} s)')
+        return p, q
+
+    def _plan(self, stamp_ns: int, actions: np.ndarray):
+        """Apply the safety limits and build the adapter's plan for a chunk.
+
+        Returns:
+            the limited actions (n, A) and the plan: None (chunk output), (positions,
+            quaternions) of the pose targets, or the joint targets (n, J).
+        """
+        s, limits = self.settings, self.limits
+        prev = None
+        with self._lock:
+            current = self._current
+        if current is not None:  # the action in force at the chunk's first step
+            k = round((stamp_ns - current[0]) / self.dt_ns)
+            prev = current[1][min(max(k, 0), len(current[1]) - 1)]
+        actions, n_limited = act.limit_step_change(actions, prev, limits)
+        plan = None
+        if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
+            if self.space == 'delta_eef':
+                p0, q0 = self._measured_pose_at(stamp_ns)
+                sc = self.card['action']['scaling']
+                pos, quat, actions, n = act.integrate_deltas(
+                    actions, p0, q0, sc['position_m_per_unit'], sc['rotation_rad_per_unit'],
+                    limits)
+            else:
+                fmt = self.card['action']['rotation_format']
+                end = 3 + ROTATION_DIMS[fmt]
+                try:
+                    quats = np.stack([act.quat_from_rotation(a[3:end], fmt) for a in actions])
+                except (ValueError, FloatingPointError) as exc:
+                    raise conv.ConversionError(f'bad rotation in the chunk: {exc}') from exc
+                with self._lock:
+                    start = self._last_target
+                if start is None:
+                    start = self._measured_pose_at(stamp_ns)
+                pos, quat, n = act.limit_pose_targets(actions[:, :3], quats, start[0],
+                                                      start[1], limits)
+            n_limited += n
+            plan = (pos, quat) if s.output_mode == 'pose_target' else None
+        elif s.output_mode == 'joint_trajectory':
+            nj = len(s.output_joint_names)
+            with self._lock:
+                j0 = self._joints if prev is None else prev[:nj]
+            joints, n = act.limit_joint_targets(actions[:, :nj], j0, limits)
+            actions = actions.copy()
+            actions[:, :nj] = joints
+            n_limited += n
+            plan = joints
+        if n_limited:
+            self.stats.count('safety_limited_steps', n_limited)
+        return actions, plan
+
+    def _pose_msg(self, stamp_ns: int, position, quat) -> PoseStamped:
+        msg = PoseStamped()
+        msg.header.stamp = conv.ns_to_stamp(stamp_ns)
+        msg.header.frame_id = self.settings.pose_frame
+        p, o = msg.pose.position, msg.pose.orientation
+        p.x, p.y, p.z = (float(v) for v in position)
+        o.x, o.y, o.z, o.w = (float(v) for v in quat)
+        return msg
+
+    def _publish_plan(self, stamp_ns: int, actions: np.ndarray, plan) -> None:
+        """At chunk time (under the lock): the joint trajectory, or the current step."""
+        now = self.get_clock().now().nanoseconds
+        if self.settings.output_mode == 'joint_trajectory':
+            k0 = act.first_pending_step(stamp_ns, self.dt_ns, now, len(plan))
+            if k0 >= len(plan):
+                self.stats.count('late_chunks')  # every target has elapsed
+                return
+            msg = JointTrajectory(joint_names=list(self.settings.output_joint_names))
+            msg.header.stamp = conv.ns_to_stamp(stamp_ns)
+            msg.points = conv.chunk_to_trajectory(plan[k0:], msg.joint_names, self.dt_ns,
+                                                  conv.ns_to_stamp(stamp_ns)).points
+            for i, point in enumerate(msg.points):
+                point.time_from_start = conv.ns_to_duration((k0 + i) * self.dt_ns)
+            self.joint_traj_pub.publish(msg)
+            self.stats.count('skipped_elapsed_targets', k0)
+        elif self.settings.output_mode == 'pose_target':
+            k = round((now - stamp_ns) / self.dt_ns)
+            if 0 <= k < len(actions):
+                self._covered_ns = now
+                self._publish_step(self._current, k)
+
+    def _publish_step(self, current, k: int) -> None:
+        """Publish the outputs for step ``k`` of the current chunk (under the lock)."""
+        stamp_ns, actions, plan = current
+        t = stamp_ns + k * self.dt_ns
+        msg = JointState(name=list(self.names), position=actions[k].tolist())
+        msg.header.stamp = conv.ns_to_stamp(t)
+        self.next_pub.publish(msg)
+        if self.settings.output_mode == 'pose_target':
+            self._last_target = (plan[0][k], plan[1][k])
+            self.target_pub.publish(self._pose_msg(t, *self._last_target))
+        if self.gripper_index is not None:
+            self._last_gripper = float(actions[k][self.gripper_index])
+            if self.gripper_pub is not None:
+                self.gripper_pub.publish(Float64(data=self._last_gripper))
+
+    def _hold_reason(self, now: int, covered: bool) -> str:
+        s = self.settings
+        if not self._enabled:
+            return 'enable input is off'
+        if s.safety_watchdog_s <= 0:
+            return ''
+        limit = s.safety_watchdog_s
+        ages = self.history.ages(now)
+        if ages and max(ages.values()) > limit:
+            key = max(ages, key=ages.get)
+            return f'watchdog: input {key} is {ages[key]:.2f} s old (> {limit} s)'
+        if not covered:
+            since = self._covered_ns if self._covered_ns is not None else self._activated_ns
+            if since is not None and now - since > limit * 1e9:
+                return f'watchdog: no action for {(now - since) / 1e9:.2f} s (> {limit} s)'
+        return ''
+
+    def _hold(self, reason: str, now: int) -> None:
+        """Send the output mode's hold command (under the lock); log once per hold.
+
+        chunk: ``~/next_action`` with zero motion and the gripper command unchanged.
+        pose_target: the last target sent (else the newest measured pose) and the gripper
+        unchanged. joint_trajectory: once, a one-point trajectory at the measured joints (else
+        the last command), ``time_from_start`` one control period, stamp 0 (start now).
+        """
+        first = self._holding is None
+        if first:
+            self.stats.count('holds')
+            self.get_logger().warning(f'holding: {reason}')
+        self._holding = reason
+        self._current = None
+        stamp = conv.ns_to_stamp(now)
+        mode = self.settings.output_mode
+        if mode == 'chunk':
+            values = [0.0] * self.action_dim
+            if self.gripper_index is not None and self._last_gripper is not None:
+                values[self.gripper_index] = self._last_gripper
+            msg = JointState(name=list(self.names), position=values)
+            msg.header.stamp = stamp
+            self.next_pub.publish(msg)
+        elif mode == 'pose_target':
+            target = self._last_target
+            if target is None and self._poses:
+                target = self._poses[-1][1:]
+            if target is not None:
+                self.target_pub.publish(self._pose_msg(now, *target))
+        elif first:
+            joints = self._joints
+            if joints is None:
+                self.get_logger().warning('no measured joint state to hold at: nothing sent '
+                                          '(the controller keeps its last trajectory)')
+            else:
+                msg = JointTrajectory(joint_names=list(self.settings.output_joint_names))
+                msg.points = conv.chunk_to_trajectory(
+                    joints[None], msg.joint_names, self.dt_ns, stamp).points
+                msg.points[0].time_from_start = conv.ns_to_duration(self.dt_ns)
+                self.joint_traj_pub.publish(msg)
+        if self.gripper_pub is not None and self._last_gripper is not None:
+            self.gripper_pub.publish(Float64(data=self._last_gripper))
+
     # ==== outputs on timers ====
 
     def _on_control_tick(self) -> None:
+        now = self.get_clock().now().nanoseconds
         with self._lock:
-            current = self._current
-            if current is None or not self._active:
+            if not self._active:
                 return
-            k = round((self.get_clock().now().nanoseconds - current[0]) / self.dt_ns)
-            if 0 <= k < len(current[1]):
-                msg = JointState(name=list(self.names), position=current[1][k].tolist())
-                msg.header.stamp = conv.ns_to_stamp(current[0] + k * self.dt_ns)
-                self.next_pub.publish(msg)
+            current = self._current
+            k = None if current is None else round((now - current[0]) / self.dt_ns)
+            covered = k is not None and 0 <= k < len(current[1])
+            if covered:
+                self._covered_ns = now
+            reason = self._hold_reason(now, covered)
+            if reason:
+                self._hold(reason, now)
+                return
+            if self._holding:
+                self._holding = None
+                self.get_logger().info('hold released: commanding again')
+            if covered:
+                self._publish_step(current, k)
 
     def _publish_diagnostics(self) -> None:
         self._diagnostics.hardware_id = f'{socket.gethostname()}/{self.settings.device}'

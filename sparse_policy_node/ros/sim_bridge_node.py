@@ -9,6 +9,11 @@ incoming ``trajectory_msgs/JointTrajectory`` chunks action by action, calls the 
 Lockstep mode (default) waits for the chunk computed from the current observation before
 stepping, so sim time pauses during inference and results do not depend on CPU speed. Real
 time mode steps on the wall clock and executes whichever chunk covers the current step.
+
+With ``action_mode: pose_target`` the bridge acts as a Cartesian controller instead: it tracks
+the policy node's ``~/target_pose`` stream (geometry_msgs/PoseStamped, one per control step,
+in ``frame_id``) and ``~/gripper_command`` (std_msgs/Float64), turning each target into the
+OSC pose delta that moves the simulated arm towards it.
 """
 
 import json
@@ -29,13 +34,17 @@ from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.core import keys
 from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
 from sparse_policy_node.ros.stats import percentile
+from std_msgs.msg import Float64
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+# robosuite OSC_POSE: an input of 1 moves 0.05 m / 0.5 rad (the model card's scaling).
+POSITION_SCALE, ROTATION_SCALE = 0.05, 0.5
 SIM_START_NS = 1_000_000_000  # sim time starts at 1 s: a zero stamp means "not stamped"
 
 
@@ -67,7 +76,13 @@ class SimBridgeNode(Node):
                                               qos_profile_sensor_data)
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if s.publish_clock else None
         self.result_pub = self.create_publisher(DiagnosticStatus, '~/episode_result', 10)
-        self.create_subscription(JointTrajectory, s.action_topic, self._on_chunk, 10)
+        if s.action_mode == 'pose_target':
+            self.create_subscription(PoseStamped, s.target_topic, self._on_target, 10)
+            self.create_subscription(Float64, s.gripper_topic, self._on_gripper, 10)
+        else:
+            self.create_subscription(JointTrajectory, s.action_topic, self._on_chunk, 10)
+        self._targets = {}            # stamp ns -> (position, quaternion) of pose targets
+        self._gripper = -1.0          # last gripper command (open until told otherwise)
         self.reset_client = self.create_client(Trigger, s.reset_service)
         self.t_ns = SIM_START_NS if s.publish_clock else self.get_clock().now().nanoseconds
         self._cond = threading.Condition()
@@ -75,7 +90,7 @@ class SimBridgeNode(Node):
         self._sent = {}               # obs stamp -> monotonic publish time (round trip)
         self.round_trip_ms, self.results = [], []
         self.counters = {'chunks': 0, 'underruns': 0, 'startup_underruns': 0, 'republished': 0,
-                         'bad_chunks': 0, 'stale_chunks': 0}
+                         'bad_chunks': 0, 'stale_chunks': 0, 'targets': 0, 'bad_targets': 0}
         self._episode_start_ns = self._episode_chunks = 0
         self.stop = threading.Event()
         self.finished = Future()
@@ -103,6 +118,81 @@ class SimBridgeNode(Node):
             self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
+
+    def _on_target(self, msg) -> None:
+        if msg.header.frame_id != self.settings.frame_id:
+            self.counters['bad_targets'] += 1
+            self.get_logger().warning(f'ignoring target in frame {msg.header.frame_id!r} '
+                                      f'(expected {self.settings.frame_id!r})',
+                                      throttle_duration_sec=5.0)
+            return
+        try:
+            pose = conv.pose_to_vector(msg, 'pose').astype(np.float64)
+        except conv.ConversionError as exc:
+            self.counters['bad_targets'] += 1
+            self.get_logger().warning(f'ignoring target: {exc}', throttle_duration_sec=5.0)
+            return
+        stamp = conv.stamp_to_ns(msg.header.stamp)
+        with self._cond:
+            if stamp < self._episode_start_ns:
+                self.counters['stale_chunks'] += 1
+                return
+            sent = self._sent.pop(stamp, None)
+            if sent is not None:
+                self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
+            self._targets[stamp] = (pose[:3], pose[3:])
+            for old in sorted(self._targets)[:-64]:
+                del self._targets[old]
+            self._episode_chunks += 1
+            self.counters['targets'] += 1
+            self._cond.notify_all()
+
+    def _on_gripper(self, msg) -> None:
+        if np.isfinite(msg.data):
+            with self._cond:
+                self._gripper = float(np.clip(msg.data, -1.0, 1.0))
+
+    def _track(self, target, obs) -> np.ndarray:
+        """Return the OSC delta action that moves the arm from ``obs`` towards ``target``."""
+        position, quat = target
+        dp = (position - obs['robot0_eef_pos']) / POSITION_SCALE
+        dr = act.rotvec_from_quat(act.quat_mul(quat, act.quat_conj(
+            np.asarray(obs['robot0_eef_quat'], np.float64)))) / ROTATION_SCALE
+        with self._cond:
+            gripper = self._gripper
+        return np.clip(np.concatenate([dp, dr, [gripper]]), -1.0, 1.0)
+
+    def _target_action(self, obs):
+        """Pose-target mode: return the action of the current step, or None when stopped.
+
+        Lockstep waits for the target stamped with the current step; real time tracks the
+        newest target at or before it (the last one when none is new: the arm holds there).
+        """
+        waited = 0.0
+        while not self.stop.is_set():
+            with self._cond:
+                if self.settings.lockstep:
+                    ready = self._cond.wait_for(lambda: self.t_ns in self._targets, 1.0)
+                else:
+                    ready = True
+                past = [t for t in self._targets if t <= self.t_ns]
+                target = self._targets[max(past)] if past else None
+                gripper = self._gripper
+            if ready:
+                if target is None:
+                    self.counters['startup_underruns'] += 1
+                    return np.concatenate([np.zeros(6), [gripper]])
+                if max(past) != self.t_ns:
+                    self.counters['underruns'] += 1
+                return self._track(target, obs)
+            waited += 1.0
+            self.counters['republished'] += 1
+            self._publish(obs)
+            if waited % self.settings.chunk_timeout_s < 1.0:
+                self.get_logger().warning(f'no target for t={self.t_ns / 1e9:.2f} s after '
+                                          f'{waited:.0f} s; is the policy node in '
+                                          f'output.mode pose_target?')
+        return None
 
     def _publish(self, obs) -> None:
         stamp = conv.ns_to_stamp(self.t_ns)
@@ -190,12 +280,18 @@ class SimBridgeNode(Node):
         self.t_ns += self.dt_ns
         with self._cond:
             self._chunk = None
+            self._targets, self._gripper = {}, -1.0
             self._episode_start_ns, self._episode_chunks = self.t_ns, 0
         self._publish(obs)
         steps, success, start, next_tick = 0, False, time.monotonic(), time.monotonic()
         hold = np.zeros(7)
         while steps < s.max_episode_steps and not self.stop.is_set():
-            actions = self._wait_chunk(obs) if s.lockstep else [self._realtime_action(hold)]
+            if s.action_mode == 'pose_target':
+                action = self._target_action(obs)
+                actions = None if action is None else [action]
+            else:
+                actions = self._wait_chunk(obs) if s.lockstep else [
+                    self._realtime_action(hold)]
             for action in actions if actions is not None else []:
                 if len(action) != len(hold):
                     raise ValueError(f'chunks have {len(action)} action dimensions; this '

@@ -118,10 +118,12 @@ class FakeRobot(Node):
         msg.header.stamp = conv.ns_to_stamp(t_ns)
         self.joint_pub.publish(msg)
 
-    def publish_pose(self, t_ns: int, position=(0.1, 0.0, 1.0), quat=(0.0, 1.0, 0.0, 0.0)):
-        """Publish the end-effector pose stamped ``t_ns``."""
+    def publish_pose(self, t_ns: int, position=(0.1, 0.0, 1.0), quat=(0.0, 1.0, 0.0, 0.0),
+                     frame_id: str = 'world'):
+        """Publish the end-effector pose stamped ``t_ns`` in ``frame_id``."""
         msg = PoseStamped()
         msg.header.stamp = conv.ns_to_stamp(t_ns)
+        msg.header.frame_id = frame_id
         p, q = msg.pose.position, msg.pose.orientation
         p.x, p.y, p.z = map(float, position)
         q.x, q.y, q.z, q.w = map(float, quat)
