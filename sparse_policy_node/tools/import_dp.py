@@ -135,9 +135,9 @@ def dp_card(config, dp_cfg) -> dict:
     task = (dp_cfg or {}).get('task') or {}
     rate = float(task.get('frequency') or (dp_cfg or {}).get('frequency') or 20.0)
     dim = config.transformer.action_dim
-    common = dict(flip_vertical=False, resize='as in the Diffusion Policy dataset',
-                  source='import-dp (Diffusion Policy); check rate, frames and gripper')
-    gripper = dict(gripper_index=dim - 1, gripper_semantics='-1 open, +1 closed (robomimic)')
+    common = {'flip_vertical': False, 'resize': 'as in the Diffusion Policy dataset',
+              'source': 'import-dp (Diffusion Policy); check rate, frames and gripper'}
+    gripper = {'gripper_index': dim - 1, 'gripper_semantics': '-1 open, +1 closed (robomimic)'}
     if task.get('abs_action') and dim == 10:
         return mc.build_card(config, 'abs_eef_pose', rate, 'base',
                              rotation_format='rotation_6d', **gripper, **common)
