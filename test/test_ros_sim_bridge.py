@@ -133,9 +133,11 @@ def test_bridge_never_executes_a_chunk_of_the_previous_episode(context):
 
 
 def test_pose_target_mode_tracks_the_node_targets_in_lockstep(context, tmp_path):
-    """Node in output.mode pose_target + bridge in action_mode pose_target (a Cartesian
-    controller): every step is driven by the target stamped for it, deltas integrated from
-    the measured pose."""
+    """Node in output.mode pose_target, bridge in action_mode pose_target, in lockstep.
+
+    The bridge acts as a Cartesian controller: every step is driven by the target stamped
+    for it, the deltas integrated from the measured pose.
+    """
     from sparse_policy_node.core.checkpoint import load_policy_config
     from sparse_policy_node.core.model_card import robosuite_card
     from sparse_policy_node.core.model_card import write_card

@@ -265,7 +265,7 @@ NODE_PARAMS = (
           "rate, deltas integrated from the measured pose) or 'joint_trajectory' "
           '(~/joint_trajectory for a joint_trajectory_controller).', read_only=True,
           constraints=f'one of {OUTPUT_MODES}'),
-    Param('output.joint_names', 'output_joint_names', list(_NS.output_joint_names),
+    Param('output.joint_names', 'output_joint_names', [''],
           "joint_trajectory mode: the controller's joints, in the model's joint order.",
           read_only=True),
     Param('output.pose_topic', 'output_pose_topic', _NS.output_pose_topic,

@@ -19,6 +19,8 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.ros import conversions as conv
+from std_msgs.msg import Bool
+from std_msgs.msg import Float64
 from trajectory_msgs.msg import JointTrajectory
 
 FINGERS = ['panda_finger_joint1', 'panda_finger_joint2']
@@ -88,8 +90,41 @@ class FakeRobot(Node):
         self.diagnostics_received = 0
         self.create_subscription(JointTrajectory, f'{policy}/action_chunk', self._on_chunk, 10)
         self.create_subscription(JointState, f'{policy}/next_action',
-                                 lambda m: self.next_actions.append(m), 10)
+                                 lambda m: self._keep(self.next_actions, m), 10)
         self.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        # Outputs of the pose_target and joint_trajectory modes, and the enable input.
+        self.targets, self.grippers, self.joint_trajectories = [], [], []
+        self.create_subscription(PoseStamped, f'{policy}/target_pose',
+                                 lambda m: self._keep(self.targets, m), 10)
+        self.create_subscription(Float64, f'{policy}/gripper_command',
+                                 lambda m: self._keep(self.grippers, m), 10)
+        self.create_subscription(JointTrajectory, f'{policy}/joint_trajectory',
+                                 lambda m: self._keep(self.joint_trajectories, m), 10)
+        self.enable_pub = self.create_publisher(Bool, f'{policy}/enable', 10)
+
+    def _keep(self, into, msg):
+        with self.cond:
+            into.append(msg)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> bool:
+        """Wait until ``predicate()`` holds (checked whenever an output arrives)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.05))
+            return True
+
+    def publish_enable(self, on: bool):
+        """Publish the policy node's enable input."""
+        self.enable_pub.publish(Bool(data=bool(on)))
+
+    def publish_clock(self, t_ns: int):
+        """Publish /clock (sim time) at ``t_ns``."""
+        self.clock_pub.publish(Clock(clock=conv.ns_to_stamp(t_ns)))
 
     def _on_chunk(self, msg):
         with self.cond:
