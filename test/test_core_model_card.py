@@ -23,6 +23,7 @@ def test_shipped_lift_card_matches_the_model_and_the_command_that_writes_it(caps
     assert card['action']['scaling'] == {'position_m_per_unit': 0.05,
                                          'rotation_rad_per_unit': 0.5}
     assert card['action']['gripper']['index'] == 6 and card['control_rate_hz'] == 20.0
+    assert card['action']['delta_reference'] == 'measured'   # robosuite OSC: goal = pose + delta
     assert card['frames']['pose_frame'] == 'world'
     assert card['inputs']['robot0_eef_pos'] == {'dim': 3, 'unit': 'm', 'frame': 'world',
                                                 'meaning': 'end-effector position'}

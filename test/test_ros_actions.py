@@ -29,12 +29,25 @@ P0, Q0 = np.array([0.1, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])  # FakeRobot'
 JOINTS = [f'arm_joint_{i}' for i in range(1, 8)]
 
 
+def delta_card_model(directory, reference):
+    """Tiny model with a robosuite delta card (0.05 m / 0.5 rad per unit)."""
+    model = save_tiny_model(str(directory))
+    card = mc.robosuite_card(load_policy_config(model), {'env_kwargs': {}})
+    card['action']['delta_reference'] = reference
+    mc.write_card(model, card)
+    return model
+
+
 @pytest.fixture(scope='module')
 def delta_model(tmp_path_factory):
-    """Tiny model with a robosuite delta card (OSC deltas, 0.05 m / 0.5 rad per unit)."""
-    model = save_tiny_model(str(tmp_path_factory.mktemp('delta')))
-    mc.write_card(model, mc.robosuite_card(load_policy_config(model), {'env_kwargs': {}}))
-    return model
+    """Deltas that sum up into a trajectory (each relative to the previous target)."""
+    return delta_card_model(tmp_path_factory.mktemp('delta'), 'integrated')
+
+
+@pytest.fixture(scope='module')
+def measured_delta_model(tmp_path_factory):
+    """Deltas relative to the pose measured at their step (robosuite's OSC)."""
+    return delta_card_model(tmp_path_factory.mktemp('measured'), 'measured')
 
 
 @pytest.fixture(scope='module')
@@ -219,6 +232,28 @@ def test_late_delta_chunk_becomes_pose_targets_from_the_measured_pose(system, de
         assert np.isclose(np.linalg.norm(quat), 1.0)
     assert robot.wait_for(lambda: robot.grippers)
     assert robot.grippers[0].data == pytest.approx(deltas[(stamps[0] - t0) // DT, 6])
+
+
+def test_measured_reference_deltas_apply_to_the_pose_measured_at_their_step(
+        system, measured_delta_model):
+    node, robot = system(measured_delta_model, sim_clock=True, **{'output.mode': 'pose_target'})
+    t0 = 5_000_000_000
+    robot.publish_clock(t0)
+    time.sleep(0.1)
+    robot.publish_obs(t0)
+    chunk = robot.wait_chunk(t0)
+    assert chunk is not None and robot.wait_for(lambda: robot.targets)
+    p1 = P0 + [0.01, -0.02, 0.03]             # the arm moved (not as far as asked)
+    robot.publish_pose(t0 + DT, position=p1, quat=Q0)
+    time.sleep(0.1)
+    robot.publish_clock(t0 + DT)
+    assert robot.wait_for(lambda: len(robot.targets) >= 2)
+    deltas = chunk_actions(chunk)
+    for msg, (k, base) in zip(robot.targets, [(0, P0), (1, p1)]):
+        assert conv.stamp_to_ns(msg.header.stamp) == t0 + k * DT
+        assert np.allclose(pose_of(msg)[0], base + 0.05 * deltas[k, :3], atol=1e-6)
+        q = act.quat_mul(act.quat_from_rotvec(0.5 * deltas[k, 3:6]), Q0)
+        assert np.allclose(pose_of(msg)[1], q, atol=1e-6)
 
 
 # ==== safety layer ====

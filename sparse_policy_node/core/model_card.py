@@ -21,6 +21,10 @@ CARD_VERSION = 1
 ACTION_SPACES = ('delta_eef', 'abs_eef_pose', 'joint_pos')
 ROTATION_FORMATS = ('axis_angle', 'quat_xyzw', 'rotation_6d')
 ROTATION_DIMS = {'axis_angle': 3, 'quat_xyzw': 4, 'rotation_6d': 6}
+# What a delta is relative to: 'measured' (the pose measured at its step, as robosuite's OSC
+# sets goal = current pose + delta; the controller's lag is part of what the model learned)
+# or 'integrated' (the previous step's target: deltas sum up into a trajectory).
+DELTA_REFERENCES = ('measured', 'integrated')
 
 # robosuite 1.5 OSC_POSE (delta input): an input of 1 moves 0.05 m / rotates 0.5 rad per step;
 # the last dimension is the gripper, -1 open and +1 closed.
@@ -68,6 +72,7 @@ def build_card(config, action_space: str, control_rate_hz: float, frame: str,
                names: Optional[List[str]] = None, gripper_index: Optional[int] = None,
                gripper_semantics: str = '', position_scale: Optional[float] = None,
                rotation_scale: Optional[float] = None, rotation_format: str = 'axis_angle',
+               delta_reference: str = 'integrated',
                joint_names: Optional[List[str]] = None, flip_vertical: bool = False,
                resize: str = 'unknown', source: str = '') -> dict:
     """Return a card for a policy config (see the module docstring for the fields)."""
@@ -79,6 +84,7 @@ def build_card(config, action_space: str, control_rate_hz: float, frame: str,
                   'index': int(gripper_index), 'semantics': gripper_semantics}}
     if action_space == 'delta_eef':
         action.update(range=[-1.0, 1.0], rotation_format=rotation_format,
+                      delta_reference=delta_reference,
                       scaling={'position_m_per_unit': position_scale,
                                'rotation_rad_per_unit': rotation_scale})
     elif action_space == 'abs_eef_pose':
@@ -107,7 +113,7 @@ def robosuite_card(config, env_args: dict) -> dict:
         gripper_index=config.transformer.action_dim - 1,
         gripper_semantics='-1 open, +1 closed (command, not a position)',
         position_scale=ROBOSUITE_POSITION_SCALE, rotation_scale=ROBOSUITE_ROTATION_SCALE,
-        resize='none: rendered at image_size (upright)',
+        resize='none: rendered at image_size (upright)', delta_reference='measured',
         source=f"robosuite {env_args.get('env_name', '?')} ({kwargs.get('robots', '?')}), "
                'OSC_POSE delta control')
 
@@ -151,6 +157,9 @@ def check_card(card: dict, config=None) -> None:
             raise ModelCardError('the gripper must be the last action dimension of an '
                                  'end-effector action')
     if space == 'delta_eef':
+        if action.get('delta_reference', 'integrated') not in DELTA_REFERENCES:
+            raise ModelCardError(f'action.delta_reference must be one of {DELTA_REFERENCES}, '
+                                 f"got {action.get('delta_reference')!r}")
         scaling = action.get('scaling') or {}
         for key in ('position_m_per_unit', 'rotation_rad_per_unit'):
             if not isinstance(scaling.get(key), (int, float)) or scaling[key] <= 0:

@@ -144,6 +144,11 @@ def _box(p: np.ndarray, limits: Limits) -> Tuple[np.ndarray, bool]:
     return q, bool(not np.allclose(q, p))
 
 
+def clamp_to_box(p: np.ndarray, limits: Limits) -> np.ndarray:
+    """Return ``p`` clamped into the workspace box (unchanged without one)."""
+    return _box(np.asarray(p, float), limits)[0]
+
+
 def integrate_deltas(actions: np.ndarray, p0: np.ndarray, q0: np.ndarray, pos_scale: float,
                      rot_scale: float, limits: Limits):
     """Integrate end-effector deltas from a measured pose into limited absolute targets.

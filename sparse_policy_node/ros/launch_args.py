@@ -50,6 +50,11 @@ LAUNCH_ARGS = (
               'pauses during inference) or steps on the wall clock at its control rate and '
               'holds still when no chunk covers a step (false); empty: bridge_params_file '
               'value.', ('', 'true', 'false')),
+    LaunchArg('action_interface', '', 'What the policy node commands (its output.mode): '
+              '"chunk" (robosuite deltas), "pose_target" (PoseStamped targets + gripper for a '
+              'Cartesian controller; the bridge then tracks them like one) or '
+              '"joint_trajectory" (sim:=none only); empty: params files.',
+              ('', 'chunk', 'pose_target', 'joint_trajectory')),
     LaunchArg('use_sim_time', '', 'Run on the /clock of the simulator; empty: true with a '
               'simulator, false without.', ('', 'true', 'false')),
     LaunchArg('namespace', '', 'Namespace of the nodes (e.g. robot1: /robot1/policy_node and '
@@ -207,6 +212,13 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
     if values['steps']:
         policy['sampler.steps'] = _int(values, 'steps')
     policy.update(sparsity_overrides(values['sparsity']))
+    interface = values['action_interface']
+    if interface:
+        policy['output.mode'] = interface
+    if interface == 'joint_trajectory' and sim:
+        raise ValueError('action_interface:=joint_trajectory needs a joint-position model and '
+                         'a joint_trajectory_controller (sim:=none); the robosuite bridge '
+                         'executes chunk or pose_target commands')
     if values['summary_dir']:
         policy['summary_file'] = os.path.join(values['summary_dir'], 'policy_node.json')
     nodes = [NodePlan('policy_node', 'policy_node', f'{PACKAGE}.ros.policy_node',
@@ -220,6 +232,8 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
                 bridge[name] = _int(values, name)
         if values['lockstep']:
             bridge['lockstep'] = values['lockstep'] == 'true'
+        if interface:
+            bridge['action_mode'] = interface
         if values['summary_dir']:
             bridge['summary_file'] = os.path.join(values['summary_dir'], 'sim_bridge.json')
         nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',

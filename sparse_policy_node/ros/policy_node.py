@@ -629,6 +629,7 @@ class PolicyNode(LifecycleNode):
         """Create the adapter's publishers, the measurement and enable subscriptions."""
         action = (self.card or {}).get('action', {})
         self.space = action.get('space')
+        self._delta_reference = action.get('delta_reference', 'integrated')
         gripper = action.get('gripper')
         self.gripper_index = None if gripper is None else int(gripper['index'])
         self.limits = act.Limits(
@@ -816,7 +817,17 @@ class PolicyNode(LifecycleNode):
         msg.header.stamp = conv.ns_to_stamp(t)
         self.next_pub.publish(msg)
         if self.settings.output_mode == 'pose_target':
-            self._last_target = (plan[0][k], plan[1][k])
+            target = (plan[0][k], plan[1][k])
+            if self._delta_reference == 'measured' and self._poses:
+                # The delta is relative to the pose measured now (robosuite's OSC semantics).
+                _, p, q = self._poses[-1]
+                sc = self.card['action']['scaling']
+                p = act.clamp_to_box(p + actions[k][:3] * sc['position_m_per_unit'],
+                                     self.limits)
+                q = act.quat_mul(act.quat_from_rotvec(
+                    actions[k][3:6] * sc['rotation_rad_per_unit']), q)
+                target = (p, q)
+            self._last_target = target
             self.target_pub.publish(self._pose_msg(t, *self._last_target))
         if self.gripper_index is not None:
             self._last_gripper = float(actions[k][self.gripper_index])
