@@ -118,6 +118,8 @@ def test_frontier_end_to_end_installs_a_serving_default(tiny_policy, tmp_path, c
     assert serving['runtime'] == report['chosen_runtime']
     assert serving['chosen_by']['point'] == report['chosen']
     assert (out / 'frontier.png').stat().st_size > 1000
+    table = (out / 'frontier.md').read_text().splitlines()
+    assert len(table) == 2 + len(names) and f'**{report["chosen"]}**' in '\n'.join(table)
     saved = json.loads((out / 'frontier.json').read_text())
     assert len(saved['episodes_per_point']['dense']) == 2
     # The serving default is what load_engine and eval's "default" variant then use.

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='dial value; negative uses the learned argmax gates')
     parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
                         choices=REUSE_DIRECTIONS)
+    parser.add_argument('--rollout-max-age', type=int, default=None,
+                        help='cache aging (0: never; default: the max age the pruner of the '
+                             "rollouts' schedule was trained with)")
     parser.add_argument('--threads', type=int, default=1)
 
 
@@ -59,6 +62,8 @@ def replay_gates(engine, episode, max_chunks: int):
 def run(args: argparse.Namespace) -> int:
     """Draw the gate maps of one recorded episode."""
     import torch
+    from sparse_policy_node.core.checkpoint import load_pruners
+    from sparse_policy_node.core.checkpoint import trained_max_age
     from sparse_policy_node.core.config import RuntimeConfig
     from sparse_policy_node.core.engine import load_engine
     from sparse_policy_node.core.transformer import UNIT_KINDS
@@ -67,9 +72,15 @@ def run(args: argparse.Namespace) -> int:
     from sparse_policy_node.training.rollouts import read_rollout_attrs
     torch.set_num_threads(args.threads)
     attrs = read_rollout_attrs(args.rollouts)
+    schedule = (str(attrs['sampler']), int(attrs['num_inference_steps']))
+    max_age = args.rollout_max_age
+    if max_age is None:
+        pruners = load_pruners(args.model)
+        pruner = pruners.get(schedule, pruners.get(None))
+        max_age = trained_max_age(pruner) if pruner is not None else 0
     runtime = RuntimeConfig(gate_source='pruner', target_sparsity=args.target_sparsity,
-                            directions=tuple(args.directions), sampler=str(attrs['sampler']),
-                            num_inference_steps=int(attrs['num_inference_steps']))
+                            directions=tuple(args.directions), sampler=schedule[0],
+                            num_inference_steps=schedule[1], rollout_max_age=max_age)
     engine = load_engine(args.model, runtime=runtime)
     episodes = load_rollouts(args.rollouts)
     if not 0 <= args.episode < len(episodes):

@@ -22,7 +22,8 @@ default (``serving.json``), which the policy node, ``eval --variants default`` a
 use when nothing else is given.
 
 Output in ``--out``: ``frontier.json`` (every point and episode), ``frontier.png`` (success
-and steps per successful episode against chunk latency, frontier marked) and a printed table.
+and steps per successful episode against chunk latency, frontier marked), ``frontier.md`` (the
+table in Markdown) and a printed table.
 """
 
 import argparse
@@ -225,6 +226,23 @@ def print_points(report: dict) -> None:
               f'{r.get("realized_sparsity", 0.0):>8.3f}  {flags}')
 
 
+def markdown_table(report: dict) -> str:
+    """The points as a Markdown table (README-ready); bold: the serving default."""
+    dense = report['points'][0]
+    lines = ['| point | success | steps per successful episode | chunk ms | vs dense | '
+             'action dev. | realized sparsity | frontier | lossless |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in report['points']:
+        name = f'**{r["name"]}**' if r['name'] == report['chosen'] else r['name']
+        steps = f'{r["steps_success"]:.1f}' if r['steps_success'] is not None else '-'
+        lines.append(
+            f'| {name} | {r["wins"]}/{r["episodes"]} | {steps} | {r["chunk_ms"]:.1f} | '
+            f'{r["chunk_ms"] / dense["chunk_ms"]:.2f} | {r.get("action_dev", float("nan")):.4f}'
+            f' | {r.get("realized_sparsity", 0.0):.3f} | {"yes" if r["on_frontier"] else ""} '
+            f'| {"yes" if r["lossless"] else ""} |')
+    return '\n'.join(lines)
+
+
 def plot_frontier(report: dict, path: str) -> None:
     """Success and steps per successful episode against chunk latency; frontier marked."""
     import matplotlib
@@ -348,6 +366,8 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, 'frontier.json'), 'w') as f:
             json.dump(report, f, indent=2)
         plot_frontier(report, os.path.join(args.out, 'frontier.png'))
+        with open(os.path.join(args.out, 'frontier.md'), 'w') as f:
+            f.write(markdown_table(report) + '\n')
     if args.install:
         report['installed'] = install(report, args.model)
     if args.json:
