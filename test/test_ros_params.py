@@ -98,3 +98,13 @@ def test_yaml_files_use_declared_names_and_valid_values(name, table, settings):
     if table is not params.BRIDGE_PARAMS:
         RuntimeConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                          for k, v in kwargs.items() if k in runtime})
+
+
+def test_real_arm_profile_uses_declared_names_and_valid_values():
+    with open(os.path.join(ROOT, 'config', 'real_arm_example.yaml')) as f:
+        values = yaml.safe_load(f)['/**']['ros__parameters']
+    declared = {p.name: p for p in params.NODE_PARAMS}
+    assert set(values) <= set(declared), set(values) - set(declared)
+    settings = params.NodeSettings(**{declared[k].attr: v for k, v in values.items()})
+    assert settings.output_mode == 'pose_target' and settings.safety_require_enable
+    assert len(settings.output_joint_names) == 7
