@@ -70,3 +70,24 @@ def test_one_staleness_rule_stamp_age_or_arrival_age_whichever_is_larger():
     ages = h.ages(now_ns=11 * s, now_mono=arrival + 0.5)
     assert ages['a'] == 1.0                    # by its stamp
     assert ages['b'] >= 0.5                    # missing: waiting since the history was cleared
+
+
+def test_a_1khz_joint_stream_and_a_lagging_30hz_camera_form_a_window():
+    h = oh.ObservationHistory(('cam', 'joint'), n_steps=2, dt_ns=DT, tolerance_ns=25_000_000,
+                              jump_ns=JUMP)
+    t0 = 1_000_000_000
+    # Two seconds of a 1 kHz joint stream; the camera runs at 30 Hz and its frames arrive
+    # 60 ms behind the joints (its newest frame is older than 60 joint states).
+    for ms in range(2000):
+        h.add('joint', t0 + ms * 1_000_000, np.full(1, ms))
+    cam_stamps = [t0 + round(i * 1e9 / 30) for i in range(60) if i * 1e9 / 30 <= 1.94e9]
+    for stamp in cam_stamps:
+        h.add('cam', stamp, np.full(2, stamp))
+    window, why = h.window()
+    assert why == '' and window.stamp_ns == cam_stamps[-1]
+    # Each step takes the joint state nearest its time: exact at 1 kHz.
+    steps = [cam_stamps[-1] - DT, cam_stamps[-1]]
+    assert window.stamps['joint'] == [s // 1_000_000 * 1_000_000 for s in steps]
+    assert all(abs(c - s) <= 25_000_000 for c, s in zip(window.stamps['cam'], steps))
+    # The joint stream is kept by time: about the retention, not a fixed count of 64.
+    assert len(h._streams['joint']) > 64

@@ -6,9 +6,14 @@ entries. A window is built at the newest stamp all streams have reached, ``t_ref
 the sync tolerance. Right after a reset a stream may be shorter than the window: missing
 earlier steps repeat its first entry (what Diffusion Policy's multi-step wrapper does at an
 episode start). A gap later in the episode is a sync failure, never padded.
+
+Streams keep entries by time, not by count: everything within ``retention_ns`` of the
+stream's newest stamp. A 1 kHz joint stream therefore still holds the entries a window
+needs when a 30 Hz camera lags it by tens of milliseconds. Entries are looked up by
+bisection on their (increasing) stamps.
 """
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 import threading
 import time
@@ -40,11 +45,12 @@ class ObservationHistory:
     """Per-key bounded history of stamped observations; thread-safe."""
 
     def __init__(self, keys: Sequence[str], n_steps: int, dt_ns: int, tolerance_ns: int,
-                 jump_ns: int, maxlen: int = 64):
+                 jump_ns: int, retention_ns: Optional[int] = None):
         self.keys = tuple(keys)
         self.n_steps, self.dt_ns = n_steps, dt_ns
         self.tolerance_ns, self.jump_ns = tolerance_ns, jump_ns
-        self._maxlen = maxlen
+        # Long enough for a window (T_o steps) plus one second of lag between streams.
+        self.retention_ns = retention_ns or (n_steps + 1) * dt_ns + 1_000_000_000
         self._lock = threading.Lock()
         self.clear(floor_ns=None)
 
@@ -59,7 +65,8 @@ class ObservationHistory:
         with self._lock:
             if floor_ns is not None:
                 floor_ns = max(floor_ns, getattr(self, '_newest_seen', None) or floor_ns)
-            self._streams = {k: deque(maxlen=self._maxlen) for k in self.keys}
+            self._streams = {k: [] for k in self.keys}
+            self._stamps = {k: [] for k in self.keys}   # the streams' stamps, for bisect
             self._first = dict.fromkeys(self.keys)     # first stamp since the reset
             self._floor = floor_ns
             self._newest_seen = None
@@ -82,6 +89,11 @@ class ObservationHistory:
                 if stamp_ns < newest:
                     return TIME_JUMP if stamp_ns < newest - self.jump_ns else OUT_OF_ORDER
             stream.append((stamp_ns, value, arrival))
+            stamps = self._stamps[key]
+            stamps.append(stamp_ns)
+            if stamps[0] < stamp_ns - 2 * self.retention_ns:  # trim in batches (amortized)
+                cut = bisect.bisect_left(stamps, stamp_ns - self.retention_ns)
+                del stream[:cut], stamps[:cut]
             if self._first[key] is None:
                 self._first[key] = stamp_ns
             if self._newest_seen is None or stamp_ns > self._newest_seen:
@@ -105,7 +117,7 @@ class ObservationHistory:
                 picked = []
                 for i in range(self.n_steps):
                     target = t_ref - (self.n_steps - 1 - i) * self.dt_ns
-                    entry = self._nearest(stream, target)
+                    entry = self._nearest(stream, self._stamps[key], target)
                     if entry is None and target < self._first[key]:
                         entry = stream[0]  # episode start: repeat the first observation
                     if entry is None:
@@ -118,8 +130,10 @@ class ObservationHistory:
                 newest_arrival = max(newest_arrival, picked[-1][2])
             return Window(t_ref, arrays, newest_arrival, stamps), ''
 
-    def _nearest(self, stream, target: int):
-        best = min(stream, key=lambda e: abs(e[0] - target))
+    def _nearest(self, stream, stamps, target: int):
+        i = bisect.bisect_left(stamps, target)
+        candidates = [stream[j] for j in (i - 1, i) if 0 <= j < len(stream)]
+        best = min(candidates, key=lambda e: abs(e[0] - target))
         return best if abs(best[0] - target) <= self.tolerance_ns else None
 
     def set_timing(self, tolerance_ns: int, jump_ns: int) -> None:
