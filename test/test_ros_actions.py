@@ -319,6 +319,10 @@ def test_enable_input_off_holds_and_on_commands(system, delta_model):
     assert robot.wait_for(lambda: robot.next_actions)
     assert not np.any(robot.next_actions[-1].position)
     assert node.stats.counters['holds'] == 1
+    status = robot.wait_status('/policy_node: inference',
+                               lambda s: s.message.startswith('holding'), since=0)
+    assert status is not None and status.level == b'\x01'        # WARN
+    assert status.message == 'holding: enable input is off'
     robot.publish_enable(True)
     t1 = t0 + 40 * DT
     robot.publish_obs(t1 - DT)

@@ -24,8 +24,8 @@ class Diagnostics:
       :func:`~sparse_policy_node.ros.obs_history.input_age_s`), or when inputs were
       rejected, stamped in the future or failed to synchronize since the previous message;
     - inference: ERROR while the node's last error (failed model change, inference failure)
-      stands, i.e. until the next good chunk; WARN while inputs are stale or the node is
-      inactive; OK while serving.
+      stands, i.e. until the next good chunk; WARN while inputs are stale, the node is
+      inactive or the safety layer holds the robot (enable off, watchdog); OK while serving.
     """
 
     def __init__(self, node_name: str, hardware_id: str):
@@ -33,7 +33,8 @@ class Diagnostics:
         self._previous: Dict[str, int] = {}
 
     def message(self, stats, ages: Dict[str, float], settings, runtime, active: bool = True,
-                error: Optional[str] = None) -> DiagnosticArray:
+                error: Optional[str] = None, holding: Optional[str] = None
+                ) -> DiagnosticArray:
         """Return an unstamped DiagnosticArray.
 
         Args:
@@ -43,6 +44,7 @@ class Diagnostics:
             runtime: the engine's :class:`~sparse_policy_node.core.config.RuntimeConfig`.
             active: whether the node is in the lifecycle's active state (publishing chunks).
             error: the node's standing error, None when the last chunk went out fine.
+            holding: why the safety layer holds the robot, None when it commands.
         """
         snap = stats.snapshot()
         stale = [k for k, a in ages.items() if a > settings.max_obs_age_s]
@@ -62,11 +64,15 @@ class Diagnostics:
         values = {k: v for k, v in snap.items() if k not in counters}
         values.update(active=active, sparsity_enabled=runtime.sparsity_enabled,
                       target_sparsity=runtime.target_sparsity,
-                      steps=runtime.num_inference_steps, device=settings.device)
+                      steps=runtime.num_inference_steps, device=settings.device,
+                      output_mode=getattr(settings, 'output_mode', 'chunk'),
+                      holding=holding or '')
         if error:
             level, message = ERROR, error
         elif not active:
             level, message = WARN, 'inactive: no chunks'
+        elif holding:
+            level, message = WARN, f'holding: {holding}'
         elif stale:
             level, message = WARN, 'no new chunks: inputs stale'
         else:

@@ -920,7 +920,7 @@ class PolicyNode(LifecycleNode):
         self._diagnostics.hardware_id = f'{socket.gethostname()}/{self.settings.device}'
         msg = self._diagnostics.message(
             self.stats, self.history.ages(self.get_clock().now().nanoseconds), self.settings,
-            self.engine.runtime, self._active, self._error)
+            self.engine.runtime, self._active, self._error, self._holding)
         msg.header.stamp = self.get_clock().now().to_msg()
         self.diag_pub.publish(msg)
 
