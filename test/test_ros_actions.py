@@ -376,3 +376,35 @@ def test_node_reports_what_disagrees_with_the_model_card(system, delta_model):
     said = ' '.join(node.card_disagreements)
     assert 'action.names' in said and "pose_frame='base'" in said
     assert len(node.card_disagreements) == 2
+
+
+# ==== chunk execution ====
+
+def test_blend_overlap_goes_from_old_to_new():
+    old, new = np.zeros((4, 2)), np.ones((4, 2))
+    out = act.blend_overlap(old, 2, new, 3)
+    # Steps 0 and 1 overlap old steps 2 and 3: weights of the old chunk 3/4 and 2/4.
+    assert np.allclose(out[:, 0], [0.25, 0.5, 1.0, 1.0])
+    assert np.allclose(act.blend_overlap(None, 0, new, 3), new)
+
+
+def test_early_replan_blends_the_new_chunk_into_the_old_one(system, delta_model):
+    node, robot = system(delta_model, **{'replan_lead_steps': 2, 'execution.blend_steps': 2})
+    raw = []
+    predict = node.engine.predict_action
+
+    def spy(*args, **kwargs):          # the real engine; keep its raw chunks
+        out = predict(*args, **kwargs)
+        raw.append(out['action'][0].double().cpu().numpy().copy())
+        return out
+    node.engine.predict_action = spy
+    t0 = now_ns()
+    first = robot.drive(t0)
+    robot.publish_obs(t0 + DT)
+    second = robot.drive(t0 + 2 * DT)      # two steps before the first chunk runs out
+    assert first is not None and second is not None and len(raw) == 2
+    old, new = chunk_actions(first), np.clip(raw[1][:4], -1, 1)
+    got = chunk_actions(second)
+    assert np.allclose(got[0], 2 / 3 * old[2] + 1 / 3 * new[0], atol=1e-6)
+    assert np.allclose(got[1], 1 / 3 * old[3] + 2 / 3 * new[1], atol=1e-6)
+    assert np.allclose(got[2:], new[2:], atol=1e-6)

@@ -141,6 +141,7 @@ class NodeSettings:
     safety_workspace_max: Tuple[float, ...] = (1000.0, 1000.0, 1000.0)
     safety_require_enable: bool = False
     safety_watchdog_s: float = 0.0
+    execution_blend_steps: int = 0
 
     def __post_init__(self):
         self.output_joint_names = tuple(n for n in self.output_joint_names if n)
@@ -297,6 +298,11 @@ NODE_PARAMS = (
           'Command the robot only while the last std_msgs/Bool on ~/enable was true; '
           'otherwise hold (see the README for what hold sends per output mode).',
           read_only=True),
+    Param('execution.blend_steps', 'execution_blend_steps', _NS.execution_blend_steps,
+          'Blend the first N actions of a new chunk that overlap the previous chunk (when '
+          'replanning early or late) from the old actions to the new ones, linearly, so '
+          'the command does not jump at chunk boundaries (0: the new chunk replaces the '
+          'old tail).', min_value=0, max_value=1000),
     Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
           'Hold when no action covers the current control tick for this long, or when the '
           'newest input is this old (0: off).', min_value=0.0, max_value=60.0),

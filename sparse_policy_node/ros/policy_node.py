@@ -741,6 +741,7 @@ class PolicyNode(LifecycleNode):
         if current is not None:  # the action in force at the chunk's first step
             k = round((stamp_ns - current[0]) / self.dt_ns)
             prev = current[1][min(max(k, 0), len(current[1]) - 1)]
+            actions = act.blend_overlap(current[1], k, actions, s.execution_blend_steps)
         actions, n_limited = act.limit_step_change(actions, prev, limits)
         plan = None
         if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
