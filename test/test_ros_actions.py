@@ -378,6 +378,26 @@ def test_node_reports_what_disagrees_with_the_model_card(system, delta_model):
     assert len(node.card_disagreements) == 2
 
 
+def test_images_are_preprocessed_as_the_model_card_says(system, tmp_path):
+    model = save_tiny_model(str(tmp_path / 'flip'))
+    card = mc.robosuite_card(load_policy_config(model), {'env_kwargs': {}})
+    card['cameras']['agentview']['flip_vertical'] = True   # trained on upside-down frames
+    mc.write_card(model, card)
+    node, robot = system(model)
+    assert node._image_prep == {'agentview_image': ('cover_crop', True)}
+    # A 32x64 frame: white outer quarters (cropped away to keep the aspect ratio) and a grey
+    # band on top of the centre (at the bottom once flipped).
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :16] = img[:, 48:] = 255
+    img[:8, 16:48] = 100
+    t0 = now_ns()
+    robot.publish_image(t0, image=conv.rgb_to_image(img))
+    assert robot.wait_for(lambda: node.history.newest_stamps()['agentview_image'] == t0)
+    frame = node.history._streams['agentview_image'][-1][1]
+    assert frame.shape == (3, 32, 32) and frame.max() == 100
+    assert (frame[:, -8:] == 100).all() and (frame[:, :-8] == 0).all()
+
+
 # ==== chunk execution ====
 
 def test_blend_overlap_goes_from_old_to_new():

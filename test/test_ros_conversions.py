@@ -105,3 +105,19 @@ def test_trajectory_round_trip_and_clamp():
         conv.clamp_actions(np.array([[np.nan, 0, 0]]), -1, 1)
     with pytest.raises(conv.ConversionError, match='1 or 3'):
         conv.broadcast_limits([1.0, 2.0], 3, 'action.upper')
+
+
+def test_cover_crop_keeps_the_aspect_ratio_and_flip_turns_the_image_over():
+    # A 40x80 (H x W) image whose outer quarters are white: cover_crop to 32x32 keeps the
+    # centre 40x40 (black), squash keeps the white sides.
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :20] = img[:, 60:] = 255
+    msg = conv.rgb_to_image(img)
+    assert conv.image_to_chw(msg, (32, 32), 'cover_crop').max() == 0
+    assert conv.image_to_chw(msg, (32, 32)).max() == 255
+    top = np.zeros((32, 32, 3), np.uint8)
+    top[:8] = 200                                   # a bright band at the top
+    flipped = conv.image_to_chw(conv.rgb_to_image(top), (32, 32), flip_vertical=True)
+    assert (flipped[:, -8:] == 200).all() and (flipped[:, :8] == 0).all()
+    with pytest.raises(conv.ConversionError, match='resize mode'):
+        conv.image_to_chw(msg, (32, 32), 'stretch')

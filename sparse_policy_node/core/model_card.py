@@ -57,11 +57,11 @@ def _inputs(config, frame: str) -> dict:
     return out
 
 
-def _cameras(config, flip_vertical: bool, resize: str) -> dict:
+def _cameras(config, flip_vertical: bool, resize: str, resize_mode: str) -> dict:
     vision = config.obs.vision
     return {cam: {'observation_key': f'{cam}_image', 'encoding': 'rgb8',
                   'image_size': list(vision.image_size),
-                  'resize': resize,
+                  'resize': resize, 'resize_mode': resize_mode,
                   'train_crop': list(vision.crop_size) if vision.crop_size else None,
                   'inference_crop': 'centre' if vision.crop_size else None,
                   'flip_vertical': flip_vertical}
@@ -74,7 +74,8 @@ def build_card(config, action_space: str, control_rate_hz: float, frame: str,
                rotation_scale: Optional[float] = None, rotation_format: str = 'axis_angle',
                delta_reference: str = 'integrated',
                joint_names: Optional[List[str]] = None, flip_vertical: bool = False,
-               resize: str = 'unknown', source: str = '') -> dict:
+               resize: str = 'unknown', resize_mode: str = 'squash',
+               source: str = '') -> dict:
     """Return a card for a policy config (see the module docstring for the fields)."""
     action_dim = int(config.transformer.action_dim)
     action = {'space': action_space, 'dim': action_dim,
@@ -95,7 +96,8 @@ def build_card(config, action_space: str, control_rate_hz: float, frame: str,
             'control_rate_hz': float(control_rate_hz), 'frames': {'pose_frame': frame},
             'n_obs_steps': int(config.transformer.n_obs_steps),
             'n_action_steps': int(config.n_action_steps),
-            'cameras': _cameras(config, flip_vertical, resize), 'inputs': _inputs(config, frame)}
+            'cameras': _cameras(config, flip_vertical, resize, resize_mode),
+            'inputs': _inputs(config, frame)}
     check_card(card, config)
     return card
 
@@ -113,7 +115,8 @@ def robosuite_card(config, env_args: dict) -> dict:
         gripper_index=config.transformer.action_dim - 1,
         gripper_semantics='-1 open, +1 closed (command, not a position)',
         position_scale=ROBOSUITE_POSITION_SCALE, rotation_scale=ROBOSUITE_ROTATION_SCALE,
-        resize='none: rendered at image_size (upright)', delta_reference='measured',
+        resize='none: rendered at image_size (upright); other sizes: keep the aspect '
+               'ratio', resize_mode='cover_crop', delta_reference='measured',
         source=f"robosuite {env_args.get('env_name', '?')} ({kwargs.get('robots', '?')}), "
                'OSC_POSE delta control')
 

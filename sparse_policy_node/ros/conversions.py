@@ -93,9 +93,38 @@ def resize_rgb(img: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def image_to_chw(msg: Image, size: Tuple[int, int]) -> np.ndarray:
-    """Decode and resize an image message to the policy's (3, H, W) uint8 layout."""
-    return np.ascontiguousarray(resize_rgb(image_to_rgb(msg), size).transpose(2, 0, 1))
+def crop_to_aspect(img: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Centre-crop an (H, W, 3) image to the aspect ratio of ``size`` = (H, W)."""
+    h, w = img.shape[:2]
+    th, tw = size
+    if h * tw > w * th:                   # too tall: crop rows
+        keep = max(1, round(w * th / tw))
+        top = (h - keep) // 2
+        return img[top:top + keep]
+    keep = max(1, round(h * tw / th))     # too wide (or equal): crop columns
+    left = (w - keep) // 2
+    return img[:, left:left + keep]
+
+
+RESIZE_MODES = ('squash', 'cover_crop')
+
+
+def image_to_chw(msg: Image, size: Tuple[int, int], mode: str = 'squash',
+                 flip_vertical: bool = False) -> np.ndarray:
+    """Decode and resize an image message to the policy's (3, H, W) uint8 layout.
+
+    ``mode`` ``squash`` resizes to ``size`` whatever the aspect ratio; ``cover_crop`` keeps
+    the aspect ratio (centre crop to the target's aspect, then resize). ``flip_vertical``
+    turns the image upside down first (a model trained on flipped frames).
+    """
+    if mode not in RESIZE_MODES:
+        raise ConversionError(f'image resize mode must be one of {RESIZE_MODES}, got {mode!r}')
+    rgb = image_to_rgb(msg)
+    if flip_vertical:
+        rgb = rgb[::-1]
+    if mode == 'cover_crop':
+        rgb = crop_to_aspect(rgb, size)
+    return np.ascontiguousarray(resize_rgb(np.ascontiguousarray(rgb), size).transpose(2, 0, 1))
 
 
 def rgb_to_image(img: np.ndarray, encoding: str = 'rgb8', stamp: Time = None,

@@ -195,6 +195,15 @@ class PolicyNode(LifecycleNode):
         except ModelCardError as exc:
             raise ConfigError(f'model card of {model_dir}: {exc}') from exc
         self.card_disagreements = self._check_card(self.card, s)
+        # Camera preprocessing as the card says (without a card: resize, no flip).
+        self._image_prep = {
+            keys.image_key(cam): (spec.get('resize_mode', 'squash'),
+                                  bool(spec.get('flip_vertical', False)))
+            for cam, spec in (self.card or {}).get('cameras', {}).items()}
+        for key, (mode, _) in self._image_prep.items():
+            if mode not in conv.RESIZE_MODES:
+                raise ConfigError(f'model card: {key} resize_mode {mode!r} is not one of '
+                                  f'{conv.RESIZE_MODES}')
         sources = conv.parse_lowdim_map(s.lowdim_map)
         self._check_sources(cfg, sources)
         self.image_size = tuple(cfg.obs.vision.image_size)
@@ -328,7 +337,9 @@ class PolicyNode(LifecycleNode):
 
     def _on_image(self, key, msg) -> None:
         try:
-            self._add(key, msg.header.stamp, conv.image_to_chw(msg, self.image_size))
+            mode, flip = self._image_prep.get(key, ('squash', False))
+            self._add(key, msg.header.stamp, conv.image_to_chw(msg, self.image_size, mode,
+                                                               flip))
         except conv.ConversionError as exc:
             self._reject(key, exc)
 
@@ -614,10 +625,6 @@ class PolicyNode(LifecycleNode):
                 s.output_joint_names):
             diffs.append(f'output.joint_names={list(s.output_joint_names)} but the card names '
                          f'{names}')
-        for cam, spec in card.get('cameras', {}).items():
-            if spec.get('flip_vertical'):
-                diffs.append(f'camera {cam}: the model was trained on vertically flipped '
-                             f'images; this node does not flip')
         for d in diffs:
             self.get_logger().warning(f'model card disagrees: {d}')
         if not diffs:
