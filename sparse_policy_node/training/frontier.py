@@ -227,7 +227,7 @@ def print_points(report: dict) -> None:
 
 
 def markdown_table(report: dict) -> str:
-    """The points as a Markdown table (README-ready); bold: the serving default."""
+    """Return the points as a Markdown table (README-ready); bold: the serving default."""
     dense = report['points'][0]
     lines = ['| point | success | steps per successful episode | chunk ms | vs dense | '
              'action dev. | realized sparsity | frontier | lossless |',
