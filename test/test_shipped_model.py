@@ -1,0 +1,43 @@
+"""The shipped model directory: its pruners, their schedules and hashes, its serving default."""
+
+import os
+
+from conftest import make_obs
+import pytest
+from sparse_policy_node.core.checkpoint import load_pruners
+from sparse_policy_node.core.checkpoint import read_serving_config
+from sparse_policy_node.core.checkpoint import trained_max_age
+from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import RuntimeConfig
+from sparse_policy_node.core.engine import load_engine
+import torch
+
+LIFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models',
+                    'lift')
+
+
+def test_lift_has_a_pruner_per_schedule_trained_for_its_weights():
+    pruners = load_pruners(LIFT)  # raises on a policy-hash mismatch
+    assert set(pruners) == {('ddpm', 100), ('ddim', 10)}
+    assert trained_max_age(pruners[('ddim', 10)]) == 3
+    assert trained_max_age(pruners[('ddpm', 100)]) == 0
+
+
+def test_lift_serving_default_loads_and_runs_a_finite_chunk():
+    serving = read_serving_config(LIFT)
+    assert serving is not None, 'models/lift ships a serving default (sparse-policy frontier)'
+    runtime = RuntimeConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in serving['runtime'].items()})
+    engine = load_engine(LIFT)
+    try:
+        assert engine.runtime == runtime
+        obs = make_obs(engine.policy)
+        for _ in range(2):  # the first chunk is dense by rule, the second one gated
+            out = engine.predict_action(obs, generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(out['action']).all()
+        assert out['stats']['num_steps'] == runtime.num_inference_steps
+        # The DDPM-100 pruner must not be used at DDIM-16: no pruner for that schedule.
+        with pytest.raises(ConfigError, match='no pruner trained for ddim-16'):
+            engine.set_runtime(RuntimeConfig(sampler='ddim', num_inference_steps=16))
+    finally:
+        engine.close()
