@@ -692,6 +692,13 @@ def test_runtime_comes_from_the_serving_default_unless_given_explicitly(context,
         runtime = off.engine.runtime  # declared defaults, not the served ones
         assert (runtime.sampler, runtime.gate_source, runtime.rollout_max_age) == (
             'ddpm', 'pruner', 0)
+        bare = PolicyNode(context=context, parameter_overrides=[  # no serving.json, no pruner
+            Parameter('model_dir', value=save_tiny_model(str(tmp_path / 'bare')))])
+        nodes.append(bare)
+        runtime = bare.engine.runtime  # the model's own schedule, dense (no pruner)
+        assert (runtime.sampler, runtime.num_inference_steps, runtime.sparsity_enabled) == (
+            'ddpm', 10, False)
+        assert bare.get_parameter('sparsity.enabled').value is False
     finally:
         for node in nodes:
             node.close()

@@ -462,17 +462,42 @@ def load_engine(model_dir: str, device: str = 'cpu',
 
     Every pruner of the directory is loaded (one per schedule; see
     :func:`checkpoint.pruner_dirs`) and checked against the policy weights it was trained for.
-    Without ``runtime`` the model's serving default (``serving.json``, written by
-    ``sparse-policy frontier --install``) is used; without one, learned gates on the schedule
-    the pruner was trained for, or dense on the config's schedule without a pruner.
+    Without ``runtime``, :func:`default_runtime`: the model's serving default
+    (``serving.json``, written by ``sparse-policy frontier --install``), else its config's
+    schedule with learned gates when it has a pruner for it, else dense.
     """
     from sparse_policy_node.core.checkpoint import load_policy
     from sparse_policy_node.core.checkpoint import load_pruners
     policy = load_policy(model_dir, device)
     pruners = load_pruners(model_dir, device)
     if runtime is None:
-        runtime = serving_runtime(model_dir)
+        runtime = default_runtime(model_dir)
     return SparseEngine(policy, pruners, runtime)
+
+
+def default_runtime(model_dir: str) -> RuntimeConfig:
+    """What a model directory serves when nothing else is given.
+
+    Its serving default (``serving.json``) when it has one; else its config's schedule, with
+    learned gates when a pruner was trained for that schedule (at the max age it was trained
+    with) and dense otherwise.
+    """
+    from sparse_policy_node.core.checkpoint import load_policy_config
+    from sparse_policy_node.core.checkpoint import pruner_dirs
+    from sparse_policy_node.core.checkpoint import read_pruner_metadata
+    served = serving_runtime(model_dir)
+    if served is not None:
+        return served
+    sched = load_policy_config(model_dir).scheduler
+    schedule = (sched.sampler, sched.num_inference_steps)
+    dirs = pruner_dirs(model_dir)
+    trained = dirs.get(schedule, dirs.get(None))
+    if trained is None:
+        return RuntimeConfig(sparsity_enabled=False, sampler=schedule[0],
+                             num_inference_steps=schedule[1])
+    age = read_pruner_metadata(trained).get('train_config', {}).get('rollout_max_age', 0)
+    return RuntimeConfig(sampler=schedule[0], num_inference_steps=schedule[1],
+                         rollout_max_age=int(age))
 
 
 def serving_runtime(model_dir: str) -> Optional[RuntimeConfig]:

@@ -209,7 +209,8 @@ NODE_PARAMS = (
     Param('serving_default', 'serving_default', _NS.serving_default,
           'At configure, runtime parameters not given explicitly (parameter file or command '
           "line) take the model's serving default (serving.json, written by sparse-policy "
-          'frontier --install), when it has one.', read_only=True),
+          "frontier --install), else the model's own schedule (learned gates when a pruner "
+          'was trained for it, dense otherwise).', read_only=True),
     Param('autostart', 'autostart', _NS.autostart,
           'Configure and activate at start-up; false: wait for lifecycle transitions '
           '(ros2 lifecycle set /policy_node configure, then activate).', read_only=True),
@@ -501,22 +502,22 @@ def runtime_fields_covered() -> bool:
 
 
 def serving_default_values(node, model_dir: str) -> Dict[str, object]:
-    """Runtime parameters to take from the model's serving default, by parameter name.
+    """Return the runtime parameters to take from the model's default, by parameter name.
 
-    Only parameters the user did not give explicitly: those absent from the node's parameter
-    overrides (parameter files and ``--ros-args -p``). Empty without a ``serving.json``.
+    The model's default is :func:`core.engine.default_runtime`: its ``serving.json``, else its
+    config's schedule (learned gates when a pruner was trained for it, dense otherwise). Only
+    parameters the user did not give explicitly are returned: those absent from the node's
+    parameter overrides (parameter files and ``--ros-args -p``).
 
     Raises:
         ConfigError: the serving default is unreadable or invalid.
     """
     from sparse_policy_node.core.checkpoint import CheckpointError
-    from sparse_policy_node.core.engine import serving_runtime
+    from sparse_policy_node.core.engine import default_runtime
     try:
-        runtime = serving_runtime(model_dir)
+        runtime = default_runtime(model_dir)
     except CheckpointError as exc:
         raise ConfigError(f'serving default: {exc}') from exc
-    if runtime is None:
-        return {}
     explicit = set(getattr(node, '_parameter_overrides', {}) or {})
     return {name: value for name, value in runtime_to_params(runtime).items()
             if name not in explicit}
