@@ -476,11 +476,12 @@ def load_engine(model_dir: str, device: str = 'cpu',
 
 
 def default_runtime(model_dir: str) -> RuntimeConfig:
-    """What a model directory serves when nothing else is given.
+    """Return what a model directory serves when nothing else is given.
 
-    Its serving default (``serving.json``) when it has one; else its config's schedule, with
+    Its serving default (``serving.json``) when it has one; else its config's schedule with
     learned gates when a pruner was trained for that schedule (at the max age it was trained
-    with) and dense otherwise.
+    with); else the schedule of its first pruner, with learned gates; else dense on its
+    config's schedule.
     """
     from sparse_policy_node.core.checkpoint import load_policy_config
     from sparse_policy_node.core.checkpoint import pruner_dirs
@@ -492,6 +493,9 @@ def default_runtime(model_dir: str) -> RuntimeConfig:
     schedule = (sched.sampler, sched.num_inference_steps)
     dirs = pruner_dirs(model_dir)
     trained = dirs.get(schedule, dirs.get(None))
+    if trained is None and any(s is not None for s in dirs):
+        schedule = sorted(s for s in dirs if s is not None)[0]
+        trained = dirs[schedule]
     if trained is None:
         return RuntimeConfig(sparsity_enabled=False, sampler=schedule[0],
                              num_inference_steps=schedule[1])

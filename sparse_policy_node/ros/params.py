@@ -504,20 +504,29 @@ def runtime_fields_covered() -> bool:
 def serving_default_values(node, model_dir: str) -> Dict[str, object]:
     """Return the runtime parameters to take from the model's default, by parameter name.
 
-    The model's default is :func:`core.engine.default_runtime`: its ``serving.json``, else its
-    config's schedule (learned gates when a pruner was trained for it, dense otherwise). Only
-    parameters the user did not give explicitly are returned: those absent from the node's
-    parameter overrides (parameter files and ``--ros-args -p``).
+    With a ``serving.json`` every runtime knob comes from it. Without one, only the schedule
+    does (:func:`core.engine.default_runtime`: the config's, or its pruner's) with the
+    pruner's trained cache max age, and sparsity is switched off when the model has no pruner
+    and no other gate source was given. Only parameters the user did not give explicitly are
+    returned: those absent from the node's parameter overrides (parameter files and
+    ``--ros-args -p``).
 
     Raises:
         ConfigError: the serving default is unreadable or invalid.
     """
     from sparse_policy_node.core.checkpoint import CheckpointError
     from sparse_policy_node.core.engine import default_runtime
+    from sparse_policy_node.core.engine import serving_runtime
     try:
-        runtime = default_runtime(model_dir)
+        served = serving_runtime(model_dir)
+        runtime = served or default_runtime(model_dir)
     except CheckpointError as exc:
         raise ConfigError(f'serving default: {exc}') from exc
     explicit = set(getattr(node, '_parameter_overrides', {}) or {})
-    return {name: value for name, value in runtime_to_params(runtime).items()
-            if name not in explicit}
+    values = runtime_to_params(runtime)
+    if served is None:
+        keep = {'sampler.name', 'sampler.steps', 'sparsity.rollout_max_age'}
+        if not runtime.sparsity_enabled and 'sparsity.gate_source' not in explicit:
+            keep.add('sparsity.enabled')
+        values = {k: v for k, v in values.items() if k in keep}
+    return {name: value for name, value in values.items() if name not in explicit}
