@@ -11,13 +11,13 @@ import pytest
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import RuntimeConfig
-from sparse_policy_node.core.engine import SparseEngine
 from sparse_policy_node.core.gates import random_gates
 from sparse_policy_node.core.sparse_sampler import sample_soft
+from test_core_engine import FixedGates
+from test_core_engine import K
+from test_core_engine import make_noise
 import torch
 import torch.nn.functional as F
-
-K = 10
 
 
 class AgingReference:
@@ -68,21 +68,6 @@ class AgingReference:
         self.chunk_number += 1
         return (self.policy.normalizer.unnormalize('action', x_a), torch.tensor(executed),
                 reused_ages)
-
-
-class FixedGates(SparseEngine):
-    """Engine whose gate map is injected by the test."""
-
-    next_gates = None
-
-    def _gate_map(self, runtime, time_mem, obs_mem):
-        return self.next_gates[None]
-
-
-def make_noise(policy, batch=1):
-    t = policy.config.transformer
-    return (torch.randn(batch, t.horizon, t.action_dim),
-            torch.randn(K, batch, t.horizon, t.action_dim))
 
 
 @pytest.mark.parametrize('max_age', [0, 1, 2])
