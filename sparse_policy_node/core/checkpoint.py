@@ -190,8 +190,17 @@ def pruner_schedule_of(metadata: dict) -> Optional[Tuple[str, int]]:
     return None
 
 
+def for_schedule(by_schedule: dict, schedule: Tuple[str, int]):
+    """Return the entry of ``{(sampler, K) or None: x}`` for ``schedule``, else the None one.
+
+    Pruners (or their directories) are keyed by the schedule they were trained for; a pruner
+    with no recorded schedule serves any schedule. Returns None when neither exists.
+    """
+    return by_schedule.get(tuple(schedule), by_schedule.get(None))
+
+
 def trained_max_age(pruner) -> int:
-    """Cache max age a pruner was trained with (``train_config.rollout_max_age``; 0: none)."""
+    """Return the cache max age a pruner was trained with (0: none, or no pruner given)."""
     return int((getattr(pruner, 'metadata', None) or {}).get('train_config', {})
                .get('rollout_max_age', 0))
 

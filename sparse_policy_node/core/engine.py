@@ -26,6 +26,7 @@ from typing import Sequence
 
 from sparse_policy_node.core import keys
 from sparse_policy_node.core.cache import FeatureCache
+from sparse_policy_node.core.checkpoint import for_schedule
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import RuntimeConfig
 from sparse_policy_node.core.flops import chunk_macs
@@ -109,7 +110,7 @@ class SparseEngine:
 
     def pruner_for(self, sampler: str, steps: int):
         """Return the pruner trained for (sampler, K), else an unchecked one, else None."""
-        return self.pruners.get((sampler, int(steps)), self.pruners.get(None))
+        return for_schedule(self.pruners, (sampler, int(steps)))
 
     @property
     def pruner(self):
@@ -492,7 +493,7 @@ def default_runtime(model_dir: str) -> RuntimeConfig:
     sched = load_policy_config(model_dir).scheduler
     schedule = (sched.sampler, sched.num_inference_steps)
     dirs = pruner_dirs(model_dir)
-    trained = dirs.get(schedule, dirs.get(None))
+    trained = for_schedule(dirs, schedule)
     if trained is None and any(s is not None for s in dirs):
         schedule = sorted(s for s in dirs if s is not None)[0]
         trained = dirs[schedule]

@@ -62,6 +62,7 @@ def replay_gates(engine, episode, max_chunks: int):
 def run(args: argparse.Namespace) -> int:
     """Draw the gate maps of one recorded episode."""
     import torch
+    from sparse_policy_node.core.checkpoint import for_schedule
     from sparse_policy_node.core.checkpoint import load_pruners
     from sparse_policy_node.core.checkpoint import trained_max_age
     from sparse_policy_node.core.config import RuntimeConfig
@@ -75,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = (str(attrs['sampler']), int(attrs['num_inference_steps']))
     max_age = args.rollout_max_age
     if max_age is None:
-        pruners = load_pruners(args.model)
-        pruner = pruners.get(schedule, pruners.get(None))
-        max_age = trained_max_age(pruner) if pruner is not None else 0
+        max_age = trained_max_age(for_schedule(load_pruners(args.model), schedule))
     runtime = RuntimeConfig(gate_source='pruner', target_sparsity=args.target_sparsity,
                             directions=tuple(args.directions), sampler=schedule[0],
                             num_inference_steps=schedule[1], rollout_max_age=max_age)

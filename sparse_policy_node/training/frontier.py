@@ -152,6 +152,7 @@ def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> 
     ``rollout_max_age`` None: the max age the schedule's pruner was trained with.
     """
     from dataclasses import asdict
+    from sparse_policy_node.core.checkpoint import for_schedule
     from sparse_policy_node.core.checkpoint import load_policy_config
     from sparse_policy_node.core.checkpoint import load_pruners
     from sparse_policy_node.core.checkpoint import trained_max_age
@@ -166,9 +167,8 @@ def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> 
                                 num_inference_steps=steps)
     else:
         if rollout_max_age is None:
-            pruners = load_pruners(model_dir)
-            pruner = pruners.get((sampler, steps), pruners.get(None))
-            rollout_max_age = trained_max_age(pruner) if pruner is not None else 0
+            rollout_max_age = trained_max_age(for_schedule(load_pruners(model_dir),
+                                                           (sampler, steps)))
         runtime = RuntimeConfig(gate_source='pruner',
                                 target_sparsity=-1.0 if kind == 'sparse' else param,
                                 sampler=sampler, num_inference_steps=steps,

@@ -25,7 +25,6 @@ File layout (HDF5)::
 
 import argparse
 from functools import partial
-import hashlib
 import os
 import re
 import sys
@@ -44,15 +43,6 @@ import torch
 from tqdm import tqdm
 
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file (identifies the policy weights a rollout file was made with)."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def policy_fingerprint(model_dir: str) -> str:

@@ -204,9 +204,9 @@ def make_sparse_variant(name: str, policy, options: dict):
         knobs = {'gate_source': kind, 'target_sparsity': param}
     max_age = options.get('rollout_max_age')
     if max_age is None:  # deploy as trained: the max age the schedule's pruner learned with
+        from sparse_policy_node.core.checkpoint import for_schedule
         from sparse_policy_node.core.checkpoint import trained_max_age
-        trained_pruner = pruners.get((sampler, steps), pruners.get(None))
-        max_age = trained_max_age(trained_pruner) if trained_pruner is not None else 0
+        max_age = trained_max_age(for_schedule(pruners, (sampler, steps)))
     runtime = RuntimeConfig(sampler=sampler, num_inference_steps=steps,
                             rollout_max_age=max_age, **knobs)
     return SparseVariant(policy, pruner, runtime)
