@@ -107,17 +107,27 @@ class SimBridgeNode(Node):
             self.get_logger().warning(f'ignoring chunk: {exc}', throttle_duration_sec=5.0)
             return
         with self._cond:
-            if stamp < self._episode_start_ns:
-                # Computed from the previous episode's observations: never execute it here.
-                self.counters['stale_chunks'] += 1
+            if not self._accept_locked(stamp):
                 return
-            sent = self._sent.pop(stamp, None)
-            if sent is not None:
-                self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
             self._chunk = (stamp, actions)
             self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
+
+    def _accept_locked(self, stamp: int) -> bool:
+        """Refuse output of the previous episode's observations; time the round trip.
+
+        Call with ``self._cond`` held. Returns False (counted as stale) for a stamp before the
+        current episode's start: it was computed from the previous episode and must never be
+        executed here.
+        """
+        if stamp < self._episode_start_ns:
+            self.counters['stale_chunks'] += 1
+            return False
+        sent = self._sent.pop(stamp, None)
+        if sent is not None:
+            self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
+        return True
 
     def _on_target(self, msg) -> None:
         if msg.header.frame_id != self.settings.frame_id:
@@ -134,12 +144,8 @@ class SimBridgeNode(Node):
             return
         stamp = conv.stamp_to_ns(msg.header.stamp)
         with self._cond:
-            if stamp < self._episode_start_ns:
-                self.counters['stale_chunks'] += 1
+            if not self._accept_locked(stamp):
                 return
-            sent = self._sent.pop(stamp, None)
-            if sent is not None:
-                self.round_trip_ms.append((time.monotonic() - sent) * 1e3)
             self._targets[stamp] = (pose[:3], pose[3:])
             for old in sorted(self._targets)[:-64]:
                 del self._targets[old]
