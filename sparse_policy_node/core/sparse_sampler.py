@@ -170,7 +170,7 @@ def _rollout_fresh(cache: FeatureCache, step: int, unit: int, batch: int):
         return None
     age = cache.chunk - cache.written[step][unit]
     if not torch.is_tensor(age):
-        age = torch.full((batch,), age, dtype=torch.long)
+        age = torch.full((batch,), age, dtype=torch.long, device=cache.rollout[step][unit].device)
     return age <= cache.max_age
 
 
@@ -182,7 +182,7 @@ def _write_age(cache: FeatureCache, step: int, unit: int, computed: torch.Tensor
         return
     old = cache.written[step][unit]
     if not torch.is_tensor(old):
-        old = torch.full(computed.shape, old, dtype=torch.long)
+        old = torch.full(computed.shape, old, dtype=torch.long, device=computed.device)
     cache.written[step][unit] = torch.where(computed, cache.chunk, old)
 
 

@@ -51,6 +51,7 @@ from sparse_policy_node.core.gates import straight_through_gates
 from sparse_policy_node.core.pruner import Pruner
 from sparse_policy_node.core.scheduler import NoiseScheduler
 from sparse_policy_node.core.sparse_sampler import sample_soft
+from sparse_policy_node.training.config import DEVICES
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -80,6 +81,8 @@ class PrunerTrainConfig:
         rollout_max_age: cache aging during training, as deployed (``RuntimeConfig``): a
             rollout slot older than this many frames falls back to compute; 0 never.
         pruner: pruner architecture.
+        device: ``cpu`` (default), ``cuda`` or ``auto`` (CUDA when available): where the
+            frozen policy, the pruner and every batch live.
     """
 
     target_sparsity: float = 0.93
@@ -97,9 +100,13 @@ class PrunerTrainConfig:
     threads: int = 0
     rollout_max_age: int = 0
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    device: str = 'cpu'
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
+        if self.device not in DEVICES:
+            raise ConfigError(f'PrunerTrainConfig.device must be one of {DEVICES}, '
+                              f'got {self.device!r}')
         if not 0.0 <= self.target_sparsity <= 0.99:
             raise ConfigError(f'PrunerTrainConfig.target_sparsity must be in [0, 0.99], '
                               f'got {self.target_sparsity!r}')
@@ -156,20 +163,22 @@ class EpisodeBatch:
         """Count the episodes that still run at ``frame``."""
         return sum(n > frame for n in self.lengths)
 
-    def frame(self, frame: int) -> dict:
-        """Stack control step ``frame`` of the running episodes.
+    def frame(self, frame: int, device='cpu') -> dict:
+        """Stack control step ``frame`` of the running episodes, on ``device``.
 
         Returns:
             ``obs`` {key: (n, T_o, ...)}, ``noise`` (n, T_a, A), ``step_noise``
             (K, n, T_a, A) and ``target`` (n, T_a, A), n = :meth:`active`.
         """
         running = self.episodes[:self.active(frame)]
+        # Stacked on the host, then one copy per tensor (uint8 images travel as uint8).
         return {
-            'obs': {k: torch.stack([e.obs[k][frame] for e in running])
+            'obs': {k: torch.stack([e.obs[k][frame] for e in running]).to(device)
                     for k in running[0].obs},
-            'noise': torch.stack([e.noise[frame] for e in running]),
-            'step_noise': torch.stack([e.step_noise[frame] for e in running], dim=1),
-            'target': torch.stack([e.target[frame] for e in running]),
+            'noise': torch.stack([e.noise[frame] for e in running]).to(device),
+            'step_noise': torch.stack([e.step_noise[frame] for e in running],
+                                      dim=1).to(device),
+            'target': torch.stack([e.target[frame] for e in running]).to(device),
         }
 
 
@@ -192,8 +201,8 @@ class FrameRunner:
         self.scheduler.set_timesteps(num_steps, sampler)
         self.schedule = ('train', sampler, *self.scheduler.timesteps.tolist())
         model = policy.transformer
+        self.device = device = next(policy.parameters()).device
         with torch.no_grad():
-            device = next(policy.parameters()).device
             self.time_mem = model.encode_time_tokens(self.scheduler.timesteps.to(device))
             self.time_kv = model.time_kv(self.time_mem)
         self.cache = FeatureCache(model.num_units)
@@ -237,8 +246,8 @@ class FrameRunner:
         # The first chunk computes every unit (it fills the rollout cache); its prediction
         # does not depend on the gates, so it runs without building a graph.
         with torch.set_grad_enabled(not hard and not dense):
-            used = F.one_hot(torch.zeros(B, K, U, dtype=torch.long), 4).float() if dense \
-                else gates
+            used = F.one_hot(torch.zeros(B, K, U, dtype=torch.long, device=self.device),
+                             4).float() if dense else gates
             pred = sample_soft(model, self.scheduler, kv_all, frame['noise'], used, self.cache,
                                frame['step_noise'])  # (B, T_a, A) normalized
             target = policy.normalizer.normalize(keys.ACTION, frame['target'])
@@ -345,7 +354,7 @@ def run_epoch(runner: FrameRunner, episodes: List[Episode], batch_episodes: int,
         batch = EpisodeBatch([episodes[i] for i in order[start:start + batch_episodes]])
         runner.reset()
         for f in range(batch.num_frames):
-            out = runner(batch.frame(f), hard=not train)
+            out = runner(batch.frame(f, runner.device), hard=not train)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 if out['loss'].requires_grad:  # False only for a dense frame with lambda 0
@@ -370,6 +379,15 @@ def check_rollouts(attrs: dict, model_dir: str, allow_other_policy: bool = False
                          f'on rollouts of the deployed weights (or pass allow_other_policy)')
 
 
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto`` / ``cpu`` / ``cuda`` to a torch device; ``cuda`` needs one."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device == 'cuda' or (device == 'auto' and torch.cuda.is_available()):
+        return torch.device('cuda')
+    return torch.device('cpu')
+
+
 def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainConfig,
                  install: bool = False, allow_other_policy: bool = False,
                  progress: bool = True) -> dict:
@@ -390,13 +408,15 @@ def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainCo
     attrs = read_rollout_attrs(rollouts)
     check_rollouts(attrs, model_dir, allow_other_policy)
     sampler, num_steps = str(attrs['sampler']), int(attrs['num_inference_steps'])
-    policy = load_policy(model_dir)
+    device = resolve_device(cfg.device)
+    policy = load_policy(model_dir, device)
     episodes = [Episode(r) for r in load_rollouts(rollouts)]
     if len(episodes) < 1:
         raise ValueError(f'{rollouts} holds no episodes')
     train_eps, val_eps = split_episodes(episodes, cfg.val_episodes)
     torch.manual_seed(cfg.seed)
     pruner = Pruner(cfg.pruner, policy.transformer.num_units, policy.config.transformer.n_emb)
+    pruner.to(device)  # after the CPU initialisation, so every device starts alike
     runner = FrameRunner(policy, pruner, sampler, num_steps, cfg)
     optimizer = torch.optim.AdamW(pruner.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='stop after the epoch that crosses this time (0: no limit)')
     parser.add_argument('--seed', type=int, default=d.seed)
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                        help='where the frozen policy, the pruner and the batches live '
+                             '(auto: CUDA when torch sees one)')
     parser.add_argument('--rollout-max-age', type=int, default=d.rollout_max_age,
                         help='cache aging as deployed: rollout slots older than this many '
                              'control steps are recomputed (0: never)')
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         batch_episodes=args.batch_episodes, val_episodes=args.val_episodes, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_minutes=args.max_minutes, seed=args.seed, threads=args.threads,
-        rollout_max_age=args.rollout_max_age,
+        rollout_max_age=args.rollout_max_age, device=args.device,
         pruner=PrunerConfig(hidden_dim=args.hidden_dim, n_head=args.n_head,
                             dim_feedforward=args.dim_feedforward, dropout=args.dropout))
     rollouts = args.rollouts
