@@ -39,6 +39,9 @@ COMMANDS = {
                    'up, sparse next to dense'),
     'record-bag': ('sparse_policy_node.tools.record_bag',
                    'record the policy node inputs and outputs to a rosbag2 (MCAP or sqlite3)'),
+    'replay-bag': ('sparse_policy_node.tools.replay_bag',
+                   'replay a bag into a running policy node (sim:=none) and check its chunks '
+                   'against the offline engine (seeded noise)'),
     'dataset-from-bag': ('sparse_policy_node.tools.dataset_from_bag',
                          'teleoperation bags -> robomimic-layout HDF5 demos for train-policy'),
     'model-card': ('sparse_policy_node.tools.model_card',

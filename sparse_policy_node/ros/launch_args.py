@@ -38,6 +38,8 @@ LAUNCH_ARGS = (
     LaunchArg('sparsity', '', 'Sparsity dial: "off" (dense), "learned" (pruner gates as '
               'trained) or a target share of reused units in [0, 0.99]; empty: params_file.'),
     LaunchArg('steps', '', 'Denoising steps per chunk; empty: params_file value.'),
+    LaunchArg('noise_seed', '', 'Seed of the chunk noise (>= 0: reproducible chunks, see '
+              'sparse-policy replay-bag; -1: unseeded); empty: params_file value.'),
     LaunchArg('params_file', '', 'Policy node parameter file; empty: config/policy.yaml of '
               'this package.'),
     LaunchArg('bridge_params_file', '', 'Simulator bridge parameter file; empty: '
@@ -211,6 +213,8 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
         policy['device'] = values['device']
     if values['steps']:
         policy['sampler.steps'] = _int(values, 'steps')
+    if values['noise_seed']:
+        policy['noise_seed'] = _int(values, 'noise_seed')
     policy.update(sparsity_overrides(values['sparsity']))
     interface = values['action_interface']
     if interface:

@@ -142,8 +142,13 @@ class NodeSettings:
     safety_require_enable: bool = False
     safety_watchdog_s: float = 0.0
     execution_blend_steps: int = 0
+    noise_seed: int = -1
 
     def __post_init__(self):
+        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) \
+                or self.noise_seed < -1:
+            raise ConfigError(f'noise_seed must be an int >= 0, or -1 (unseeded), got '
+                              f'{self.noise_seed!r}')
         self.output_joint_names = tuple(n for n in self.output_joint_names if n)
         self.safety_max_step_change = tuple(float(v) for v in self.safety_max_step_change)
         self.safety_workspace_min = tuple(float(v) for v in self.safety_workspace_min)
@@ -307,6 +312,12 @@ NODE_PARAMS = (
     Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
           'Hold when no action covers the current control tick for this long, or when the '
           'newest input is this old (0: off).', min_value=0.0, max_value=60.0),
+    Param('noise_seed', 'noise_seed', _NS.noise_seed,
+          "-1: each chunk's initial (and DDPM variance) noise comes from torch's global "
+          'generator. >= 0: it is drawn from a generator seeded with a hash of (noise_seed, '
+          "the chunk's observation stamp) (core/seeded_noise.py), so an offline engine run on "
+          'the same observation windows reproduces every chunk (sparse-policy replay-bag).',
+          min_value=-1, max_value=2 ** 31 - 1),
 )
 
 
@@ -456,6 +467,11 @@ def config_from_params(node) -> RuntimeConfig:
 def settings_from_params(node) -> NodeSettings:
     """Read the node's own settings into a validated :class:`NodeSettings`."""
     return NodeSettings(**_kwargs(NODE_PARAMS, current_values(node, NODE_PARAMS)))
+
+
+def settings_from_values(values: Dict[str, object]) -> NodeSettings:
+    """Build (and validate) NodeSettings from parameter values (e.g. another node's)."""
+    return NodeSettings(**_kwargs(NODE_PARAMS, values))
 
 
 def bridge_settings_from_params(node) -> BridgeSettings:

@@ -46,6 +46,7 @@ from sparse_policy_node.core.model_card import ModelCardError
 from sparse_policy_node.core.model_card import read_card
 from sparse_policy_node.core.model_card import ROTATION_DIMS
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
@@ -536,8 +537,10 @@ class PolicyNode(LifecycleNode):
         device = self.engine.device
         obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
         frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
+        # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
+        noise = engine_chunk_noise(self.engine, s.noise_seed, window.stamp_ns)
         try:
-            out = self.engine.predict_action(obs, frame_ids=frame_ids)
+            out = self.engine.predict_action(obs, frame_ids=frame_ids, **noise)
         except ObservationError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('observation', exc)

@@ -1,0 +1,343 @@
+"""Play a recorded bag into a running policy node and check its chunks against the engine.
+
+The player publishes the node's input topics from the bag at the recorded timing (receive
+times, optionally scaled), collects the chunks the node publishes, then recomputes every one
+offline (:mod:`sparse_policy_node.bags.offline`) on the same observation windows with the
+same noise (``noise_seed``) and reports the largest difference per chunk.
+
+Clock: with a node on sim time (``use_sim_time``) the player publishes ``/clock`` at each
+message's header stamp and keeps the stamps, so chunks carry the recorded stamps and can be
+compared with the chunks recorded in the bag too. With a node on the wall clock it shifts
+every header stamp by (now - first stamp), so the node sees fresh inputs.
+
+Lockstep: when the bag holds the node's recorded chunks, the player stops at each of them
+(at its place in the recording) until the node has published the chunk of the same stamp,
+like the lockstep bridge, so a slower or faster CPU than the recording's does not change
+which windows the node computes.
+"""
+
+import threading
+import time
+from typing import Dict
+from typing import List
+from typing import Optional
+
+from rcl_interfaces.srv import GetParameters
+from rclpy.node import Node
+from rclpy.parameter import parameter_value_to_python
+from rclpy.serialization import deserialize_message
+from rosgraph_msgs.msg import Clock
+from sparse_policy_node.bags.offline import absolute
+from sparse_policy_node.bags.offline import compare
+from sparse_policy_node.bags.offline import node_inputs
+from sparse_policy_node.bags.offline import offline_chunks
+from sparse_policy_node.bags.offline import ReplayError
+from sparse_policy_node.bags.recorder import message_class
+from sparse_policy_node.bags.rosbag_io import bag_topics
+from sparse_policy_node.bags.rosbag_io import read_messages
+from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import params
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+PARAMETER_NAMES = [p.name for p in params.RUNTIME_PARAMS + params.NODE_PARAMS] + [
+    'use_sim_time']
+
+
+def _call(node: Node, client, request, timeout: float):
+    if not client.wait_for_service(timeout_sec=timeout):
+        return None
+    done = threading.Event()
+    future = client.call_async(request)
+    future.add_done_callback(lambda _: done.set())
+    return future.result() if done.wait(timeout) else None
+
+
+class BagPlayer(Node):
+    """Publish bag messages into the ROS graph; collect the policy node's chunks."""
+
+    def __init__(self, policy: str = '/policy_node', **kwargs):
+        super().__init__('bag_player', **kwargs)
+        self.policy = absolute(policy.rstrip('/'))
+        self._cond = threading.Condition()
+        self.chunks = []  # (stamp ns, (n, A) actions) in arrival order
+        self.create_subscription(JointTrajectory, f'{self.policy}/action_chunk',
+                                 self._on_chunk, 100)
+        self.clock_pub = self.create_publisher(Clock, '/clock', 10)
+        self._pubs = {}
+
+    def _on_chunk(self, msg) -> None:
+        try:
+            stamp, _, actions = conv.trajectory_to_chunk(msg)
+        except conv.ConversionError:
+            return
+        with self._cond:
+            self.chunks.append((stamp, actions))
+            self._cond.notify_all()
+
+    def node_parameters(self, timeout: float = 10.0) -> Dict[str, object]:
+        """Read the policy node's parameters (``~/get_parameters``)."""
+        client = self.create_client(GetParameters, f'{self.policy}/get_parameters')
+        try:
+            response = _call(self, client, GetParameters.Request(names=PARAMETER_NAMES),
+                             timeout)
+        finally:
+            self.destroy_client(client)
+        if response is None:
+            raise ReplayError(f'no answer from {self.policy}/get_parameters within {timeout} '
+                              f's; is the policy node running (sim:=none)?')
+        return {n: parameter_value_to_python(v) for n, v in zip(PARAMETER_NAMES,
+                                                                response.values)}
+
+    def reset_policy(self, timeout: float = 10.0) -> None:
+        """Start a new episode on the policy node (``~/reset``): empty caches, dense chunk."""
+        client = self.create_client(Trigger, f'{self.policy}/reset')
+        try:
+            response = _call(self, client, Trigger.Request(), timeout)
+        finally:
+            self.destroy_client(client)
+        if response is None or not response.success:
+            raise ReplayError(f'{self.policy}/reset did not answer within {timeout} s')
+
+    def publisher(self, topic: str, msgtype: str):
+        """Return (creating it once) the publisher of ``topic``."""
+        if topic not in self._pubs:
+            self._pubs[topic] = self.create_publisher(message_class(msgtype), topic, 100)
+        return self._pubs[topic]
+
+    def wait_subscribers(self, timeout: float) -> List[str]:
+        """Wait until every publisher has a subscriber; return the topics that have none."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            missing = [t for t, p in self._pubs.items() if p.get_subscription_count() == 0]
+            if not missing:
+                return []
+            time.sleep(0.05)
+        return missing
+
+    def wait_chunk(self, stamp_ns: int, timeout: float) -> bool:
+        """Wait for a chunk stamped ``stamp_ns`` or later; return whether one came."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: any(s >= stamp_ns for s, _ in self.chunks), timeout)
+
+    def wait_quiet(self, quiet_s: float, timeout: float) -> None:
+        """Wait until no chunk has arrived for ``quiet_s`` (at most ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        count, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with self._cond:
+                n = len(self.chunks)
+            if n != count:
+                count, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.02)
+
+
+def _stamp_of(msg) -> Optional[int]:
+    header = getattr(msg, 'header', None)
+    return None if header is None else conv.stamp_to_ns(header.stamp)
+
+
+def play(player: BagPlayer, messages, types: Dict[str, str], sim_clock: bool,
+         lockstep_stamps: Dict[int, int], rate: float = 1.0,
+         chunk_timeout: float = 10.0) -> List:
+    """Publish ``messages`` (topic, receive ns, rclpy message) at their recorded timing.
+
+    Args:
+        player: the player node (spinning).
+        messages: input messages and recorded chunk markers ``(topic, t_ns, msg)``; a
+            marker's msg is None and its index is a key of ``lockstep_stamps``.
+        types: ``{topic: message type}``.
+        sim_clock: publish ``/clock`` at the stamps; else shift stamps to the wall clock.
+        lockstep_stamps: ``{index in messages: recorded chunk stamp}``: wait there.
+        rate: playback speed factor.
+        chunk_timeout: longest wait at a lockstep marker.
+
+    Returns:
+        ``(topic, stamp_ns, msg)`` of every published input message, stamps as published.
+    """
+    published = []
+    if not messages:
+        return published
+    t0 = messages[0][1]
+    shift = 0
+    if not sim_clock:
+        first = min((_stamp_of(m) for _, _, m in messages if m is not None and
+                     _stamp_of(m)), default=0)
+        shift = player.get_clock().now().nanoseconds - first
+    start, extra, clock_ns = time.monotonic(), 0.0, 0
+    for i, (topic, t_ns, msg) in enumerate(messages):
+        due = start + extra + (t_ns - t0) / 1e9 / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if msg is None:
+            began = time.monotonic()
+            if not player.wait_chunk(lockstep_stamps[i] + shift, chunk_timeout):
+                player.get_logger().warning(f'no chunk for {lockstep_stamps[i] / 1e9:.3f} s '
+                                            f'within {chunk_timeout} s; playing on')
+            extra += time.monotonic() - began
+            continue
+        stamp = _stamp_of(msg)
+        if stamp:
+            stamp += shift
+            msg.header.stamp = conv.ns_to_stamp(stamp)
+            if sim_clock and stamp > clock_ns:
+                clock_ns = stamp
+                player.clock_pub.publish(Clock(clock=conv.ns_to_stamp(clock_ns)))
+        player.publisher(topic, types[topic]).publish(msg)
+        published.append((topic, stamp, msg))
+    return published
+
+
+def load_bag(path: str, input_topics: List[str], chunk_topic: str):
+    """Read the inputs (rclpy messages) and the recorded chunks of a bag.
+
+    Returns:
+        ``(messages, types, recorded)``: input messages and chunk markers in receive order
+        (markers carry msg None), ``{topic: type}`` and ``{stamp: (index, actions)}`` of the
+        recorded chunks.
+    """
+    available = bag_topics(path)
+    missing = [t for t in input_topics if t not in available]
+    if missing:
+        raise ReplayError(f'bag {path} lacks the node input topic(s) {missing}; it has '
+                          f'{sorted(available)}')
+    wanted = list(input_topics) + ([chunk_topic] if chunk_topic in available else [])
+    messages, recorded = [], {}
+    for topic, t_ns, data in read_messages(path, wanted, raw=True):
+        msg = deserialize_message(bytes(data), message_class(available[topic]))
+        if topic == chunk_topic:
+            try:
+                stamp, _, actions = conv.trajectory_to_chunk(msg)
+            except conv.ConversionError:
+                continue
+            recorded[stamp] = (len(messages), actions)
+            messages.append((topic, t_ns, None))
+        else:
+            messages.append((topic, t_ns, msg))
+    return messages, {t: available[t] for t in input_topics}, recorded
+
+
+def check_reproducible(settings) -> None:
+    """Raise ReplayError unless the node's chunks are a function of its windows and seed.
+
+    Unseeded noise differs from any offline draw; the safety layer's step limit, chunk
+    blending and end-effector limits change chunks depending on what ran before.
+    """
+    if settings.noise_seed < 0:
+        raise ReplayError('the policy node draws unseeded noise (noise_seed=-1): its chunks '
+                          'cannot be reproduced; start it with noise_seed:=<int >= 0>')
+    s = settings
+    limited = [name for name, on in (
+        ('safety.max_step_change', any(v > 0 for v in s.safety_max_step_change)),
+        ('execution.blend_steps', s.execution_blend_steps > 0),
+        ('safety.max_linear_speed', s.safety_max_linear_speed > 0),
+        ('safety.max_angular_speed', s.safety_max_angular_speed > 0),
+        ('safety.workspace_min/max', min(s.safety_workspace_min) > -1000.0
+         or max(s.safety_workspace_max) < 1000.0)) if on]
+    if limited:
+        raise ReplayError(f'the policy node changes chunks after the engine ({", ".join(limited)}'
+                          f'): turn these off to compare with the offline engine')
+
+
+def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.0,
+               against_recorded: bool = False, device: str = '', clock: str = 'auto',
+               reset: bool = True, chunk_timeout: float = 10.0,
+               discovery_timeout: float = 10.0) -> Dict:
+    """Replay ``bag`` into the running policy node and compare its chunks with the engine.
+
+    Args:
+        context: an initialized rclpy Context.
+        bag: rosbag2 directory recorded by ``record-bag`` (or ``ros2 bag record``).
+        policy: fully qualified name of the policy node.
+        rate: playback speed factor.
+        against_recorded: also compare the node's chunks with those recorded in the bag.
+        device: torch device of the offline run; empty: the node's.
+        clock: 'sim' (publish /clock, keep stamps), 'wall' (shift stamps to now) or 'auto'
+            (the node's use_sim_time decides).
+        reset: call the node's ``~/reset`` first (the replay starts a new episode).
+        chunk_timeout: longest wait for the node's chunk at a recorded chunk (lockstep).
+        discovery_timeout: longest wait for the node's parameters and subscriptions.
+
+    Returns:
+        the report: ``chunks`` rows (stamp, offline and recorded max |difference|), the
+        largest differences, the node's seed and counts.
+    """
+    from sparse_policy_node.core.checkpoint import load_policy_config
+    from sparse_policy_node.core.engine import load_engine
+    from sparse_policy_node.ros.policy_node import resolve_model_dir
+    from sparse_policy_node.ros.testing import Spinner
+    player = BagPlayer(policy, context=context)
+    try:
+        with Spinner(context, player):
+            values = player.node_parameters(discovery_timeout)
+            settings = params.settings_from_values(values)
+            runtime = params.config_from_values(values)
+            check_reproducible(settings)
+            sim_clock = values['use_sim_time'] if clock == 'auto' else clock == 'sim'
+            if against_recorded and not sim_clock:
+                raise ReplayError('comparing with the recorded chunks needs the recorded '
+                                  'stamps (they seed the noise): run the node with '
+                                  'use_sim_time:=true, or use --clock sim')
+            model_dir = resolve_model_dir(settings.model_dir)
+            config = load_policy_config(model_dir)
+            namespace = player.policy.rpartition('/')[0]
+            inputs = node_inputs(config, settings, model_dir, namespace)
+            chunk_topic = f'{player.policy}/action_chunk'
+            messages, types, recorded = load_bag(bag, inputs.topics, chunk_topic)
+            if against_recorded and not recorded:
+                raise ReplayError(f'bag {bag} has no recorded chunks on {chunk_topic}')
+            for topic, msgtype in types.items():
+                player.publisher(topic, msgtype)
+            missing = player.wait_subscribers(discovery_timeout)
+            if missing:
+                raise ReplayError(f'the policy node does not subscribe to {missing} within '
+                                  f'{discovery_timeout} s')
+            if reset:
+                player.reset_policy(discovery_timeout)
+            lockstep = {index: stamp for stamp, (index, _) in recorded.items()}
+            t_start = time.monotonic()
+            published = play(player, messages, types, sim_clock, lockstep, rate,
+                             chunk_timeout)
+            player.wait_quiet(1.0, chunk_timeout)
+            play_s = time.monotonic() - t_start
+            with player._cond:
+                live = list(player.chunks)
+    finally:
+        player.destroy_node()
+    if not live:
+        raise ReplayError('the policy node published no chunk during the replay (stale or '
+                          'rejected inputs? see its log and diagnostics)')
+    samples = []
+    for topic, stamp, msg in published:
+        try:
+            samples.extend((key, stamp, value) for key, value in inputs.convert(topic, msg))
+        except conv.ConversionError:
+            pass  # the node rejected it too
+    engine = load_engine(model_dir, device or settings.device, runtime)
+    try:
+        offline = offline_chunks(engine, inputs, samples, [s for s, _ in live], settings,
+                                 config.transformer.n_obs_steps)
+    finally:
+        engine.close()
+    rows = compare(live, {s: a for (s, _), a in zip(live, offline)})
+    for row in rows:
+        row['offline_max_abs_diff'] = row.pop('max_abs_diff')
+    if against_recorded:
+        for row, other in zip(rows, compare(live, {s: a for s, (_, a) in recorded.items()})):
+            row['recorded_max_abs_diff'] = other['max_abs_diff']
+    report = {'bag': bag, 'policy': player.policy, 'noise_seed': settings.noise_seed,
+              'clock': 'sim' if sim_clock else 'wall', 'chunks': rows,
+              'live_chunks': len(live), 'recorded_chunks': len(recorded),
+              'published_messages': len(published), 'play_s': round(play_s, 3),
+              'max_offline_diff': max(r['offline_max_abs_diff'] for r in rows)}
+    if against_recorded:
+        diffs = [r['recorded_max_abs_diff'] for r in rows]
+        report['unmatched_recorded'] = sum(d is None for d in diffs) + len(
+            set(recorded) - {s for s, _ in live})
+        report['max_recorded_diff'] = max((d for d in diffs if d is not None),
+                                          default=float('inf'))
+    return report

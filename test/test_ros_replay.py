@@ -1,0 +1,142 @@
+"""Bag replay: a recorded lockstep run replays into a fresh node with identical chunks.
+
+A tiny policy node with ``noise_seed`` serves a bridge episode (the fast stand-in
+environment of test_ros_sim_bridge.py) while the recorder writes the node's inputs and
+chunks; the bag is then played into a new node (``sim:=none``, sim time from the player's
+``/clock``) and every chunk is compared with the offline engine and with the recording.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from rclpy.parameter import Parameter
+from sparse_policy_node.bags.offline import ReplayError
+from sparse_policy_node.bags.offline import split_episodes
+from sparse_policy_node.bags.offline import window_at
+from sparse_policy_node.bags.recorder import BagRecorder
+from sparse_policy_node.bags.recorder import NODE_TOPICS
+from sparse_policy_node.bags.replay import replay_bag
+from sparse_policy_node.core.seeded_noise import chunk_seed
+from sparse_policy_node.core.seeded_noise import draw_chunk_noise
+from sparse_policy_node.ros.policy_node import PolicyNode
+from sparse_policy_node.ros.sim_bridge_node import SimBridgeNode
+from sparse_policy_node.ros.testing import save_tiny_model
+from sparse_policy_node.ros.testing import Spinner
+from sparse_policy_node.ros.testing import TINY_PARAMS
+from test_ros_sim_bridge import FakeEnv
+from test_ros_sim_bridge import wait
+
+SEED = 7
+
+
+def policy_node(context, model, **extra):
+    values = dict(TINY_PARAMS, model_dir=model, use_sim_time=True, noise_seed=SEED)
+    values.update(extra)
+    return PolicyNode(context=context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in values.items()])
+
+
+def record_episode(context, model, bag, steps=16):
+    """Run one lockstep bridge episode against the node while recording; return chunks."""
+    node = policy_node(context, model)
+    sim = SimBridgeNode(env_factory=FakeEnv, context=context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in {'episodes': 1, 'max_episode_steps': steps,
+                                           'image_size': [32, 32],
+                                           'terminate_on_success': False}.items()])
+    recorder = BagRecorder(str(bag), NODE_TOPICS, context=context)
+    with Spinner(context, node, sim, recorder):
+        assert wait(sim.finished) and sim.finished.result() == 0
+        time.sleep(0.5)  # the chunk of the last observation reaches the bag too
+    recorder.close()
+    sim.close()
+    return node.close()
+
+
+def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp_path):
+    model = save_tiny_model(str(tmp_path / 'model'))
+    bag = tmp_path / 'run_bag'
+    recorded = record_episode(context, model, bag)
+    assert recorded['chunks'] >= 4, recorded
+
+    node = policy_node(context, model)  # a fresh node, as after `launch sim:=none`
+    try:
+        with Spinner(context, node):
+            report = replay_bag(context, str(bag), against_recorded=True)
+            # The command line does the same through its own context and process.
+            done = subprocess.run(
+                [os.path.join(os.path.dirname(sys.executable), 'sparse-policy'),
+                 'replay-bag', str(bag), '--against-recorded', '--json',
+                 str(tmp_path / 'report.json')], capture_output=True, text=True, timeout=120)
+            # Another seed: the node still matches the offline engine, not the recording.
+            assert node.set_parameters([Parameter('noise_seed', value=SEED + 1)])[0].successful
+            other = replay_bag(context, str(bag), against_recorded=True)
+    finally:
+        node.close()
+    assert report['clock'] == 'sim' and report['noise_seed'] == SEED
+    assert report['live_chunks'] == report['recorded_chunks'] == recorded['chunks']
+    assert report['unmatched_recorded'] == 0
+    assert report['max_offline_diff'] <= 1e-5, report
+    assert report['max_recorded_diff'] <= 1e-5, report
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert 'chunks match' in done.stdout
+    assert other['noise_seed'] == SEED + 1 and other['max_offline_diff'] <= 1e-5
+    assert other['max_recorded_diff'] > 0.1  # the comparison sees the noise
+
+
+def test_replay_refuses_an_unseeded_node(context, tmp_path):
+    model = save_tiny_model(str(tmp_path / 'model'))
+    node = policy_node(context, model, noise_seed=-1)
+    try:
+        with Spinner(context, node):
+            with pytest.raises(ReplayError, match='unseeded'):
+                replay_bag(context, str(tmp_path / 'no_bag'))
+    finally:
+        node.close()
+
+
+def test_chunk_noise_is_a_function_of_seed_and_stamp():
+    a = draw_chunk_noise(3, 1_050_000_000, (1, 6, 7), 10, ddpm=True)
+    b = draw_chunk_noise(3, 1_050_000_000, (1, 6, 7), 10, ddpm=True)
+    c = draw_chunk_noise(3, 1_100_000_000, (1, 6, 7), 10, ddpm=True)
+    assert a['noise'].shape == (1, 6, 7) and a['step_noise'].shape == (10, 1, 6, 7)
+    assert (a['noise'] == b['noise']).all() and (a['step_noise'] == b['step_noise']).all()
+    assert not (a['noise'] == c['noise']).any()
+    assert draw_chunk_noise(3, 1, (1, 6, 7), 10, ddpm=False)['step_noise'] is None
+    assert chunk_seed(0, 0) != chunk_seed(1, 0) and 0 <= chunk_seed(5, 10 ** 18) < 2 ** 63
+    with pytest.raises(ValueError):
+        chunk_seed(-1, 0)
+
+
+def test_offline_windows_follow_the_node_rule():
+    dt = 50_000_000
+    samples = [('a', 1_000_000_000 + i * dt, np.array([i], np.float32)) for i in range(4)]
+    samples.insert(2, ('a', 1_000_000_000, np.array([9], np.float32)))   # out of order
+    samples += [('a', 100_000_000, np.array([7], np.float32))]          # time jump
+    episodes = split_episodes(samples, jump_ns=500_000_000)
+    assert len(episodes) == 2 and [s for s, _ in episodes[0]['a']][-1] == 1_150_000_000
+    arrays, stamps = window_at(episodes[0], 1_100_000_000, 3, dt, 10_000_000)
+    assert arrays['a'][:, 0].tolist() == [0, 1, 2]
+    arrays, _ = window_at(episodes[1], 100_000_000, 2, dt, 10_000_000)
+    assert arrays['a'][:, 0].tolist() == [7, 7]  # episode start: the first step repeats
+    with pytest.raises(ReplayError, match='no a message'):
+        window_at({'a': [(0, np.zeros(1)), (10 * dt, np.zeros(1))]}, 10 * dt, 3, dt, 1)
+
+
+def test_noise_seed_parameter_is_validated_and_launchable():
+    from sparse_policy_node.core.config import ConfigError
+    from sparse_policy_node.ros import launch_args
+    from sparse_policy_node.ros import params
+    assert params.NodeSettings().noise_seed == -1
+    assert params.NodeSettings(noise_seed=0).noise_seed == 0
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ConfigError, match='noise_seed'):
+            params.NodeSettings(noise_seed=bad)
+    values = launch_args.parse_launch_args(['sim:=none', 'noise_seed:=7'])
+    plan = launch_args.plan_nodes(values, share_dir='/share')
+    assert plan[0].overrides['noise_seed'] == 7
+    with pytest.raises(ValueError, match='noise_seed'):
+        launch_args.plan_nodes(launch_args.parse_launch_args(['noise_seed:=x']), '/share')
