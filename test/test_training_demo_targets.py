@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sparse_policy_node.cli import main
 from sparse_policy_node.core.checkpoint import has_pruner
+from sparse_policy_node.core.checkpoint import pruner_dirs
 from sparse_policy_node.core.checkpoint import save_policy
 from sparse_policy_node.training.dataset import DemoWriter
 from sparse_policy_node.training.demo_targets import demos_to_rollouts
@@ -64,6 +65,18 @@ def test_train_pruner_from_demos_installs_a_pruner(model_and_demos, tmp_path, ca
                  '--dim-feedforward', '32', '--warmup-steps', '1', '--install']) == 0
     assert 'best_epoch' in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert has_pruner(model_dir)
+    assert list(pruner_dirs(model_dir)) == [('ddpm', 10)]  # the model's own schedule
+
+
+def test_train_pruner_from_demos_for_another_schedule(model_and_demos, tmp_path):
+    model_dir, demos = model_and_demos
+    assert main(['train-pruner', '--model', model_dir, '--demos', demos, '--out',
+                 str(tmp_path / 'run'), '--demo-sampler', 'ddim', '--demo-steps', '5',
+                 '--epochs', '1', '--batch-episodes', '2', '--val-episodes', '1',
+                 '--threads', '1', '--hidden-dim', '16', '--n-head', '2',
+                 '--dim-feedforward', '32', '--warmup-steps', '1', '--install']) == 0
+    assert read_rollout_attrs(str(tmp_path / 'run' / 'demo_targets.hdf5'))['sampler'] == 'ddim'
+    assert list(pruner_dirs(model_dir)) == [('ddim', 5)]
 
 
 def test_demos_of_another_action_size_are_refused(tiny_policy, tmp_path):

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         'demonstrated chunks (real-robot recipe)')
     parser.add_argument('--frame-stride', type=int, default=0,
                         help='with --demos: steps between frames (0: n_action_steps)')
+    parser.add_argument('--demo-sampler', choices=('ddpm', 'ddim'),
+                        help="with --demos: schedule the pruner is for (default: the model's)")
+    parser.add_argument('--demo-steps', type=int,
+                        help="with --demos: denoising steps K (default: the model's)")
     parser.add_argument('--out', required=True, help='run directory (log, best/, last/)')
     parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity)
     parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
@@ -94,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
         rollouts = os.path.join(args.out, 'demo_targets.hdf5')
         try:
-            demos_to_rollouts(args.model, args.demos, rollouts,
-                              frame_stride=args.frame_stride or None, seed=args.seed)
+            demos_to_rollouts(args.model, args.demos, rollouts, sampler=args.demo_sampler,
+                              steps=args.demo_steps, frame_stride=args.frame_stride or None,
+                              seed=args.seed)
         except (ValueError, KeyError, OSError) as exc:
             raise SystemExit(f'train-pruner: {exc}') from exc
     closed_loop = args.closed_loop_episodes > 0
