@@ -32,6 +32,7 @@ TRUNKS = ('resnet18', 'small_cnn')
 FEATURE_ACTIVATIONS = ('none', 'relu')
 REUSE_DIRECTIONS = ('forward', 'timestep', 'rollout')
 GATE_SOURCES = ('pruner', 'static', 'random', 'dense')
+PRECISIONS = ('float32', 'float16', 'bfloat16')
 
 
 @dataclass
@@ -288,6 +289,12 @@ class RuntimeConfig:
         rollout_max_age: cache aging, in chunks: a rollout-cache slot written more than this
             many chunks ago is not reused (the unit computes and refreshes it). 0 never
             expires a slot (the paper's semantics).
+        precision: dtype of the denoiser's weights and activations: ``'float32'`` (default),
+            ``'float16'`` or ``'bfloat16'``. The vision encoder, the pruner and the scheduler
+            stay float32. Reduced precision was checked offline only (``sparse-policy
+            precision``), not in closed loop, so float32 stays the default.
+        cuda_graphs: on CUDA, replay dense batch-1 chunks (the first chunk after a reset, or
+            sparsity off) from one captured CUDA graph per schedule; ignored elsewhere.
     """
 
     sparsity_enabled: bool = True
@@ -297,6 +304,8 @@ class RuntimeConfig:
     sampler: str = 'ddpm'
     num_inference_steps: int = 100
     rollout_max_age: int = 0
+    precision: str = 'float32'
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
@@ -324,6 +333,10 @@ class RuntimeConfig:
                  and not isinstance(self.rollout_max_age, bool) and self.rollout_max_age >= 0,
                  f'RuntimeConfig.rollout_max_age must be an int >= 0 (0: never expire), '
                  f'got {self.rollout_max_age!r}')
+        _require(self.precision in PRECISIONS,
+                 f'RuntimeConfig.precision must be one of {PRECISIONS}, got {self.precision!r}')
+        _require(isinstance(self.cuda_graphs, bool),
+                 f'RuntimeConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}')
         _require(self.gate_source != 'static' or s >= 0,
                  'RuntimeConfig.target_sparsity must be set (>= 0) for gate_source=static')
         _require(self.gate_source != 'random' or s >= 0,

@@ -14,9 +14,16 @@ The pruner overlaps the mandatory dense step 0. On CPU it runs in a worker threa
 release the GIL); on CUDA it runs on a side stream that waits for the encoder's stream, and
 its gate map is copied to pinned host memory without blocking; the host waits on one event
 just before step 1, never inside the per-step loop.
+
+On CUDA the loop itself never synchronises with the host either: the initial and DDPM
+variance noise are drawn on the device before step 0 (from a device generator seeded from the
+host generator, see :func:`sampler.device_generator`), gate tables live on the device, and the
+statistics are read after the loop. ``test_core_sync.py`` checks it with a transfer spy on CPU
+and with ``torch.cuda.set_sync_debug_mode('error')`` on a GPU.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+import copy
 import threading
 import time
 from typing import Dict
@@ -38,6 +45,8 @@ from sparse_policy_node.core.gates import gate_counts
 from sparse_policy_node.core.gates import random_gates
 from sparse_policy_node.core.gates import static_gates
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.core.sampler import chunk_noise
+from sparse_policy_node.core.sampler import device_generator
 from sparse_policy_node.core.sampler import initial_noise
 from sparse_policy_node.core.scheduler import NoiseScheduler
 from sparse_policy_node.core.sparse_sampler import RolloutAgeStats
@@ -89,6 +98,11 @@ class SparseEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='pruner')
         self._side_stream = None
         self.random_generator = torch.Generator().manual_seed(0)
+        self._device_generator = None  # draws a CUDA chunk's noise (see device_generator)
+        self._models = {'float32': policy.transformer}  # denoiser per RuntimeConfig.precision
+        self._fixed_gates = {}  # host rows of dense / static gate maps, per schedule and knobs
+        self._graphs = {}  # DenseChunkGraph per schedule and precision (cuda_graphs)
+        self.transformer_for(runtime.precision)
         self._time_cache = None
         self.last_gates = None
         if self.device.type == 'cpu':
@@ -142,6 +156,7 @@ class SparseEngine:
     def set_runtime(self, cfg: RuntimeConfig) -> None:
         """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
         self.check_runtime(cfg)
+        self.transformer_for(cfg.precision)  # a reduced-precision copy is made here, not later
         with self._lock:
             self._pending = cfg
 
@@ -168,6 +183,13 @@ class SparseEngine:
             self.scheduler.set_timesteps(runtime.num_inference_steps, runtime.sampler)
         return runtime
 
+    def transformer_for(self, precision: str):
+        """Return the denoiser in ``precision``: the policy's own for float32, else a copy."""
+        if precision not in self._models:
+            dtype = getattr(torch, precision)
+            self._models[precision] = copy.deepcopy(self.policy.transformer).to(dtype).eval()
+        return self._models[precision]
+
     # ==== gates ====
 
     def _gate_map(self, runtime: RuntimeConfig, time_mem, obs_mem) -> torch.Tensor:
@@ -183,7 +205,7 @@ class SparseEngine:
             return torch.stack([random_gates(K, U, s, runtime.directions,
                                              self.random_generator) for _ in range(B)])
         pruner = self.pruner_for(runtime.sampler, runtime.num_inference_steps)
-        logits = pruner(time_mem, obs_mem)  # (B, K, U, 4)
+        logits = pruner(time_mem.float(), obs_mem.float())  # (B, K, U, 4); float32 as trained
         if s >= 0:
             return torch.stack([dial_gates(z, s, runtime.directions) for z in logits])
         return argmax_gates(logits, runtime.directions)
@@ -200,8 +222,16 @@ class SparseEngine:
             return gates
 
         if runtime.gate_source != 'pruner' or not runtime.sparsity_enabled:
-            gates = compute()
-            return lambda: gates[0].tolist(), timing
+            if runtime.sparsity_enabled and runtime.gate_source == 'random':
+                gates = compute()
+                return lambda: gates[0].tolist(), timing
+            # Dense and static maps depend on the schedule and knobs only: built once.
+            key = (runtime.sparsity_enabled, runtime.gate_source, runtime.target_sparsity,
+                   self.scheduler.num_steps, self.policy.transformer.num_units)
+            if key not in self._fixed_gates:
+                self._fixed_gates[key] = compute()[0].tolist()
+            rows = self._fixed_gates[key]
+            return lambda: rows, timing
         if self.device.type == 'cuda':
             main = torch.cuda.current_stream(self.device)
             if self._side_stream is None:
@@ -226,19 +256,22 @@ class SparseEngine:
 
     # ==== inference ====
 
-    def _time_tokens(self):
+    def _time_tokens(self, model=None):
         """Memory time tokens and their cross-attention K/V for the current schedule.
 
         They depend only on the timesteps, never on the observation, so they are computed
-        once per schedule and reused by every chunk (weights are frozen at inference; call
-        :meth:`refresh` after changing them).
+        once per schedule (and denoiser precision) and reused by every chunk (weights are
+        frozen at inference; call :meth:`refresh` after changing them).
         """
-        key = (self.scheduler.sampler, tuple(self.scheduler.timesteps.tolist()))
+        model = model or self.policy.transformer
+        key = (self.scheduler.sampler, tuple(self.scheduler.timesteps.tolist()), id(model))
         if self._time_cache is None or self._time_cache[0] != key:
-            model = self.policy.transformer
             steps = self.scheduler.timesteps.to(self.device)
-            time_mem = model.encode_time_tokens(steps)
-            self._time_cache = (key, time_mem, model.time_kv(time_mem))
+            # The memory encoder runs in float32 at any precision (it runs once per chunk and
+            # the pruner reads its output); only the decoder's keys/values are cast.
+            time_mem = self.policy.transformer.encode_time_tokens(steps)  # (K, D)
+            self._time_cache = (key, time_mem,
+                                model.time_kv(time_mem.to(model.pos_emb.dtype)))
         return self._time_cache[1], self._time_cache[2]
 
     # ==== frame features ====
@@ -343,6 +376,9 @@ class SparseEngine:
     def refresh(self) -> None:
         """Drop everything derived from the weights (after loading new weights in place)."""
         self._time_cache = None
+        self._graphs.clear()
+        self._models = {'float32': self.policy.transformer}
+        self.transformer_for(self.runtime.precision)
         self.reset()
 
     @torch.no_grad()
@@ -389,12 +425,26 @@ class SparseEngine:
         encoded += B * policy.config.transformer.n_obs_steps * uncached
         cond = policy.encode_obs(obs, camera_features)
         encode_ms = (time.perf_counter() - t_enc) * 1e3
+        model, sched = self.transformer_for(runtime.precision), self.scheduler
+        if self.device.type != 'cpu' and (noise is None or (
+                step_noise is None and sched.needs_step_noise())):
+            # Draw the whole chunk's noise on the device now: the loop must not wait on host
+            # copies. CPU keeps its per-step host draws (bit-identical to earlier releases).
+            gen = device_generator(self.device, generator, self._device_generator)
+            if gen is not generator:
+                self._device_generator = gen  # our scratch generator, reseeded per chunk
+            drawn, drawn_steps = chunk_noise(policy.action_shape(B), sched.num_steps,
+                                             sched.needs_step_noise(), gen)
+            noise = drawn if noise is None else noise
+            step_noise = drawn_steps if step_noise is None else step_noise
         if noise is None:
             noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
-        model, sched = policy.transformer, self.scheduler
-        time_mem, time_kv = self._time_tokens()
-        obs_mem = model.encode_obs_tokens(cond)  # (B, T_o, D)
-        kv_all = model.assemble_kv(time_kv, model.obs_kv(obs_mem))  # per layer (B,K,nh,T_c,dh)
+        time_mem, time_kv = self._time_tokens(model)
+        obs_mem = policy.transformer.encode_obs_tokens(cond)  # (B, T_o, D) float32
+        dec_mem = obs_mem.to(model.pos_emb.dtype)  # the decoder's dtype (no-op in float32)
+
+        def memory_kv():
+            return model.assemble_kv(time_kv, model.obs_kv(dec_mem))  # per layer (B,K,nh,T_c,dh)
         schedule = (sched.sampler, B, *sched.timesteps.tolist())
         forced_dense = self.cache.begin_chunk(schedule, sched.num_steps,
                                               runtime.rollout_max_age)
@@ -408,21 +458,29 @@ class SparseEngine:
             elif not forced_dense:
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
             t_dec = time.perf_counter()
-            nactions, executed = sample_sparse(model, sched, kv_all, noise, gates_fn,
-                                               self.cache, step_noise, generator, ages)
+            graph = None
+            if gates is None and (forced_dense or not runtime.sparsity_enabled
+                                  or runtime.gate_source == 'dense'):
+                graph = self._dense_graph(runtime, model, time_kv, dec_mem, noise, step_noise)
+            if graph is not None:
+                nactions = graph.replay(dec_mem, noise, step_noise, self.cache)
+                executed = [[0] * U for _ in range(K)]
+            else:
+                nactions, executed = sample_sparse(model, sched, memory_kv(), noise, gates_fn,
+                                                   self.cache, step_noise, generator, ages)
             timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
             executed = torch.tensor(executed)  # (K, U)
         else:
             # Batched evaluation: soft path with one-hot gates, per-sample caches.
             if forced_dense:
-                gate_maps = dense_gates(K, U).expand(B, K, U)
+                gate_maps = dense_gates(K, U).to(cond.device).expand(B, K, U)
             else:
                 t0 = time.perf_counter()
                 gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
                 timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
-            onehot = F.one_hot(gate_maps, 4).to(cond.dtype)  # (B, K, U, 4)
-            nactions = sample_soft(model, sched, kv_all, noise, onehot, self.cache, step_noise,
-                                   generator)
+            onehot = F.one_hot(gate_maps, 4).to(model.pos_emb.dtype)  # (B, K, U, 4)
+            nactions = sample_soft(model, sched, memory_kv(), noise, onehot, self.cache,
+                                   step_noise, generator)
             executed = gate_maps.cpu()  # (B, K, U)
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)
         if not bool(torch.isfinite(action_pred).all()):
@@ -451,6 +509,20 @@ class SparseEngine:
         return {'action_pred': action_pred,
                 'action': policy.chunk_from_prediction(action_pred),
                 'stats': stats}
+
+    def _dense_graph(self, runtime, model, time_kv, obs_mem, noise, step_noise):
+        """Return the captured dense chunk of this schedule (None: graphs off or no CUDA)."""
+        if not runtime.cuda_graphs or self.device.type != 'cuda':
+            return None
+        sched = self.scheduler
+        key = (sched.sampler, tuple(sched.timesteps.tolist()), runtime.precision,
+               id(time_kv[0][0]))
+        if key not in self._graphs:
+            from sparse_policy_node.core.cuda_graphs import DenseChunkGraph
+            self._graphs = {k: g for k, g in self._graphs.items() if k[:3] != key[:3]}
+            self._graphs[key] = DenseChunkGraph(model, sched, time_kv, obs_mem, noise,
+                                                step_noise)
+        return self._graphs[key]
 
     def close(self) -> None:
         """Stop the pruner worker thread."""

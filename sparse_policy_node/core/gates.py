@@ -7,6 +7,7 @@ and timestep caches), and the first chunk after a reset computes everything (it 
 rollout cache); callers apply the latter with :func:`dense_gates`.
 """
 
+from functools import lru_cache
 from typing import Optional
 from typing import Sequence
 
@@ -28,6 +29,18 @@ def allowed_choices(directions: Sequence[str]) -> torch.Tensor:
     return allowed
 
 
+@lru_cache(maxsize=32)
+def _allowed_on(directions: tuple, device: torch.device) -> torch.Tensor:
+    # One copy per (directions, device) for the life of the process: building the mask on the
+    # host and copying it to a GPU on every chunk stalls the pruner's stream (issue 14).
+    return allowed_choices(directions).to(device)
+
+
+def allowed_choices_on(directions: Sequence[str], device) -> torch.Tensor:
+    """(4,) bool mask of :func:`allowed_choices` resident on ``device`` (cached, read-only)."""
+    return _allowed_on(tuple(directions), torch.device(device))
+
+
 def dense_gates(num_steps: int, num_units: int) -> torch.Tensor:
     """(K, U) gate map that computes everything."""
     return torch.zeros(num_steps, num_units, dtype=torch.long)
@@ -43,7 +56,7 @@ def argmax_gates(logits: torch.Tensor, directions: Sequence[str]) -> torch.Tenso
     Returns:
         (..., K, U) integer gate map.
     """
-    mask = allowed_choices(directions).to(logits.device)
+    mask = allowed_choices_on(directions, logits.device)
     gates = logits.masked_fill(~mask, float('-inf')).argmax(dim=-1)
     gates[..., 0, :] = COMPUTE
     return gates
@@ -68,7 +81,7 @@ def dial_gates(logits: torch.Tensor, sparsity: float,
         (at least the U entries of step 0).
     """
     K, U, _ = logits.shape
-    mask = allowed_choices(directions).to(logits.device)
+    mask = allowed_choices_on(directions, logits.device)
     reuse_logits = logits.masked_fill(~mask, float('-inf'))[..., 1:]  # (K, U, 3)
     best_reuse, best_dir = reuse_logits.max(dim=-1)  # (K, U)
     gates = best_dir + 1
@@ -133,7 +146,7 @@ def straight_through_gates(logits: torch.Tensor, directions: Sequence[str]) -> t
     Returns:
         (B, K, U, 4) gates whose values are exactly one-hot.
     """
-    mask = allowed_choices(directions).to(logits.device)
+    mask = allowed_choices_on(directions, logits.device)
     probs = torch.softmax(logits.masked_fill(~mask, float('-inf')), dim=-1)
     forced = torch.zeros_like(probs[:, :1])
     forced[..., COMPUTE] = 1.0

@@ -18,6 +18,42 @@ def initial_noise(shape, generator: Optional[torch.Generator], device, dtype) ->
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
+def device_generator(device: torch.device, generator: Optional[torch.Generator],
+                     scratch: Optional[torch.Generator] = None) -> torch.Generator:
+    """Return a generator that draws on ``device`` and follows ``generator``'s state.
+
+    A generator already on ``device`` is returned as is. Otherwise ``scratch`` (a generator
+    on ``device``, created when None) is reseeded with one 62-bit integer drawn on the host
+    from ``generator``, or from torch's global generator when it is None, so a run seeded with
+    ``torch.manual_seed`` (as evaluation does) draws the same device noise every time. The
+    draw is a host-only op: no device synchronisation.
+    """
+    if generator is not None and generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    if scratch is None:
+        scratch = torch.Generator(device)
+    return scratch.manual_seed(seed)
+
+
+def chunk_noise(shape, num_steps: int, ddpm: bool, generator: torch.Generator,
+                dtype=torch.float32):
+    """Draw the initial noise and all DDPM variance noise of one chunk, before the loop.
+
+    Both are drawn on ``generator``'s device in one go, so a CUDA loop never waits on a host
+    copy (a per-step draw on the host and copy to the device stalls every step).
+
+    Returns:
+        noise (B, T_a, A) and step_noise (K, B, T_a, A), or None for DDIM.
+    """
+    dev = generator.device
+    noise = torch.randn(shape, generator=generator, device=dev, dtype=dtype)
+    if not ddpm:
+        return noise, None
+    return noise, torch.randn((num_steps, *shape), generator=generator, device=dev,
+                              dtype=dtype)
+
+
 def compute_unit(model: DPTransformer, unit: int, x: torch.Tensor, kv_all: list,
                  step: int) -> torch.Tensor:
     """Branch output of unit ``b = 3 l + j`` at denoising step ``step``.
@@ -54,10 +90,10 @@ def dense_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
     Returns:
         (B, T_a, A) predicted noise.
     """
-    x = model.embed_sample(sample)
+    x = model.embed_sample(sample.to(model.pos_emb.dtype))  # no-op unless reduced precision
     for b in range(model.num_units):
         x = x + compute_unit(model, b, x, kv_all, step)
-    return model.output(x)
+    return model.output(x).to(sample.dtype)
 
 
 @torch.no_grad()

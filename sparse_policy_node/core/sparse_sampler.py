@@ -72,7 +72,9 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
     Returns:
         (1, T_a, A) predicted noise.
     """
-    x = model.embed_sample(sample)
+    # The scheduler works in float32; the denoiser in its own dtype (see
+    # RuntimeConfig.precision). Both casts are no-ops (no kernel) in float32.
+    x = model.embed_sample(sample.to(model.pos_emb.dtype))
     fwd, ts, roll = cache.forward, cache.timestep, cache.rollout[step]
     written, chunk, max_age = cache.written[step], cache.chunk, cache.max_age
     for b in range(len(executed)):
@@ -101,7 +103,7 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
             choice = 0
         executed[b] = choice
         x += d  # x is this step's own residual stream (no cache holds it): add in place
-    return model.output(x)
+    return model.output(x).to(sample.dtype)
 
 
 @torch.no_grad()
@@ -212,7 +214,7 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
     K, U = scheduler.num_steps, model.num_units
     x_a = noise
     for k in range(K):
-        x = model.embed_sample(x_a)
+        x = model.embed_sample(x_a.to(model.pos_emb.dtype))
         roll = cache.rollout[k]
         for b in range(U):
             kind = b % 3
@@ -226,7 +228,7 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
             for slots, idx in ((cache.forward, kind), (cache.timestep, b), (roll, b)):
                 old = slots[idx]
                 slots[idx] = fresh if old is None else torch.where(computed, fresh, old)
-        eps = model.output(x)
+        eps = model.output(x).to(x_a.dtype)
         x_a = scheduler.step(eps, k, x_a, None if step_noise is None else step_noise[k],
                              generator)
     return x_a

@@ -22,6 +22,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import GATE_SOURCES
+from sparse_policy_node.core.config import PRECISIONS
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.core.config import RuntimeConfig
 from sparse_policy_node.core.config import SAMPLERS
@@ -97,6 +98,13 @@ RUNTIME_PARAMS = (
           'Cache aging: a rollout-cache slot written more than this many chunks ago is '
           'recomputed instead of reused; 0 never expires slots (the paper).',
           min_value=0, max_value=100000),
+    Param('inference.precision', 'precision', _RT.precision,
+          "dtype of the denoiser's weights and activations (the vision encoder, pruner and "
+          'scheduler stay float32); reduced precision was checked offline only, see README.',
+          constraints=f'one of {PRECISIONS}'),
+    Param('inference.cuda_graphs', 'cuda_graphs', _RT.cuda_graphs,
+          'On CUDA: replay dense chunks (the first after a reset, or sparsity off) from one '
+          'captured CUDA graph per schedule; ignored on CPU.'),
 )
 
 
