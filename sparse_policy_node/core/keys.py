@@ -2,6 +2,8 @@
 
 ACTION = 'action'
 IMAGE_SUFFIX = '_image'
+# robosuite's object-state vector (object pose and its offset to the gripper).
+OBJECT = 'object'
 
 
 def image_key(camera: str) -> str:

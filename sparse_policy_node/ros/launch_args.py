@@ -31,9 +31,12 @@ class LaunchArg:
 LAUNCH_ARGS = (
     LaunchArg('sim', 'robosuite', 'Simulator bridge started next to the policy node; "none" '
               'serves a real robot (inputs from its drivers).', ('robosuite', 'none')),
-    LaunchArg('task', 'lift', 'Simulation task the bridge runs (sim:=robosuite only).'),
+    LaunchArg('task', 'lift', 'Task: the simulation task the bridge runs and, for lift and '
+              'can, the shipped model and parameter overlay served (can: the state-only '
+              'models/can with config/policy_can.yaml and config/sim_bridge_can.yaml).'),
     LaunchArg('model', '', 'Model directory (config.json + model.safetensors [+ pruner]); '
-              'empty: model_dir of params_file (the shipped model).'),
+              'empty: model_dir of params_file, or of the task overlay (the shipped '
+              'model).'),
     LaunchArg('device', '', 'Torch device: cpu, cuda or cuda:N; empty: params_file value.'),
     LaunchArg('sparsity', '', 'Sparsity dial: "off" (dense), "learned" (pruner gates as '
               'trained) or a target share of reused units in [0, 0.99]; empty: params_file.'),
@@ -70,6 +73,30 @@ LAUNCH_ARGS = (
               ('debug', 'info', 'warn', 'error')),
 )
 ARG_NAMES = tuple(a.name for a in LAUNCH_ARGS)
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """What ``task:=<name>`` serves besides the simulation task.
+
+    Args:
+        model_dir: the shipped model (the overlay's ``model_dir``), relative to the package
+            share directory; ``model:=`` replaces it.
+        policy_overlay: parameter file of ``config/`` layered over ``params_file`` (model,
+            inputs); empty: none.
+        bridge_overlay: parameter file of ``config/`` layered over ``bridge_params_file``
+            (cameras, object state); empty: none.
+    """
+
+    model_dir: str
+    policy_overlay: str = ''
+    bridge_overlay: str = ''
+
+
+TASK_PRESETS = {
+    'lift': TaskPreset('models/lift'),
+    'can': TaskPreset('models/can', 'policy_can.yaml', 'sim_bridge_can.yaml'),
+}
 
 
 @dataclass
@@ -194,6 +221,19 @@ def _int(values, name):
         raise ValueError(f'{name}:={values[name]!r} must be an integer')
 
 
+def check_preset_model(task: str, preset: TaskPreset, share: str) -> None:
+    """Raise ValueError when the task's shipped model is in neither the cwd nor ``share``.
+
+    The node resolves a relative model path the same way (working directory, then share).
+    """
+    if os.path.isdir(preset.model_dir) or os.path.isdir(os.path.join(share, preset.model_dir)):
+        return
+    raise ValueError(f'task:={task} serves {preset.model_dir}, which is not installed (not in '
+                     f'{os.path.join(share, preset.model_dir)} nor the working directory): '
+                     f'it is not shipped yet; pass model:=<model directory> (the rest of '
+                     f'the {task} parameters still come from config/{preset.policy_overlay})')
+
+
 def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[NodePlan]:
     """Return the nodes to start for complete, checked launch argument values."""
     share = share_dir or package_share_dir()
@@ -225,9 +265,15 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
                          'executes chunk or pose_target commands')
     if values['summary_dir']:
         policy['summary_file'] = os.path.join(values['summary_dir'], 'policy_node.json')
+    preset = TASK_PRESETS.get(values['task'])
+    policy_files = [values['params_file'] or os.path.join(config, 'policy.yaml')]
+    if preset is not None and preset.policy_overlay:
+        policy_files.append(os.path.join(config, preset.policy_overlay))
+        if not values['model']:
+            check_preset_model(values['task'], preset, share)
     nodes = [NodePlan('policy_node', 'policy_node', f'{PACKAGE}.ros.policy_node',
-                      [values['params_file'] or os.path.join(config, 'policy.yaml')],
-                      policy, values['log_level'], namespace, remappings, lifecycle=True)]
+                      policy_files, policy, values['log_level'], namespace, remappings,
+                      lifecycle=True)]
     if sim:
         # The bridge is the clock source: it publishes /clock instead of listening to it.
         bridge = {'task': values['task'], 'publish_clock': use_sim_time}
@@ -240,8 +286,9 @@ def plan_nodes(values: Dict[str, str], share_dir: Optional[str] = None) -> List[
             bridge['action_mode'] = interface
         if values['summary_dir']:
             bridge['summary_file'] = os.path.join(values['summary_dir'], 'sim_bridge.json')
+        bridge_files = [values['bridge_params_file'] or os.path.join(config, 'sim_bridge.yaml')]
+        if preset is not None and preset.bridge_overlay:
+            bridge_files.append(os.path.join(config, preset.bridge_overlay))
         nodes.append(NodePlan('sim_bridge', 'sim_bridge', f'{PACKAGE}.ros.sim_bridge_node',
-                              [values['bridge_params_file']
-                               or os.path.join(config, 'sim_bridge.yaml')],
-                              bridge, values['log_level'], namespace))
+                              bridge_files, bridge, values['log_level'], namespace))
     return nodes

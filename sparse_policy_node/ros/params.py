@@ -355,12 +355,19 @@ class BridgeSettings:
     action_mode: str = 'chunk'
     target_topic: str = 'policy_node/target_pose'
     gripper_topic: str = 'policy_node/gripper_command'
+    publish_object_state: bool = False
+    object_state_topic: str = 'object_state'
 
     def __post_init__(self):
         if self.action_mode not in BRIDGE_ACTION_MODES:
             raise ConfigError(f'action_mode must be one of {BRIDGE_ACTION_MODES}, '
                               f'got {self.action_mode!r}')
-        self.cameras = tuple(self.cameras)
+        # [''] means no camera: a ROS parameter list cannot be empty in YAML or overrides.
+        self.cameras = tuple(c for c in self.cameras if c)
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f'cameras must be unique, got {list(self.cameras)}')
+        if not self.object_state_topic:
+            raise ConfigError('object_state_topic must not be empty')
         self.image_size = tuple(int(v) for v in self.image_size)
         self.gripper_joint_names = tuple(self.gripper_joint_names)
         if len(self.image_size) != 2 or min(self.image_size) < 8:
@@ -374,8 +381,8 @@ class BridgeSettings:
 _BS = BridgeSettings()
 BRIDGE_PARAMS = (
     Param('task', 'task', _BS.task, 'Simulation task.', read_only=True),
-    Param('cameras', 'cameras', list(_BS.cameras), 'Cameras to render and publish.',
-          read_only=True),
+    Param('cameras', 'cameras', list(_BS.cameras), "Cameras to render and publish; [''] for "
+          'none (state-only models: nothing is rendered).', read_only=True),
     Param('image_size', 'image_size', list(_BS.image_size),
           'Rendered [height, width] (the policy node resizes to its model).', read_only=True),
     Param('control_rate_hz', 'control_rate_hz', _BS.control_rate_hz,
@@ -428,6 +435,13 @@ BRIDGE_PARAMS = (
     Param('gripper_topic', 'gripper_topic', _BS.gripper_topic,
           'pose_target mode: std_msgs/Float64 gripper commands (-1 open, +1 closed).',
           read_only=True),
+    Param('publish_object_state', 'publish_object_state', _BS.publish_object_state,
+          "Publish robosuite's object-state vector (e.g. 14 values on can: the can's position, "
+          'quaternion and offset to the gripper) as sensor_msgs/JointState on '
+          'object_state_topic, named object_0..object_{D-1}: a stand-in for a real object '
+          'tracker, for state-only models.', read_only=True),
+    Param('object_state_topic', 'object_state_topic', _BS.object_state_topic,
+          'Topic of the object state (publish_object_state).', read_only=True),
 )
 
 

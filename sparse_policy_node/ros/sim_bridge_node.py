@@ -52,7 +52,23 @@ def robosuite_env(settings):
     """Create the simulation-layer environment (imported lazily: robosuite is optional)."""
     from sparse_policy_node.sim.robosuite_env import make_env
     return make_env(settings.task, settings.cameras, tuple(settings.image_size),
-                    max_steps=settings.max_episode_steps)
+                    max_steps=settings.max_episode_steps,
+                    include_object=settings.publish_object_state)
+
+
+def object_state_msg(obs, stamp) -> JointState:
+    """Return the object state as a JointState named ``object_0..object_{D-1}``.
+
+    Raises:
+        ValueError: the observation has no ``object`` vector (environment built without it).
+    """
+    if keys.OBJECT not in obs:
+        raise ValueError('publish_object_state needs observations with the object state '
+                         '(an environment made with include_object)')
+    values = [float(v) for v in obs[keys.OBJECT]]
+    msg = JointState(name=[f'object_{i}' for i in range(len(values))], position=values)
+    msg.header.stamp = stamp
+    return msg
 
 
 class SimBridgeNode(Node):
@@ -75,6 +91,9 @@ class SimBridgeNode(Node):
         self.pose_pub = self.create_publisher(PoseStamped, s.pose_topic,
                                               qos_profile_sensor_data)
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if s.publish_clock else None
+        self.object_pub = self.create_publisher(
+            JointState, s.object_state_topic, qos_profile_sensor_data) \
+            if s.publish_object_state else None
         self.result_pub = self.create_publisher(DiagnosticStatus, '~/episode_result', 10)
         if s.action_mode == 'pose_target':
             self.create_subscription(PoseStamped, s.target_topic, self._on_target, 10)
@@ -218,6 +237,8 @@ class SimBridgeNode(Node):
         (pose.pose.orientation.x, pose.pose.orientation.y, pose.pose.orientation.z,
          pose.pose.orientation.w) = map(float, q)
         self.pose_pub.publish(pose)
+        if self.object_pub is not None:
+            self.object_pub.publish(object_state_msg(obs, stamp))
         with self._cond:
             self._sent = {self.t_ns: time.monotonic()}
 
