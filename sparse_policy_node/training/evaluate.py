@@ -233,7 +233,9 @@ def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int,
     torch.set_num_threads(threads)
     policy = load_policy(model_dir)
     vision = policy.config.obs.vision
-    worker['env'] = make_env(task, vision.cameras, vision.image_size, max_steps=max_steps)
+    needs_object = any(key == keys.OBJECT for key, _ in policy.config.obs.lowdim)
+    worker['env'] = make_env(task, vision.cameras, vision.image_size,
+                             include_object=needs_object, max_steps=max_steps)
     worker['policy'] = wrap(policy)
     worker['n_obs_steps'] = policy.config.transformer.n_obs_steps
 
