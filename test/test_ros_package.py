@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROSDEP = {'cv2': 'python3-opencv', 'numpy': 'python3-numpy', 'yaml': 'python3-yaml',
           'torch': 'python3-torch'}
 PIP_ONLY = {'safetensors'}      # no rosdep key on every distro: pip (README)
+# Optional inference backends, imported only when selected (a ConfigError names them else).
+OPTIONAL = {'onnxruntime', 'tensorrt'}
 EXTRAS = {'python3-h5py', 'python3-matplotlib', 'python3-tqdm'}  # training and plotting
 
 
@@ -31,7 +33,7 @@ def runtime_imports():
 def test_package_xml_lists_every_runtime_import_and_no_training_extras():
     tree = ET.parse(os.path.join(ROOT, 'package.xml'))
     exec_depends = {e.text for e in tree.getroot().iter('exec_depend')}
-    needed = {ROSDEP.get(m, m) for m in runtime_imports() - PIP_ONLY}
+    needed = {ROSDEP.get(m, m) for m in runtime_imports() - PIP_ONLY - OPTIONAL}
     assert {'rclpy', 'cv2', 'rcl_interfaces', 'ament_index_python'} <= runtime_imports()
     assert needed <= exec_depends, sorted(needed - exec_depends)
     assert 'lifecycle_msgs' in exec_depends                    # rclpy.lifecycle needs it

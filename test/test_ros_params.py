@@ -25,7 +25,7 @@ def test_every_runtime_field_has_one_documented_parameter():
 def test_round_trip_through_node_parameters(context):
     cfg = RuntimeConfig(sparsity_enabled=False, gate_source='static', target_sparsity=0.7,
                         directions=('timestep', 'rollout'), sampler='ddim',
-                        num_inference_steps=16)
+                        num_inference_steps=16, backend='onnxruntime')
     overrides = [Parameter(k, value=v) for k, v in params.runtime_to_params(cfg).items()]
     node = Node('round_trip', context=context, parameter_overrides=overrides)
     params.declare_policy_parameters(node)
@@ -44,6 +44,7 @@ def test_validator_rejects_with_the_dataclass_reason(context):
         'sparsity.directions': (['sideways'], 'RuntimeConfig.directions'),
         'sampler.name': ('euler', 'RuntimeConfig.sampler'),
         'sparsity.gate_source': ('oracle', 'RuntimeConfig.gate_source'),
+        'inference.backend': ('tvm', 'RuntimeConfig.backend'),
         'device': ('tpu', 'device must be'),
         'lowdim_map': (['broken'], None),       # read-only: rclpy refuses it
         'action.lower': ([2.0], 'below action.upper'),

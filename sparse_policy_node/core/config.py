@@ -33,6 +33,7 @@ FEATURE_ACTIVATIONS = ('none', 'relu')
 REUSE_DIRECTIONS = ('forward', 'timestep', 'rollout')
 GATE_SOURCES = ('pruner', 'static', 'random', 'dense')
 PRECISIONS = ('float32', 'float16', 'bfloat16')
+BACKENDS = ('torch', 'onnxruntime', 'tensorrt')
 
 
 @dataclass
@@ -295,6 +296,10 @@ class RuntimeConfig:
             precision``), not in closed loop, so float32 stays the default.
         cuda_graphs: on CUDA, replay dense batch-1 chunks (the first chunk after a reset, or
             sparsity off) from one captured CUDA graph per schedule; ignored elsewhere.
+        backend: who runs the model pieces: ``'torch'`` (eager), ``'onnxruntime'`` (exported
+            graphs on the CPU) or ``'tensorrt'`` (engines built from the same graphs, CUDA);
+            see :mod:`backends`. Graphs are exported and loaded when the backend is set, never
+            inside a chunk.
     """
 
     sparsity_enabled: bool = True
@@ -306,6 +311,7 @@ class RuntimeConfig:
     rollout_max_age: int = 0
     precision: str = 'float32'
     cuda_graphs: bool = False
+    backend: str = 'torch'
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
@@ -337,6 +343,8 @@ class RuntimeConfig:
                  f'RuntimeConfig.precision must be one of {PRECISIONS}, got {self.precision!r}')
         _require(isinstance(self.cuda_graphs, bool),
                  f'RuntimeConfig.cuda_graphs must be a bool, got {self.cuda_graphs!r}')
+        _require(self.backend in BACKENDS,
+                 f'RuntimeConfig.backend must be one of {BACKENDS}, got {self.backend!r}')
         _require(self.gate_source != 'static' or s >= 0,
                  'RuntimeConfig.target_sparsity must be set (>= 0) for gate_source=static')
         _require(self.gate_source != 'random' or s >= 0,

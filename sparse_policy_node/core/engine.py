@@ -32,6 +32,10 @@ from typing import Optional
 from typing import Sequence
 
 from sparse_policy_node.core import keys
+from sparse_policy_node.core.backends import Backend
+from sparse_policy_node.core.backends import check_backend
+from sparse_policy_node.core.backends import forget
+from sparse_policy_node.core.backends import make_backend
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.checkpoint import for_schedule
 from sparse_policy_node.core.config import ConfigError
@@ -63,7 +67,8 @@ class NonFiniteActionError(RuntimeError):
 class SparseEngine:
     """Sparse diffusion-policy inference with caches that live across control steps."""
 
-    def __init__(self, policy, pruner=None, runtime: Optional[RuntimeConfig] = None):
+    def __init__(self, policy, pruner=None, runtime: Optional[RuntimeConfig] = None,
+                 model_dir: Optional[str] = None):
         """Build an engine with empty caches.
 
         Args:
@@ -73,6 +78,8 @@ class SparseEngine:
                 whose ``schedule`` is None is used on any schedule without a check.
             runtime: knobs; default: learned gates on the first pruner's schedule, or dense on
                 the model's schedule without a pruner.
+            model_dir: the directory the policy came from, if any: exported graphs of the
+                onnxruntime / tensorrt backends are cached next to it (see :mod:`backends`).
         """
         self.policy = policy.eval()
         if pruner is None:
@@ -103,8 +110,11 @@ class SparseEngine:
         self._fixed_gates = {}  # host rows of dense / static gate maps, per schedule and knobs
         self._graphs = {}  # DenseChunkGraph per schedule and precision (cuda_graphs)
         self.transformer_for(runtime.precision)
+        self.model_dir = model_dir
+        self._backends = {}  # Backend per (RuntimeConfig.backend, precision)
         self._time_cache = None
         self.last_gates = None
+        self.backend_for(runtime)
         if self.device.type == 'cpu':
             # Frames are encoded one at a time (encode_frame, streaming windows). At batch 1
             # oneDNN's channels-last convolutions are about 2x faster than NCHW ones on CPU
@@ -138,6 +148,10 @@ class SparseEngine:
         Learned gates need a pruner trained for the requested schedule (sampler, K): gates
         learned for DDPM-100 mean nothing at DDIM-10's timesteps, so that is refused, not run.
         """
+        check_backend(cfg.backend, self.device)
+        if cfg.backend == 'onnxruntime' and cfg.precision != 'float32':
+            raise ConfigError(f'RuntimeConfig.precision={cfg.precision} needs backend torch or '
+                              f'tensorrt; the onnxruntime graphs are float32')
         n_train = self.policy.config.scheduler.num_train_timesteps
         if cfg.num_inference_steps > n_train:
             raise ConfigError(f'RuntimeConfig.num_inference_steps={cfg.num_inference_steps} '
@@ -157,6 +171,7 @@ class SparseEngine:
         """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
         self.check_runtime(cfg)
         self.transformer_for(cfg.precision)  # a reduced-precision copy is made here, not later
+        self.backend_for(cfg)  # graphs are exported and loaded here, never inside a chunk
         with self._lock:
             self._pending = cfg
 
@@ -190,6 +205,19 @@ class SparseEngine:
             self._models[precision] = copy.deepcopy(self.policy.transformer).to(dtype).eval()
         return self._models[precision]
 
+    def backend_for(self, runtime: RuntimeConfig) -> Backend:
+        """Return the pieces that run ``runtime`` (:mod:`backends`); built on first use."""
+        key = (runtime.backend, runtime.precision)
+        if key not in self._backends:
+            if runtime.backend == 'torch':
+                backend = Backend('torch', self.transformer_for(runtime.precision),
+                                  self.policy.obs_encoder, self.pruners)
+            else:
+                backend = make_backend(runtime.backend, self.policy, self.pruners, self.device,
+                                       self.model_dir, runtime.precision)
+            self._backends[key] = backend
+        return self._backends[key]
+
     # ==== gates ====
 
     def _gate_map(self, runtime: RuntimeConfig, time_mem, obs_mem) -> torch.Tensor:
@@ -204,7 +232,8 @@ class SparseEngine:
         if runtime.gate_source == 'random':
             return torch.stack([random_gates(K, U, s, runtime.directions,
                                              self.random_generator) for _ in range(B)])
-        pruner = self.pruner_for(runtime.sampler, runtime.num_inference_steps)
+        pruner = for_schedule(self.backend_for(runtime).pruners,
+                              (runtime.sampler, runtime.num_inference_steps))
         logits = pruner(time_mem.float(), obs_mem.float())  # (B, K, U, 4); float32 as trained
         if s >= 0:
             return torch.stack([dial_gates(z, s, runtime.directions) for z in logits])
@@ -304,8 +333,8 @@ class SparseEngine:
         if not self.frames.claim(image_key, frame_id):
             return  # cached already, or another thread is encoding it
         try:
-            features = self.policy.obs_encoder.encode_camera(image_key[:-len('_image')],
-                                                             image[None].to(self.device))
+            features = self.backend_for(self.runtime).cameras.encode_camera(
+                image_key[:-len('_image')], image[None].to(self.device))
         except BaseException:
             self.frames.abandon(image_key, frame_id)
             raise
@@ -362,7 +391,7 @@ class SparseEngine:
         if not steps:
             return {}
         try:
-            new = self.policy.obs_encoder.encode_camera(
+            new = self.backend_for(self.runtime).cameras.encode_camera(
                 key[:-len('_image')], obs[key][0, list(steps.values())])  # (M, F)
         except BaseException:
             if claimed:
@@ -378,7 +407,10 @@ class SparseEngine:
         self._time_cache = None
         self._graphs.clear()
         self._models = {'float32': self.policy.transformer}
+        self._backends.clear()
+        forget(self.policy)
         self.transformer_for(self.runtime.precision)
+        self.backend_for(self.runtime)
         self.reset()
 
     @torch.no_grad()
@@ -423,9 +455,17 @@ class SparseEngine:
             camera_features, encoded = self._camera_features(obs, frame_ids)
         uncached = len(policy.config.obs.vision.cameras) - len(camera_features)
         encoded += B * policy.config.transformer.n_obs_steps * uncached
+        backend = self.backend_for(runtime)
+        if backend.name != 'torch':  # the other cameras through the backend's vision graphs
+            for cam in policy.config.obs.vision.cameras:
+                key = keys.image_key(cam)
+                if key not in camera_features:
+                    img = obs[key]  # (B, T_o, 3, H, W)
+                    camera_features[key] = backend.cameras.encode_camera(
+                        cam, img.flatten(0, 1)).unflatten(0, img.shape[:2])  # (B, T_o, F)
         cond = policy.encode_obs(obs, camera_features)
         encode_ms = (time.perf_counter() - t_enc) * 1e3
-        model, sched = self.transformer_for(runtime.precision), self.scheduler
+        model, sched = backend.transformer, self.scheduler
         if self.device.type != 'cpu' and (noise is None or (
                 step_noise is None and sched.needs_step_noise())):
             # Draw the whole chunk's noise on the device now: the loop must not wait on host
@@ -545,7 +585,7 @@ def load_engine(model_dir: str, device: str = 'cpu',
     pruners = load_pruners(model_dir, device)
     if runtime is None:
         runtime = default_runtime(model_dir)
-    return SparseEngine(policy, pruners, runtime)
+    return SparseEngine(policy, pruners, runtime, model_dir=model_dir)
 
 
 def default_runtime(model_dir: str) -> RuntimeConfig:

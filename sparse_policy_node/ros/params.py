@@ -20,6 +20,7 @@ from rcl_interfaces.msg import FloatingPointRange
 from rcl_interfaces.msg import IntegerRange
 from rcl_interfaces.msg import ParameterDescriptor
 from rcl_interfaces.msg import SetParametersResult
+from sparse_policy_node.core.config import BACKENDS
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import GATE_SOURCES
 from sparse_policy_node.core.config import PRECISIONS
@@ -105,6 +106,12 @@ RUNTIME_PARAMS = (
     Param('inference.cuda_graphs', 'cuda_graphs', _RT.cuda_graphs,
           'On CUDA: replay dense chunks (the first after a reset, or sparsity off) from one '
           'captured CUDA graph per schedule; ignored on CPU.'),
+    Param('inference.backend', 'backend', _RT.backend,
+          'Who runs the model pieces: torch (eager), onnxruntime (exported graphs, CPU) or '
+          'tensorrt (engines from the same graphs, CUDA). Graphs are exported into '
+          '<model_dir>/.backend_cache (or a temp folder) when the backend is set, between '
+          'chunks; a backend that is not installed is rejected with the reason.',
+          constraints=f'one of {BACKENDS}'),
 )
 
 

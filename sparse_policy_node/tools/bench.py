@@ -26,6 +26,7 @@ reads 12-15% faster than a trained or scattered map of the same sparsity; the ``
 baseline (``--baselines``) is the scattered map to compare with.
 """
 
+from dataclasses import replace
 import json
 import os
 import platform
@@ -60,6 +61,10 @@ def add_arguments(parser):
                         help='inference steps K (default: the model config)')
     parser.add_argument('--sampler', default=None, choices=('ddpm', 'ddim'))
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--backend', nargs='+', default=['torch'],
+                        choices=('torch', 'onnxruntime', 'tensorrt'),
+                        help='one or more backends, timed side by side in this process (the '
+                             'first is the reference of the ratios)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads (0: default)')
     parser.add_argument('--reps', type=int, default=10, help='timed repetitions')
     parser.add_argument('--warmup', type=int, default=2, help='untimed repetitions')
@@ -150,66 +155,77 @@ def run_benchmark(args) -> dict:
     sparse_rt = RuntimeConfig(gate_source=args.gates, target_sparsity=args.sparsity,
                               directions=directions, sampler=sampler,
                               num_inference_steps=steps, rollout_max_age=args.rollout_max_age)
-    engines = {name: SparseEngine(policy, pruner, dense_rt if name.startswith('dense') else
-                                  sparse_rt)
-               for name in ('dense', 'sparse', 'replay', 'stream', 'prepared',
-                            'dense_prepared')}
-    sparse = engines['sparse']
+    backends = list(dict.fromkeys(args.backend))
+    names = ('dense', 'sparse', 'replay', 'stream', 'prepared', 'dense_prepared')
+    engines = {}
+    for backend in backends:
+        for name in names:
+            rt = dense_rt if name.startswith('dense') else sparse_rt
+            engines[backend, name] = SparseEngine(policy, pruner, replace(rt, backend=backend),
+                                                  model_dir=args.model)
     T_o = cfg.transformer.n_obs_steps
     frames = FrameStream(policy, args.seed, args.device)
     g = torch.Generator().manual_seed(args.seed)
     t = cfg.transformer
     noise = torch.randn(1, t.horizon, t.action_dim, generator=g).to(args.device)
     step_noise = torch.randn(steps, 1, t.horizon, t.action_dim, generator=g).to(args.device)
-    rows = {k: [] for k in ('dense', 'sparse', 'replay', 'stream', 'prepared',
-                            'dense_prepared', 'frame_encode', 'dense_dec', 'sparse_dec',
-                            'pruner', 'sparsity')}
-    gate_maps = []
-    counts = None
+    columns = names + ('frame_encode', 'dense_dec', 'sparse_dec', 'pruner', 'sparsity')
+    rows = {b: {k: [] for k in columns} for b in backends}
+    gate_maps = {b: [] for b in backends}
+    counts = {}
     # Rep 0 is the dense first chunk of every engine (the rule after a reset); then warm-up.
+    # Backends alternate within each repetition, so machine noise hits them alike.
     for rep in range(1 + args.warmup + args.reps):
         end = rep + T_o - 1
         obs, ids = frames.window(end, T_o), frames.ids(end, T_o)
-        ms = {}
-        _sync(args.device)
-        t0 = time.perf_counter()
-        for eng in (engines['prepared'], engines['dense_prepared']):
-            frames.encode_newest(eng, end, T_o if rep == 0 else 1)
-        _sync(args.device)
-        ms['frame_encode'] = (time.perf_counter() - t0) * 1e3 / 2
-        ms['dense'], out_dense = _timed(engines['dense'], obs, noise, step_noise, args.device)
-        ms['sparse'], out_sparse = _timed(sparse, obs, noise, step_noise, args.device)
-        ms['replay'], _ = _timed(engines['replay'], obs, noise, step_noise, args.device,
-                                 gates=sparse.last_gates)
-        for name in ('stream', 'prepared', 'dense_prepared'):
-            ms[name], _ = _timed(engines[name], obs, noise, step_noise, args.device,
-                                 frame_ids=ids)
-        if rep <= args.warmup:
-            continue
-        st = out_sparse['stats']
-        for name, value in ms.items():
-            rows[name].append(value)
-        rows['dense_dec'].append(out_dense['stats']['decoder_ms'])
-        rows['sparse_dec'].append(st['decoder_ms'])
-        rows['pruner'].append(st['pruner_ms'])
-        rows['sparsity'].append(st['realized_sparsity'])
-        gate_maps.append(sparse.last_gates.clone())
-        counts = {k: st[k] for k in ('compute', 'forward', 'timestep', 'rollout')}
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    kinds = [int((gate_maps[-1][:, j::3] == 0).sum()) for j in range(3)]
+        for backend in backends:
+            eng = {name: engines[backend, name] for name in names}
+            ms = {}
+            _sync(args.device)
+            t0 = time.perf_counter()
+            for e in (eng['prepared'], eng['dense_prepared']):
+                frames.encode_newest(e, end, T_o if rep == 0 else 1)
+            _sync(args.device)
+            ms['frame_encode'] = (time.perf_counter() - t0) * 1e3 / 2
+            ms['dense'], out_dense = _timed(eng['dense'], obs, noise, step_noise, args.device)
+            ms['sparse'], out_sparse = _timed(eng['sparse'], obs, noise, step_noise,
+                                              args.device)
+            ms['replay'], _ = _timed(eng['replay'], obs, noise, step_noise, args.device,
+                                     gates=eng['sparse'].last_gates)
+            for name in ('stream', 'prepared', 'dense_prepared'):
+                ms[name], _ = _timed(eng[name], obs, noise, step_noise, args.device,
+                                     frame_ids=ids)
+            if rep <= args.warmup:
+                continue
+            st = out_sparse['stats']
+            row = rows[backend]
+            for name, value in ms.items():
+                row[name].append(value)
+            row['dense_dec'].append(out_dense['stats']['decoder_ms'])
+            row['sparse_dec'].append(st['decoder_ms'])
+            row['pruner'].append(st['pruner_ms'])
+            row['sparsity'].append(st['realized_sparsity'])
+            gate_maps[backend].append(eng['sparse'].last_gates.clone())
+            counts[backend] = {k: st[k] for k in ('compute', 'forward', 'timestep', 'rollout')}
+    first = backends[0]
+    sparse = engines[first, 'sparse']
+    med = {k: statistics.median(v) for k, v in rows[first].items()}
+    kinds = [int((gate_maps[first][-1][:, j::3] == 0).sum()) for j in range(3)]
     macs_dense = chunk_macs(t, cfg.obs.obs_feature_dim, steps)
     used_pruner = sparse.pruner_for(sampler, steps) if args.gates == 'pruner' else None
     macs_sparse = chunk_macs(t, cfg.obs.obs_feature_dim, steps, kinds,
                              used_pruner.config if used_pruner is not None else None)
     if args.mask_png:
         from sparse_policy_node.tools.mask_plot import plot_gate_maps
-        plot_gate_maps(gate_maps[:6], args.mask_png, policy.transformer.unit_index_names(),
+        plot_gate_maps(gate_maps[first][:6], args.mask_png,
+                       policy.transformer.unit_index_names(),
                        title=f'{args.gates} gates, target sparsity {args.sparsity}')
     result = {
         'model': description,
         'device': _device_name(args.device),
         'threads': threads,
         'torch': torch.__version__,
+        'backend': first,
         'sampler': sampler,
         'steps': steps,
         'gates': args.gates,
@@ -218,6 +234,43 @@ def run_benchmark(args) -> dict:
         'serving_default': args.serving_default,
         'directions': list(directions),
         'reps': args.reps,
+        **_latencies(rows[first]),
+        'choice_counts': counts[first],
+        'gflops_dense': round(macs_dense['total'] / 1e9, 4),
+        'gflops_sparse': round(macs_sparse['transformer'] / 1e9, 4),
+        'gflops_pruner': round(macs_sparse['pruner'] / 1e9, 4),
+        'gflops_sparse_with_pruner': round(macs_sparse['total'] / 1e9, 4),
+        'flops_ratio_with_pruner': round(macs_sparse['total'] / macs_dense['total'], 4),
+        'note': 'gflops are multiply-accumulate counts of the transformer (+ pruner), the '
+                'convention of the paper; the vision encoder is in the latencies, not the '
+                'gflops. *_prepared_ms: frames encoded on arrival (frame_encode_ms per frame, '
+                'all cameras), the chunk starts from cached features. Random weights: the '
+                'dial piles kept entries onto few units (cache-friendly, 12-15% faster than a '
+                'trained or scattered map); compare with the random baseline',
+    }
+    if len(backends) > 1:
+        result['backends'] = {b: {**_latencies(rows[b]), 'choice_counts': counts[b]}
+                              for b in backends}
+        result['backend_ratios'] = {
+            f'{b}/{first}': {k: round(result['backends'][b][k] / result[k], 3)
+                             for k in ('dense_ms', 'sparse_ms', 'sparse_prepared_ms',
+                                       'dense_prepared_ms', 'decoder_dense_ms',
+                                       'decoder_sparse_ms', 'frame_encode_ms')}
+            for b in backends[1:]}
+    if args.baselines:
+        # Baselines run at the same sparsity: the dial's, or what the learned gates realized.
+        matched = args.sparsity if args.sparsity >= 0 else round(result['realized_sparsity'], 2)
+        result['baselines'] = run_baselines(policy, pruner, args, obs, directions, steps,
+                                            sampler, med['dense'], matched)
+    for engine in engines.values():
+        engine.close()
+    return result
+
+
+def _latencies(rows: dict) -> dict:
+    """Medians, p90s and ratios of one backend's timed chunks."""
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {
         'dense_ms': round(med['dense'], 2),
         'sparse_ms': round(med['sparse'], 2),
         'speedup': round(med['dense'] / med['sparse'], 2),
@@ -233,30 +286,10 @@ def run_benchmark(args) -> dict:
         'pruner_overhead_ratio': round(med['sparse'] / med['replay'], 3),
         'pruner_ms': round(med['pruner'], 2),
         'realized_sparsity': round(statistics.mean(rows['sparsity']), 4),
-        'choice_counts': counts,
-        'gflops_dense': round(macs_dense['total'] / 1e9, 4),
-        'gflops_sparse': round(macs_sparse['transformer'] / 1e9, 4),
-        'gflops_pruner': round(macs_sparse['pruner'] / 1e9, 4),
-        'gflops_sparse_with_pruner': round(macs_sparse['total'] / 1e9, 4),
-        'flops_ratio_with_pruner': round(macs_sparse['total'] / macs_dense['total'], 4),
         'dense_ms_p90': _p90(rows['dense']),
         'sparse_ms_p90': _p90(rows['sparse']),
         'sparse_prepared_ms_p90': _p90(rows['prepared']),
-        'note': 'gflops are multiply-accumulate counts of the transformer (+ pruner), the '
-                'convention of the paper; the vision encoder is in the latencies, not the '
-                'gflops. *_prepared_ms: frames encoded on arrival (frame_encode_ms per frame, '
-                'all cameras), the chunk starts from cached features. Random weights: the '
-                'dial piles kept entries onto few units (cache-friendly, 12-15% faster than a '
-                'trained or scattered map); compare with the random baseline',
     }
-    if args.baselines:
-        # Baselines run at the same sparsity: the dial's, or what the learned gates realized.
-        matched = args.sparsity if args.sparsity >= 0 else round(result['realized_sparsity'], 2)
-        result['baselines'] = run_baselines(policy, pruner, args, obs, directions, steps,
-                                            sampler, med['dense'], matched)
-    for engine in engines.values():
-        engine.close()
-    return result
 
 
 def apply_serving_default(args) -> None:
