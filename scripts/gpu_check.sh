@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA path (issue 14): CUDA tests, dense vs sparse latency on the GPU, CUDA
-# graphs on/off, fp16/bf16 accuracy against fp32, train-pruner on CUDA. About 3 minutes.
+# graphs on/off, fp16/bf16 accuracy against fp32, train-pruner on CUDA. Under 4 minutes: parts
+# start only while the run is under BUDGET_S (225 s), the most important first.
 #
 # Run from the repository root on a machine with a GPU (no ROS, no simulator needed):
 #
@@ -16,8 +17,9 @@
 #   summary.txt      one line per part: ok / FAIL (exit code) / skip, and its seconds
 #   pytest_cuda.log  the CUDA tests
 #   bench.jsonl      one `sparse-policy bench --json` object per line (preset/model, gates,
-#                    sparsity, graphs variants are in each object)
-#   precision.txt    the fp16/bf16 vs fp32 accuracy and latency table (and its JSON line)
+#                    sparsity and schedule are in each object)
+#   precision.txt    `sparse-policy precision` tables (and JSON lines): fp16/bf16 and CUDA
+#                    graphs against float32 eager, action error and chunk latency
 #   train_pruner.log train-pruner --device cuda, one short epoch
 set +e
 OUT="${OUT:-/tmp/gpu_check_out}"
@@ -25,6 +27,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="${PYTHONPATH:-.}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+if ! $PY -c 'import torch' 2>/dev/null && [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python  # a development checkout (the GPU machine's python3 holds torch)
+fi
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
 : >"$LOG"
@@ -93,8 +98,8 @@ sys.exit(1 if bad else 0)'
 if [ "$CUDA" != "1" ]; then
   log 'no cuda: the CUDA parts are skipped (the CPU no-sync spy test still runs)'
   part cpu-spy-tests 120 $PY -m pytest -q -p no:cacheprovider test/test_core_sync.py
-  for p in pytest-cuda bench-paper bench-lift-ddpm100 bench-lift-ddim10 precision \
-    train-pruner-cuda; do
+  for p in pytest-cuda bench-paper bench-lift-ddpm100 precision-lift-ddim10 \
+    graphs-paper-ddpm100 bench-lift-ddim10 precision-lift-ddpm100 train-pruner-cuda; do
     skip "$p" 'no cuda'
   done
   log "total $(( $(date +%s) - START ))s"
@@ -107,30 +112,38 @@ part pytest-cuda 120 bash -c "$PY -m pytest -q -p no:cacheprovider -rs \
   test/test_core_engine_cuda.py test/test_training_pruner_device.py test/test_core_sync.py \
   2>&1 | tee '$OUT/pytest_cuda.log'; exit \${PIPESTATUS[0]}"
 
-# 3. Dense vs sparse on the GPU, CUDA graphs on and off in the same interleaved harness
-#    (--cuda-graphs adds the dense_graphs / sparse_graphs variants): the paper preset (random
-#    weights, DDPM-100, dial 0.93), then the shipped Lift model (DDPM-100 at the dial 0.93,
-#    DDIM-10 with its learned gates as trained).
-COMMON='--device cuda --reps 10 --warmup 3 --cuda-graphs'
+# 3. Dense vs sparse on the GPU (bench, eager torch): the paper preset (random weights,
+#    DDPM-100, dial 0.93), then the shipped Lift model at DDPM-100 with the dial at 0.93.
+COMMON='--device cuda --reps 8 --warmup 2'
 bench_part bench-paper "$COMMON --preset paper --gates pruner --sparsity 0.93"
 bench_part bench-lift-ddpm100 "$COMMON --model models/lift --sampler ddpm --steps 100 \
   --gates pruner --sparsity 0.93"
-bench_part bench-lift-ddim10 "$COMMON --model models/lift --sampler ddim --steps 10 \
-  --gates pruner --sparsity -1"
 
-# 4. Reduced precision: accuracy against fp32 (same noise, recorded observation windows) and
-#    chunk latency per precision, dense and sparse, in one process.
+# 4. Reduced precision and CUDA graphs against the float32 eager engine (sparse-policy
+#    precision): action error on the recorded Lift windows with their recorded noise (DDIM-10,
+#    learned gates), then chunk latency with graphs on/off on the paper preset (DDPM-100).
 ROLL=data/lift_rollouts_ddim10.hdf5
 if [ -f "$ROLL" ]; then SRC="--rollouts $ROLL"; else SRC=''; log "no $ROLL: random observations"; fi
-part precision 120 bash -c "$PY -m sparse_policy_node.cli precision --model models/lift \
-  --device cuda $SRC --windows 48 --precisions float16,bfloat16 \
-  | tee '$OUT/precision.txt'; exit \${PIPESTATUS[0]}"
+: >"$OUT/precision.txt"
+precision_part() {
+  local name=$1
+  shift
+  part "$name" 90 bash -c "$PY -m sparse_policy_node.cli precision --device cuda \
+    --precisions float16,bfloat16 --cuda-graphs $* | tee -a '$OUT/precision.txt'; \
+    exit \${PIPESTATUS[0]}"
+}
+precision_part precision-lift-ddim10 "--model models/lift $SRC --windows 48"
+precision_part graphs-paper-ddpm100 "--model '' --preset paper --windows 10 --sparsity 0.93"
+bench_part bench-lift-ddim10 "$COMMON --model models/lift --sampler ddim --steps 10 \
+  --gates pruner --sparsity -1"
+precision_part precision-lift-ddpm100 "--model models/lift $SRC --sampler ddpm --steps 100 \
+  --sparsity 0.93 --windows 12"
 
 # 5. train-pruner on CUDA: one short epoch on the DDIM-10 rollouts (not installed).
 if [ -f "$ROLL" ]; then
   part train-pruner-cuda 100 bash -c "$PY -m sparse_policy_node.cli train-pruner \
     --model models/lift --rollouts $ROLL --out /tmp/gpu_check_pruner --device cuda \
-    --epochs 1 --max-minutes 0.75 --val-episodes 2 2>&1 | tee '$OUT/train_pruner.log'; \
+    --epochs 1 --max-minutes 0.4 --val-episodes 2 2>&1 | tee '$OUT/train_pruner.log'; \
     exit \${PIPESTATUS[0]}"
 else
   skip train-pruner-cuda "no $ROLL"

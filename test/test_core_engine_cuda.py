@@ -30,3 +30,128 @@ def test_cuda_side_stream_gates_match_cpu(tiny_policy):
     assert out['action'].device.type == 'cuda'
     # Gate decisions may flip only where logits tie within float noise.
     assert (gpu.last_gates == expected).float().mean() > 0.95
+
+
+# ==== issue 14: the CUDA path matches CPU and never waits on the host in the loop ====
+
+def _cuda_copy(policy):
+    import copy
+    return copy.deepcopy(policy).to('cuda').eval()
+
+
+def _chunks(engine, policy, device, n=3, seed=0):
+    """Return n consecutive chunks of one engine on fixed windows and noise (host)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        obs = {k: v.to(device) for k, v in make_obs(policy, seed=i).items()}
+        shape = policy.action_shape(1)
+        noise = torch.randn(shape, generator=g).to(device)
+        step_noise = torch.randn((10, *shape), generator=g).to(device)
+        out.append(engine.predict_action(obs, noise=noise, step_noise=step_noise)
+                   ['action_pred'].cpu())
+    return torch.cat(out)
+
+
+@pytest.fixture
+def no_tf32():
+    # cuDNN convolutions default to TF32 on recent GPUs; parity with CPU is checked in full
+    # float32 (TF32 alone moves the vision features by ~1e-3).
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize('knobs', [{'sparsity_enabled': False},
+                                   {'gate_source': 'static', 'target_sparsity': 0.5},
+                                   {'gate_source': 'random', 'target_sparsity': 0.7}])
+def test_dense_and_sparse_chunks_match_cpu(tiny_policy, no_tf32, knobs):
+    rt = RuntimeConfig(num_inference_steps=10, **knobs)
+    cpu = _chunks(SparseEngine(tiny_policy, None, rt), tiny_policy, 'cpu')
+    gpu_policy = _cuda_copy(tiny_policy)
+    gpu = _chunks(SparseEngine(gpu_policy, None, rt), gpu_policy, 'cuda')
+    assert torch.allclose(gpu, cpu, atol=1e-4, rtol=1e-4), (gpu - cpu).abs().max()
+
+
+@pytest.mark.parametrize('knobs', [{'gate_source': 'pruner'},
+                                   {'gate_source': 'pruner', 'target_sparsity': 0.6,
+                                    'rollout_max_age': 1},
+                                   {'gate_source': 'static', 'target_sparsity': 0.5},
+                                   {'sparsity_enabled': False}])
+def test_denoising_loop_never_synchronises(tiny_policy, monkeypatch, knobs):
+    from sparse_policy_node.core import engine as engine_module
+    gpu_policy = _cuda_copy(tiny_policy)
+    torch.manual_seed(0)
+    pruner = Pruner(PrunerConfig(hidden_dim=16, n_head=2, dim_feedforward=32),
+                    gpu_policy.transformer.num_units,
+                    gpu_policy.config.transformer.n_emb).to('cuda').eval()
+    loop, waits = engine_module.sample_sparse, []
+
+    def strict(model, scheduler, kv_all, noise, gates_fn, *args, **kwargs):
+        def gates_once():  # the one allowed wait, before step 1
+            torch.cuda.set_sync_debug_mode(0)
+            waits.append(1)
+            try:
+                return gates_fn()
+            finally:
+                torch.cuda.set_sync_debug_mode('error')
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            return loop(model, scheduler, kv_all, noise,
+                        None if gates_fn is None else gates_once, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(engine_module, 'sample_sparse', strict)
+    engine = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10, **knobs))
+    obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
+    for _ in range(3):  # noise drawn by the engine, on the device
+        out = engine.predict_action(obs)
+        assert torch.isfinite(out['action']).all()
+    assert len(waits) == 2  # chunks 1 and 2 (chunk 0 is dense)
+
+
+def test_device_noise_follows_torch_manual_seed(tiny_policy):
+    gpu_policy = _cuda_copy(tiny_policy)
+    obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        rt = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10)
+        engine = SparseEngine(gpu_policy, None, rt)
+        runs.append(torch.cat([engine.predict_action(obs)['action_pred'] for _ in range(2)]))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][0], runs[0][1])  # each chunk draws fresh noise
+
+
+@pytest.mark.parametrize('knobs', [{'sparsity_enabled': False},
+                                   {'gate_source': 'static', 'target_sparsity': 0.5},
+                                   {'gate_source': 'random', 'target_sparsity': 0.7}])
+def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
+    gpu_policy = _cuda_copy(tiny_policy)
+    eager = SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10, **knobs))
+    graphed = SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10,
+                                                           cuda_graphs=True, **knobs))
+    for engine in (eager, graphed):
+        engine.random_generator.manual_seed(0)
+    a = _chunks(eager, gpu_policy, 'cuda', n=4)
+    b = _chunks(graphed, gpu_policy, 'cuda', n=4)
+    assert graphed._graphs, 'the dense chunk was not captured'
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), (a - b).abs().max()
+    for engine in (eager, graphed):  # after a reset the graph is replayed, caches refilled
+        engine.reset()
+    a = _chunks(eager, gpu_policy, 'cuda', n=3, seed=1)
+    b = _chunks(graphed, gpu_policy, 'cuda', n=3, seed=1)
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize('precision', ['float16', 'bfloat16'])
+def test_reduced_precision_on_cuda_is_close_to_float32(tiny_policy, precision):
+    gpu_policy = _cuda_copy(tiny_policy)
+    ref = _chunks(SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10)),
+                  gpu_policy, 'cuda')
+    rt = RuntimeConfig(num_inference_steps=10, precision=precision, cuda_graphs=True)
+    low = _chunks(SparseEngine(gpu_policy, None, rt), gpu_policy, 'cuda')
+    assert torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
