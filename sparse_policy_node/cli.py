@@ -18,6 +18,9 @@ COMMANDS = {
     'precision': ('sparse_policy_node.tools.precision',
                   'float16 / bfloat16 and CUDA graphs against the float32 engine: action error '
                   'on recorded observation windows with identical noise, and chunk latency'),
+    'export': ('sparse_policy_node.tools.export',
+               'export a model directory as ONNX graphs (per unit, with a manifest) or '
+               'TensorRT engines'),
     'import-dp': ('sparse_policy_node.tools.import_dp',
                   'convert a Diffusion Policy DP-T checkpoint into a model directory'),
     'demos': ('sparse_policy_node.training.demos',
