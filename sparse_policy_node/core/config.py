@@ -33,7 +33,7 @@ FEATURE_ACTIVATIONS = ('none', 'relu')
 REUSE_DIRECTIONS = ('forward', 'timestep', 'rollout')
 GATE_SOURCES = ('pruner', 'static', 'random', 'dense')
 PRECISIONS = ('float32', 'float16', 'bfloat16')
-BACKENDS = ('torch', 'onnxruntime', 'tensorrt')
+BACKENDS = ('torch', 'onnxruntime', 'tensorrt', 'auto')
 
 
 @dataclass
@@ -299,7 +299,9 @@ class RuntimeConfig:
         backend: who runs the model pieces: ``'torch'`` (eager), ``'onnxruntime'`` (exported
             graphs on the CPU) or ``'tensorrt'`` (engines built from the same graphs, CUDA);
             see :mod:`backends`. Graphs are exported and loaded when the backend is set, never
-            inside a chunk.
+            inside a chunk. ``'auto'`` (the policy node's default): onnxruntime on the CPU
+            when it is importable and the precision is float32 (faster there, see README),
+            else torch. The library default stays torch, the bit-exact reference.
     """
 
     sparsity_enabled: bool = True

@@ -36,6 +36,7 @@ from sparse_policy_node.core.backends import Backend
 from sparse_policy_node.core.backends import check_backend
 from sparse_policy_node.core.backends import forget
 from sparse_policy_node.core.backends import make_backend
+from sparse_policy_node.core.backends import resolve_backend
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.checkpoint import for_schedule
 from sparse_policy_node.core.config import ConfigError
@@ -149,7 +150,8 @@ class SparseEngine:
         learned for DDPM-100 mean nothing at DDIM-10's timesteps, so that is refused, not run.
         """
         check_backend(cfg.backend, self.device)
-        if cfg.backend == 'onnxruntime' and cfg.precision != 'float32':
+        if resolve_backend(cfg.backend, self.device, cfg.precision) == 'onnxruntime' and \
+                cfg.precision != 'float32':
             raise ConfigError(f'RuntimeConfig.precision={cfg.precision} needs backend torch or '
                               f'tensorrt; the onnxruntime graphs are float32')
         n_train = self.policy.config.scheduler.num_train_timesteps
@@ -207,13 +209,14 @@ class SparseEngine:
 
     def backend_for(self, runtime: RuntimeConfig) -> Backend:
         """Return the pieces that run ``runtime`` (:mod:`backends`); built on first use."""
-        key = (runtime.backend, runtime.precision)
+        name = resolve_backend(runtime.backend, self.device, runtime.precision)
+        key = (name, runtime.precision)
         if key not in self._backends:
-            if runtime.backend == 'torch':
+            if name == 'torch':
                 backend = Backend('torch', self.transformer_for(runtime.precision),
                                   self.policy.obs_encoder, self.pruners)
             else:
-                backend = make_backend(runtime.backend, self.policy, self.pruners, self.device,
+                backend = make_backend(name, self.policy, self.pruners, self.device,
                                        self.model_dir, runtime.precision)
             self._backends[key] = backend
         return self._backends[key]
@@ -538,7 +541,8 @@ class SparseEngine:
         pruner = self.pruner_for(runtime.sampler, runtime.num_inference_steps)
         macs = chunk_macs(policy.config.transformer, policy.config.obs.obs_feature_dim,
                           sched.num_steps, kinds, pruner.config if pruner_ran else None)
-        stats.update(dense=forced_dense, num_steps=sched.num_steps, sampler=sched.sampler,
+        stats.update(dense=forced_dense, backend=backend.name, num_steps=sched.num_steps,
+                     sampler=sched.sampler,
                      latency_ms=(time.perf_counter() - t_start) * 1e3,
                      encode_ms=encode_ms, frames_encoded=encoded,
                      pruner_ms=timing.get('pruner_ms', 0.0),

@@ -106,11 +106,13 @@ RUNTIME_PARAMS = (
     Param('inference.cuda_graphs', 'cuda_graphs', _RT.cuda_graphs,
           'On CUDA: replay dense chunks (the first after a reset, or sparsity off) from one '
           'captured CUDA graph per schedule; ignored on CPU.'),
-    Param('inference.backend', 'backend', _RT.backend,
-          'Who runs the model pieces: torch (eager), onnxruntime (exported graphs, CPU) or '
-          'tensorrt (engines from the same graphs, CUDA). Graphs are exported into '
-          '<model_dir>/.backend_cache (or a temp folder) when the backend is set, between '
-          'chunks; a backend that is not installed is rejected with the reason.',
+    # The node's default is auto, not the library's torch: onnxruntime on the CPU (faster).
+    Param('inference.backend', 'backend', 'auto',
+          'Who runs the model pieces: torch (eager), onnxruntime (exported graphs, CPU), '
+          'tensorrt (engines from the same graphs, CUDA) or auto (onnxruntime on the CPU when '
+          'installed, else torch). Graphs are exported into <model_dir>/.backend_cache (or a '
+          'temp folder) when the backend is set, between chunks; a backend that is not '
+          'installed is rejected with the reason. Not part of the serving default.',
           constraints=f'one of {BACKENDS}'),
 )
 
@@ -569,6 +571,7 @@ def serving_default_values(node, model_dir: str) -> Dict[str, object]:
         raise ConfigError(f'serving default: {exc}') from exc
     explicit = set(getattr(node, '_parameter_overrides', {}) or {})
     values = runtime_to_params(runtime)
+    values.pop('inference.backend')  # the deployment's choice, not the model's
     if served is None:
         keep = {'sampler.name', 'sampler.steps', 'sparsity.rollout_max_age'}
         if not runtime.sparsity_enabled and 'sparsity.gate_source' not in explicit:

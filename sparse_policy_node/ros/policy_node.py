@@ -257,7 +257,9 @@ class PolicyNode(LifecycleNode):
                                           daemon=True)]
         for thread in self._threads:
             thread.start()
-        self.get_logger().info(f'serving {s.model_dir} on {s.device}: inputs {self.keys}, '
+        backend = self.engine.backend_for(self.engine.runtime).name
+        self.get_logger().info(f'serving {s.model_dir} on {s.device} (backend {backend}): '
+                               f'inputs {self.keys}, '
                                f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz')
 
     def _own(self, destroy, entity):
