@@ -400,31 +400,98 @@ def test_images_are_preprocessed_as_the_model_card_says(system, tmp_path):
 
 # ==== chunk execution ====
 
-def test_blend_overlap_goes_from_old_to_new():
-    old, new = np.zeros((4, 2)), np.ones((4, 2))
-    out = act.blend_overlap(old, 2, new, 3)
-    # Steps 0 and 1 overlap old steps 2 and 3: weights of the old chunk 3/4 and 2/4.
-    assert np.allclose(out[:, 0], [0.25, 0.5, 1.0, 1.0])
-    assert np.allclose(act.blend_overlap(None, 0, new, 3), new)
-
-
-def test_early_replan_blends_the_new_chunk_into_the_old_one(system, delta_model):
-    node, robot = system(delta_model, **{'replan_lead_steps': 2, 'execution.blend_steps': 2})
+def spy_raw_chunks(node):
+    """Wrap the node's engine so that its raw (clamped) chunks are kept; return the list."""
     raw = []
     predict = node.engine.predict_action
 
     def spy(*args, **kwargs):          # the real engine; keep its raw chunks
         out = predict(*args, **kwargs)
-        raw.append(out['action'][0].double().cpu().numpy().copy())
+        raw.append(np.clip(out['action'][0].double().cpu().numpy(), -1, 1))
         return out
     node.engine.predict_action = spy
-    t0 = now_ns()
-    first = robot.drive(t0)
+    return raw
+
+
+def drive_sim(robot, t_ns):
+    """Sim time: move the clock to ``t_ns``, publish its observation, wait for its chunk."""
+    robot.publish_clock(t_ns)
+    time.sleep(0.05)
+    return robot.drive(t_ns)
+
+
+def test_early_replan_blends_the_new_chunk_into_the_old_one(system, joint_model):
+    # Absolute actions (joint positions) in sim time: chunks align by time.
+    node, robot = system(joint_model, sim_clock=True, **{
+        'replan_lead_steps': 2, 'execution.mode': 'blend', 'execution.blend_steps': 2})
+    raw = spy_raw_chunks(node)
+    t0 = 5_000_000_000
+    first = drive_sim(robot, t0)
+    robot.publish_clock(t0 + DT)
     robot.publish_obs(t0 + DT)
-    second = robot.drive(t0 + 2 * DT)      # two steps before the first chunk runs out
+    second = drive_sim(robot, t0 + 2 * DT)    # two steps before the first chunk runs out
     assert first is not None and second is not None and len(raw) == 2
-    old, new = chunk_actions(first), np.clip(raw[1][:4], -1, 1)
+    old, new = chunk_actions(first), raw[1][:4]
     got = chunk_actions(second)
     assert np.allclose(got[0], 2 / 3 * old[2] + 1 / 3 * new[0], atol=1e-6)
     assert np.allclose(got[1], 1 / 3 * old[3] + 2 / 3 * new[1], atol=1e-6)
     assert np.allclose(got[2:], new[2:], atol=1e-6)
+
+
+def test_temporal_ensemble_averages_every_chunk_that_predicts_a_step(system, joint_model):
+    decay = 0.5
+    node, robot = system(joint_model, sim_clock=True, **{
+        'replan_lead_steps': 3, 'execution.mode': 'ensemble',
+        'execution.ensemble_decay': decay})
+    raw = spy_raw_chunks(node)
+    t0 = 5_000_000_000
+    chunks = [drive_sim(robot, t0 + i * DT) for i in range(3)]   # a chunk every step
+    assert all(c is not None for c in chunks) and len(raw) == 3
+    got = chunk_actions(chunks[2])
+    # Step 0 of the third chunk (t0 + 2 dt) is step 2 of the first and 1 of the second.
+    w = np.exp(-decay * np.arange(3))
+    expect = (w[0] * raw[0][2] + w[1] * raw[1][1] + w[2] * raw[2][0]) / w.sum()
+    assert np.allclose(got[0], expect, atol=1e-6)
+    expect = (w[0] * raw[0][3] + w[1] * raw[1][2] + w[2] * raw[2][1]) / w.sum()
+    assert np.allclose(got[1], expect, atol=1e-6)
+    assert np.allclose(got[3], raw[2][3], atol=1e-6)     # only the newest predicts t0 + 5 dt
+
+
+def test_ensemble_of_deltas_is_refused_and_bad_execution_values_are_rejected(
+        system, context, measured_delta_model):
+    with pytest.raises(ValueError, match='averages absolute targets'):
+        PolicyNode(context=context, parameter_overrides=[Parameter(k, value=v) for k, v in dict(
+            TINY_PARAMS, model_dir=measured_delta_model,
+            **{'output.mode': 'pose_target', 'execution.mode': 'ensemble'}).items()])
+    node, robot = system(measured_delta_model)
+    for name, value, reason in [
+            ('execution.blend_steps', 2, 'only applies to execution.mode blend'),
+            ('execution.blend_steps', -1, 'blend_steps'),
+            ('execution.ensemble_decay', -0.1, 'ensemble_decay'),
+            ('execution.mode', 'blend', 'read-only')]:
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+        assert not result.successful and reason in result.reason, (name, result.reason)
+
+
+def test_late_delta_chunk_on_next_action_sends_every_delta_once(system, measured_delta_model):
+    # Chunk output of robosuite deltas (a consumer applies each ~/next_action once).
+    node, robot = system(measured_delta_model, sim_clock=True)
+    t0 = 5_000_000_000
+    robot.publish_clock(t0 + 12 * DT // 5)   # the chunk of t0 is computed 2.4 steps late
+    time.sleep(0.1)
+    robot.publish_image(t0)
+    robot.publish_joints(t0)
+    robot.publish_pose(t0)
+    chunk = robot.wait_chunk(t0)
+    assert chunk is not None
+    for i in range(1, 5):                    # the clock runs on, one step at a time
+        robot.wait_for(lambda: len(robot.next_actions) >= i, timeout=2.0)
+        robot.publish_clock(t0 + 12 * DT // 5 + i * DT)
+    assert robot.wait_for(lambda: len(robot.next_actions) >= 4)
+    time.sleep(0.2)
+    sent = np.array([m.position for m in robot.next_actions])
+    # All four deltas, in order, each once; rounding (now - stamp) / dt dropped the first two.
+    assert np.allclose(sent[:4], chunk_actions(chunk), atol=1e-9)
+    assert [conv.stamp_to_ns(m.header.stamp) for m in robot.next_actions[:4]] == [
+        t0 + k * DT for k in range(4)]
+    assert node.stats.counters.get('superseded_deltas', 0) == 0

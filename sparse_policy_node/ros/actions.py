@@ -214,25 +214,6 @@ def limit_joint_targets(joints: np.ndarray, j0: Optional[np.ndarray], limits: Li
     return out, count
 
 
-def blend_overlap(old: Optional[np.ndarray], offset: int, new: np.ndarray,
-                  steps: int) -> np.ndarray:
-    """Blend the start of a new chunk into the previous chunk's overlapping actions.
-
-    New action ``i`` is for the same time as old action ``offset + i``; the first ``steps``
-    overlapping actions go linearly from mostly old to mostly new (weights of the old chunk
-    ``(steps - i) / (steps + 1)``), so the command does not jump at a chunk boundary.
-    """
-    out = new.copy()
-    if old is None or steps <= 0:
-        return out
-    for i in range(min(steps, len(new))):
-        j = offset + i
-        if 0 <= j < len(old):
-            w = (steps - i) / (steps + 1)
-            out[i] = w * old[j] + (1 - w) * new[i]
-    return out
-
-
 def first_pending_step(stamp_ns: int, dt_ns: int, now_ns: int, n: int) -> int:
     """Index of the first absolute target of a chunk that is still ahead of ``now_ns``.
 

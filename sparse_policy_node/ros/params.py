@@ -30,6 +30,8 @@ from sparse_policy_node.core.config import SAMPLERS
 from sparse_policy_node.ros.conversions import action_limits
 from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
+from sparse_policy_node.ros.execution import check_mode as check_execution_mode
+from sparse_policy_node.ros.execution import MODES as EXECUTION_MODES
 
 
 OUTPUT_MODES = ('chunk', 'pose_target', 'joint_trajectory')
@@ -159,6 +161,8 @@ class NodeSettings:
     safety_require_enable: bool = False
     safety_watchdog_s: float = 0.0
     execution_blend_steps: int = 0
+    execution_mode: str = 'replace'
+    execution_ensemble_decay: float = 0.01
     noise_seed: int = -1
 
     def __post_init__(self):
@@ -187,6 +191,11 @@ class NodeSettings:
                 not self.safety_max_step_change:
             raise ConfigError(f'safety.max_step_change must be >= 0 (0: off), got '
                               f'{list(self.safety_max_step_change)}')
+        try:  # the model-dependent part (ensemble needs absolute actions) is the node's
+            check_execution_mode(self.execution_mode, None, self.execution_blend_steps,
+                                 float(self.execution_ensemble_decay))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         self.lowdim_map = tuple(self.lowdim_map)
         self.action_names = tuple(self.action_names)
         self.action_lower = tuple(float(v) for v in self.action_lower)
@@ -321,11 +330,25 @@ NODE_PARAMS = (
           'Command the robot only while the last std_msgs/Bool on ~/enable was true; '
           'otherwise hold (see the README for what hold sends per output mode).',
           read_only=True),
+    Param('execution.mode', 'execution_mode', _NS.execution_mode,
+          "How a new chunk combines with the ones still executing: 'replace' (the new "
+          "chunk replaces the old tail), 'blend' (real-time-chunking style: steps that ran "
+          'or elapsed keep the old values, the next execution.blend_steps pending steps go '
+          "linearly from old to new) or 'ensemble' (ACT temporal ensembling of every chunk "
+          'predicting a step, weights exp(-execution.ensemble_decay * age in steps); '
+          'absolute actions only: refused for deltas that are not integrated into pose '
+          'targets). Applied at configure.', read_only=True,
+          constraints=f'one of {EXECUTION_MODES}'),
     Param('execution.blend_steps', 'execution_blend_steps', _NS.execution_blend_steps,
-          'Blend the first N actions of a new chunk that overlap the previous chunk (when '
-          'replanning early or late) from the old actions to the new ones, linearly, so '
-          'the command does not jump at chunk boundaries (0: the new chunk replaces the '
-          'old tail).', min_value=0, max_value=1000),
+          'execution.mode blend: pending steps of a new chunk blended from the previous '
+          'chunk to the new one (old weights N/(N+1) .. 1/(N+1)), so the command does not '
+          'jump at chunk boundaries. Must be >= 1 in blend mode and 0 in the others.',
+          min_value=0, max_value=1000),
+    Param('execution.ensemble_decay', 'execution_ensemble_decay',
+          _NS.execution_ensemble_decay,
+          'execution.mode ensemble: a chunk stamped k steps after the oldest one predicting '
+          "a step weighs exp(-decay * k) (ACT's m; larger: older predictions dominate, "
+          'smoother and slower to react).', min_value=0.0, max_value=10.0),
     Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
           'Hold when no action covers the current control tick for this long, or when the '
           'newest input is this old (0: off).', min_value=0.0, max_value=60.0),

@@ -50,6 +50,7 @@ from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import params
 from sparse_policy_node.ros.diagnostics import Diagnostics
 from sparse_policy_node.ros.launch_args import package_share_dir
@@ -576,6 +577,7 @@ class PolicyNode(LifecycleNode):
             if not self._active or not self._enabled:
                 self.stats.count('discarded_inactive')     # deactivated while computing
                 return
+            self._exec.commit(self._planned)
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
             self.chunk_pub.publish(msg)
@@ -642,6 +644,21 @@ class PolicyNode(LifecycleNode):
         action = (self.card or {}).get('action', {})
         self.space = action.get('space')
         self._delta_reference = action.get('delta_reference', 'integrated')
+        # Chunk execution per action kind (ros/execution.py): absolute targets skip what
+        # elapsed, deltas run once each in order; integrated deltas are combined as targets.
+        kind = ex.action_kind(self.space, self._delta_reference, s.output_mode)
+        self._combine_targets = kind == ex.ABSOLUTE and self.space == 'delta_eef'
+        try:
+            self._exec = ex.ChunkExecutor(
+                kind, self.dt_ns, s.execution_mode, s.execution_blend_steps,
+                s.execution_ensemble_decay,
+                quat_at=self.action_dim + 3 if self._combine_targets else None)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self._planned = None
+        if s.execution_mode == 'ensemble' and s.replan_lead_steps == 0:
+            self.get_logger().warning('execution.mode ensemble with replan_lead_steps 0: '
+                                      'chunks do not overlap, nothing to average')
         gripper = action.get('gripper')
         self.gripper_index = None if gripper is None else int(gripper['index'])
         self.limits = act.Limits(
@@ -750,10 +767,13 @@ class PolicyNode(LifecycleNode):
         prev = None
         with self._lock:
             current = self._current
+            if current is None:
+                self._exec.drop()  # held, disabled or reset: nothing to combine with
         if current is not None:  # the action in force at the chunk's first step
             k = round((stamp_ns - current[0]) / self.dt_ns)
             prev = current[1][min(max(k, 0), len(current[1]) - 1)]
-            actions = act.blend_overlap(current[1], k, actions, s.execution_blend_steps)
+        if not self._combine_targets:
+            actions = self._combine(stamp_ns, actions)
         actions, n_limited = act.limit_step_change(actions, prev, limits)
         plan = None
         if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
@@ -778,6 +798,10 @@ class PolicyNode(LifecycleNode):
                                                       start[1], limits)
             n_limited += n
             plan = (pos, quat) if s.output_mode == 'pose_target' else None
+            if self._combine_targets:  # integrated deltas: combine the absolute targets
+                a = self.action_dim
+                out = self._combine(stamp_ns, np.hstack([actions, pos, quat]))
+                actions, plan = out[:, :a], (out[:, a:a + 3], out[:, a + 3:a + 7])
         elif s.output_mode == 'joint_trajectory':
             nj = len(s.output_joint_names)
             with self._lock:
@@ -790,6 +814,19 @@ class PolicyNode(LifecycleNode):
         if n_limited:
             self.stats.count('safety_limited_steps', n_limited)
         return actions, plan
+
+    def _combine(self, stamp_ns: int, values: np.ndarray) -> np.ndarray:
+        """Combine a chunk with the executing ones (execution.mode); committed on publish."""
+        s = self.settings
+        with self._lock:  # run-time changes of the blend and ensemble knobs apply here
+            self._exec.blend_steps = s.execution_blend_steps
+            self._exec.decay = s.execution_ensemble_decay
+            self._planned = self._exec.plan(stamp_ns, values,
+                                            self.get_clock().now().nanoseconds)
+        if self._exec.kind == ex.DELTA and self._planned.first_pending:
+            # Steps that ran from the previous chunk after this one's observation.
+            self.stats.count('superseded_deltas', self._planned.first_pending)
+        return self._planned.values
 
     def _pose_msg(self, stamp_ns: int, position, quat) -> PoseStamped:
         msg = PoseStamped()
@@ -816,11 +853,12 @@ class PolicyNode(LifecycleNode):
                 point.time_from_start = conv.ns_to_duration((k0 + i) * self.dt_ns)
             self.joint_traj_pub.publish(msg)
             self.stats.count('skipped_elapsed_targets', k0)
-        elif self.settings.output_mode == 'pose_target':
-            k = round((now - stamp_ns) / self.dt_ns)
-            if 0 <= k < len(actions):
+        else:  # the step due now goes out at once (a delta only if none went this period)
+            step = self._exec.tick(now) if self._exec.kind == ex.DELTA else (
+                None if self._exec.peek(now) is None else (self._exec.peek(now), 0))
+            if step is not None:
                 self._covered_ns = now
-                self._publish_step(self._current, k)
+                self._publish_step(self._current, step[0])
 
     def _publish_step(self, current, k: int) -> None:
         """Publish the outputs for step ``k`` of the current chunk (under the lock)."""
@@ -915,8 +953,7 @@ class PolicyNode(LifecycleNode):
             if not self._active:
                 return
             current = self._current
-            k = None if current is None else round((now - current[0]) / self.dt_ns)
-            covered = k is not None and 0 <= k < len(current[1])
+            covered = current is not None and self._exec.covers(now)
             if covered:
                 self._covered_ns = now
             reason = self._hold_reason(now, covered)
@@ -926,8 +963,9 @@ class PolicyNode(LifecycleNode):
             if self._holding:
                 self._holding = None
                 self.get_logger().info('hold released: commanding again')
-            if covered:
-                self._publish_step(current, k)
+            step = self._exec.tick(now) if covered else None
+            if step is not None:
+                self._publish_step(current, step[0])
 
     def _publish_diagnostics(self) -> None:
         self._diagnostics.hardware_id = f'{socket.gethostname()}/{self.settings.device}'
