@@ -137,14 +137,14 @@ precision_part graphs-paper-ddpm100 "--model '' --preset paper --windows 10 --sp
 bench_part bench-lift-ddim10 "$COMMON --model models/lift --sampler ddim --steps 10 \
   --gates pruner --sparsity -1"
 precision_part precision-lift-ddpm100 "--model models/lift $SRC --sampler ddpm --steps 100 \
-  --sparsity 0.93 --windows 12"
+  --sparsity 0.93 --windows 24"
 
 # 5. train-pruner on CUDA: one short epoch on the DDIM-10 rollouts (not installed).
 if [ -f "$ROLL" ]; then
   part train-pruner-cuda 100 bash -c "$PY -m sparse_policy_node.cli train-pruner \
     --model models/lift --rollouts $ROLL --out /tmp/gpu_check_pruner --device cuda \
-    --epochs 1 --max-minutes 0.4 --val-episodes 2 2>&1 | tee '$OUT/train_pruner.log'; \
-    exit \${PIPESTATUS[0]}"
+    --epochs 1 --max-minutes 0.4 --val-episodes 2 2>&1 | tr '\\r' '\\n' \
+    | grep -v 'frame/s' | tee '$OUT/train_pruner.log'; exit \${PIPESTATUS[0]}"
 else
   skip train-pruner-cuda "no $ROLL"
 fi

@@ -125,20 +125,35 @@ def test_device_noise_follows_torch_manual_seed(tiny_policy):
     assert not torch.equal(runs[0][0], runs[0][1])  # each chunk draws fresh noise
 
 
+def _gpu_pruner(policy):
+    torch.manual_seed(0)
+    return Pruner(PrunerConfig(hidden_dim=16, n_head=2, dim_feedforward=32),
+                  policy.transformer.num_units,
+                  policy.config.transformer.n_emb).to('cuda').eval()
+
+
 @pytest.mark.parametrize('knobs', [{'sparsity_enabled': False},
                                    {'gate_source': 'static', 'target_sparsity': 0.5},
-                                   {'gate_source': 'random', 'target_sparsity': 0.7}])
+                                   {'gate_source': 'random', 'target_sparsity': 0.7},
+                                   {'gate_source': 'pruner'},
+                                   {'gate_source': 'pruner', 'target_sparsity': 0.6,
+                                    'rollout_max_age': 2}])
 def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
     gpu_policy = _cuda_copy(tiny_policy)
-    eager = SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10, **knobs))
-    graphed = SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10,
-                                                           cuda_graphs=True, **knobs))
+    pruner = _gpu_pruner(gpu_policy)
+    eager = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10, **knobs))
+    graphed = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10,
+                                                             cuda_graphs=True, **knobs))
     for engine in (eager, graphed):
         engine.random_generator.manual_seed(0)
-    a = _chunks(eager, gpu_policy, 'cuda', n=4)
-    b = _chunks(graphed, gpu_policy, 'cuda', n=4)
-    assert graphed._graphs, 'the dense chunk was not captured'
-    assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), (a - b).abs().max()
+    # Same windows every chunk: step patterns repeat, so later chunks replay captured graphs.
+    a = _chunks(eager, gpu_policy, 'cuda', n=6)
+    b = _chunks(graphed, gpu_policy, 'cuda', n=6)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    (mode, graphs), = graphed._graphs.items()
+    assert mode[0] == ('dense' if knobs.get('sparsity_enabled') is False else 'steps')
+    if mode[0] == 'steps' and knobs['gate_source'] != 'random':
+        assert graphs.captures > 0 and graphs.graphs
     for engine in (eager, graphed):  # after a reset the graph is replayed, caches refilled
         engine.reset()
     a = _chunks(eager, gpu_policy, 'cuda', n=3, seed=1)
@@ -149,9 +164,54 @@ def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
 @pytest.mark.parametrize('precision', ['float16', 'bfloat16'])
 def test_reduced_precision_on_cuda_is_close_to_float32(tiny_policy, precision):
     gpu_policy = _cuda_copy(tiny_policy)
-    ref = _chunks(SparseEngine(gpu_policy, None, RuntimeConfig(num_inference_steps=10)),
-                  gpu_policy, 'cuda')
-    rt = RuntimeConfig(num_inference_steps=10, precision=precision, cuda_graphs=True)
+    dense = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10)
+    ref = _chunks(SparseEngine(gpu_policy, None, dense), gpu_policy, 'cuda')
+    rt = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10, precision=precision,
+                       cuda_graphs=True)
     low = _chunks(SparseEngine(gpu_policy, None, rt), gpu_policy, 'cuda')
     assert torch.isfinite(low).all()
     assert (low - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+
+
+def test_step_graphs_never_synchronise(tiny_policy, monkeypatch):
+    from sparse_policy_node.core import cuda_graphs
+    gpu_policy = _cuda_copy(tiny_policy)
+    run, waits = cuda_graphs.StepGraphs.run, []
+
+    def strict(self, kv_all, noise, step_noise, gates_fn, *args, **kwargs):
+        def gates_once():  # the one allowed wait, before step 1
+            torch.cuda.set_sync_debug_mode(0)
+            waits.append(1)
+            try:
+                return gates_fn()
+            finally:
+                torch.cuda.set_sync_debug_mode('error')
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            return run(self, kv_all, noise, step_noise,
+                       None if gates_fn is None else gates_once, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(cuda_graphs.StepGraphs, 'run', strict)
+    rt = RuntimeConfig(gate_source='pruner', target_sparsity=0.6, num_inference_steps=10,
+                       cuda_graphs=True)
+    engine = SparseEngine(gpu_policy, _gpu_pruner(gpu_policy), rt)
+    obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
+    for _ in range(4):  # eager first sights, captures, then replays: none may sync
+        assert torch.isfinite(engine.predict_action(obs)['action']).all()
+    assert len(waits) == 3
+
+
+def test_switching_graphs_off_starts_over_dense(tiny_policy):
+    gpu_policy = _cuda_copy(tiny_policy)
+    rt = RuntimeConfig(gate_source='static', target_sparsity=0.5, num_inference_steps=10,
+                       cuda_graphs=True)
+    engine = SparseEngine(gpu_policy, None, rt)
+    obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
+    dense = [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
+    engine.set_runtime(RuntimeConfig(gate_source='static', target_sparsity=0.5,
+                                     num_inference_steps=10))
+    dense += [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
+    # The cache slots pointed into the graphs' buffers: the eager path does not read them.
+    assert dense == [True, False, True, False]

@@ -109,7 +109,8 @@ class SparseEngine:
         self._device_generator = None  # draws a CUDA chunk's noise (see device_generator)
         self._models = {'float32': policy.transformer}  # denoiser per RuntimeConfig.precision
         self._fixed_gates = {}  # host rows of dense / static gate maps, per schedule and knobs
-        self._graphs = {}  # DenseChunkGraph per schedule and precision (cuda_graphs)
+        self._graphs = {}  # DenseChunkGraph / StepGraphs per graph mode (cuda_graphs)
+        self._cache_mode = None  # the path whose buffers the cache slots point into
         self.transformer_for(runtime.precision)
         self.model_dir = model_dir
         self._backends = {}  # Backend per (RuntimeConfig.backend, precision)
@@ -488,6 +489,13 @@ class SparseEngine:
 
         def memory_kv():
             return model.assemble_kv(time_kv, model.obs_kv(dec_mem))  # per layer (B,K,nh,T_c,dh)
+        mode = self._graph_mode(runtime, B, time_kv)
+        if mode != self._cache_mode:
+            # Slots written by another path (eager references, a dense graph's pool, another
+            # schedule's buffers) are not this path's: start over with a dense chunk.
+            if self._cache_mode is not None:
+                self.cache.reset()
+            self._cache_mode = mode
         schedule = (sched.sampler, B, *sched.timesteps.tolist())
         forced_dense = self.cache.begin_chunk(schedule, sched.num_steps,
                                               runtime.rollout_max_age)
@@ -501,13 +509,15 @@ class SparseEngine:
             elif not forced_dense:
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
             t_dec = time.perf_counter()
-            graph = None
-            if gates is None and (forced_dense or not runtime.sparsity_enabled
-                                  or runtime.gate_source == 'dense'):
-                graph = self._dense_graph(runtime, model, time_kv, dec_mem, noise, step_noise)
-            if graph is not None:
+            if mode[0] == 'dense' and gates is None:
+                graph = self._graph(mode, model, time_kv, dec_mem, noise, step_noise)
                 nactions = graph.replay(dec_mem, noise, step_noise, self.cache)
                 executed = [[0] * U for _ in range(K)]
+            elif mode[0] == 'steps':
+                kv_all = memory_kv()
+                graph = self._graph(mode, model, kv_all, None, noise, step_noise)
+                nactions, executed = graph.run(kv_all, noise, step_noise, gates_fn, self.cache,
+                                               ages)
             else:
                 nactions, executed = sample_sparse(model, sched, memory_kv(), noise, gates_fn,
                                                    self.cache, step_noise, generator, ages)
@@ -554,19 +564,36 @@ class SparseEngine:
                 'action': policy.chunk_from_prediction(action_pred),
                 'stats': stats}
 
-    def _dense_graph(self, runtime, model, time_kv, obs_mem, noise, step_noise):
-        """Return the captured dense chunk of this schedule (None: graphs off or no CUDA)."""
-        if not runtime.cuda_graphs or self.device.type != 'cuda':
-            return None
+    def _graph_mode(self, runtime: RuntimeConfig, batch: int, time_kv) -> tuple:
+        """Which path runs the chunk: ('eager',), or ('dense' | 'steps', schedule key).
+
+        CUDA graphs (:mod:`cuda_graphs`) serve batch-1 chunks on CUDA when
+        ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense runtimes, per-step
+        pattern graphs for sparse ones.
+        """
+        if not runtime.cuda_graphs or self.device.type != 'cuda' or batch != 1:
+            return ('eager',)
         sched = self.scheduler
         key = (sched.sampler, tuple(sched.timesteps.tolist()), runtime.precision,
                id(time_kv[0][0]))
-        if key not in self._graphs:
+        dense = not runtime.sparsity_enabled or runtime.gate_source == 'dense'
+        return ('dense' if dense else 'steps', key)
+
+    def _graph(self, mode: tuple, model, kv, obs_mem, noise, step_noise):
+        """Return the graphs of ``mode``, built (and older schedules' dropped) on first use."""
+        if mode not in self._graphs:
             from sparse_policy_node.core.cuda_graphs import DenseChunkGraph
-            self._graphs = {k: g for k, g in self._graphs.items() if k[:3] != key[:3]}
-            self._graphs[key] = DenseChunkGraph(model, sched, time_kv, obs_mem, noise,
-                                                step_noise)
-        return self._graphs[key]
+            from sparse_policy_node.core.cuda_graphs import StepGraphs
+            # Graphs of weights replaced since (refresh) are dropped; a handful of schedules
+            # are kept (a node switching schedules back and forth captures once each).
+            self._graphs = {m: g for m, g in list(self._graphs.items())[-3:]
+                            if (m[0], m[1][:3]) != (mode[0], mode[1][:3])}
+            if mode[0] == 'dense':  # kv: the schedule's time K/V
+                graph = DenseChunkGraph(model, self.scheduler, kv, obs_mem, noise, step_noise)
+            else:  # kv: this chunk's memory K/V (shapes of the static buffers)
+                graph = StepGraphs(model, self.scheduler, kv, noise, step_noise)
+            self._graphs[mode] = graph
+        return self._graphs[mode]
 
     def close(self) -> None:
         """Stop the pruner worker thread."""
