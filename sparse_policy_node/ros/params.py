@@ -431,7 +431,9 @@ BRIDGE_PARAMS = (
     Param('lockstep', 'lockstep', _BS.lockstep,
           'true: wait for the chunk of each observation before stepping (sim time pauses '
           'during inference; deterministic). false: step on the wall clock and execute the '
-          'newest chunk, holding still when none covers the current step.', read_only=True),
+          "newest chunk's actions each once, in order (a late chunk starts at its first "
+          'action no executed one covered), holding still when none is left.',
+          read_only=True),
     Param('publish_clock', 'publish_clock', _BS.publish_clock,
           'Publish /clock and stamp with sim time (for use_sim_time nodes); false: wall '
           'time.', read_only=True),

@@ -8,7 +8,9 @@ incoming ``trajectory_msgs/JointTrajectory`` chunks action by action, calls the 
 
 Lockstep mode (default) waits for the chunk computed from the current observation before
 stepping, so sim time pauses during inference and results do not depend on CPU speed. Real
-time mode steps on the wall clock and executes whichever chunk covers the current step.
+time mode steps on the wall clock and executes the delta actions of the newest chunk each
+once, in order (:mod:`~sparse_policy_node.ros.execution`): a late chunk starts at its first
+action not yet covered by an executed one, never at the step the clock has reached.
 
 With ``action_mode: pose_target`` the bridge acts as a Cartesian controller instead: it tracks
 the policy node's ``~/target_pose`` stream (geometry_msgs/PoseStamped, one per control step,
@@ -37,6 +39,7 @@ from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import params
 from sparse_policy_node.ros.stats import percentile
 from std_msgs.msg import Float64
@@ -106,6 +109,9 @@ class SimBridgeNode(Node):
         self.t_ns = SIM_START_NS if s.publish_clock else self.get_clock().now().nanoseconds
         self._cond = threading.Condition()
         self._chunk = None            # (stamp_ns, (n, A) actions)
+        # Real time: delta chunks run once each, in order, aligned by executed steps (an
+        # observation stamped t reflects the actions of the steps before t).
+        self._queue = ex.ChunkExecutor(ex.DELTA, self.dt_ns)
         self._sent = {}               # obs stamp -> monotonic publish time (round trip)
         self.round_trip_ms, self.results = [], []
         self.counters = {'chunks': 0, 'underruns': 0, 'startup_underruns': 0, 'republished': 0,
@@ -129,6 +135,8 @@ class SimBridgeNode(Node):
             if not self._accept_locked(stamp):
                 return
             self._chunk = (stamp, actions)
+            if not self.settings.lockstep:
+                self._queue.add(stamp, actions, self.t_ns)
             self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
@@ -289,9 +297,10 @@ class SimBridgeNode(Node):
 
     def _realtime_action(self, hold):
         with self._cond:
-            actions = self._covering()
-        if actions is not None:
-            return actions[0]
+            step = self._queue.tick(self.t_ns)
+            action = None if step is None else self._queue.current[2][step[0]]
+        if action is not None:
+            return action
         # No chunk covers this step yet: hold still. Before the episode's first chunk (dense
         # by rule, the slowest) it is a start-up wait, not the policy falling behind.
         self.counters['underruns' if self._episode_chunks else 'startup_underruns'] += 1
@@ -307,6 +316,7 @@ class SimBridgeNode(Node):
         self.t_ns += self.dt_ns
         with self._cond:
             self._chunk = None
+            self._queue.drop()
             self._targets, self._gripper = {}, -1.0
             self._episode_start_ns, self._episode_chunks = self.t_ns, 0
         self._publish(obs)
