@@ -1,6 +1,6 @@
 """Bag replay: a recorded lockstep run replays into a fresh node with identical chunks.
 
-A tiny policy node with ``noise_seed`` serves a bridge episode (the fast stand-in
+A tiny policy node with ``noise_seed`` serves two bridge episodes (the fast stand-in
 environment of test_ros_sim_bridge.py) while the recorder writes the node's inputs and
 chunks; the bag is then played into a new node (``sim:=none``, sim time from the player's
 ``/clock``) and every chunk is compared with the offline engine and with the recording.
@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from rclpy.parameter import Parameter
+from sparse_policy_node.bags.offline import compare
 from sparse_policy_node.bags.offline import ReplayError
 from sparse_policy_node.bags.offline import split_episodes
 from sparse_policy_node.bags.offline import window_at
@@ -40,11 +41,11 @@ def policy_node(context, model, **extra):
         Parameter(k, value=v) for k, v in values.items()])
 
 
-def record_episode(context, model, bag, steps=16):
-    """Run one lockstep bridge episode against the node while recording; return chunks."""
+def record_episodes(context, model, bag, episodes=2, steps=8):
+    """Run lockstep bridge episodes against the node while recording; return its summary."""
     node = policy_node(context, model)
     sim = SimBridgeNode(env_factory=FakeEnv, context=context, parameter_overrides=[
-        Parameter(k, value=v) for k, v in {'episodes': 1, 'max_episode_steps': steps,
+        Parameter(k, value=v) for k, v in {'episodes': episodes, 'max_episode_steps': steps,
                                            'image_size': [32, 32],
                                            'terminate_on_success': False}.items()])
     recorder = BagRecorder(str(bag), NODE_TOPICS, context=context)
@@ -59,8 +60,8 @@ def record_episode(context, model, bag, steps=16):
 def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp_path):
     model = save_tiny_model(str(tmp_path / 'model'))
     bag = tmp_path / 'run_bag'
-    recorded = record_episode(context, model, bag)
-    assert recorded['chunks'] >= 4, recorded
+    recorded = record_episodes(context, model, bag)
+    assert recorded['chunks'] >= 4 and recorded['dense_chunks'] == 2, recorded
 
     node = policy_node(context, model)  # a fresh node, as after `launch sim:=none`
     try:
@@ -77,9 +78,11 @@ def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp
     finally:
         node.close()
     assert report['clock'] == 'sim' and report['noise_seed'] == SEED
+    assert report['episodes'] == 2  # reset where the bridge ended the first episode
     assert report['live_chunks'] == report['recorded_chunks'] == recorded['chunks']
     assert report['unmatched_recorded'] == 0
     assert report['max_offline_diff'] <= 1e-5, report
+    assert report['kept_steps'] == 0  # lockstep: every chunk compared whole
     assert report['max_recorded_diff'] <= 1e-5, report
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'chunks match' in done.stdout
@@ -140,3 +143,14 @@ def test_noise_seed_parameter_is_validated_and_launchable():
     assert plan[0].overrides['noise_seed'] == 7
     with pytest.raises(ValueError, match='noise_seed'):
         launch_args.plan_nodes(launch_args.parse_launch_args(['noise_seed:=x']), '/share')
+
+
+def test_compare_leaves_out_the_steps_a_late_chunk_kept():
+    ref = np.zeros((4, 2))
+    late = ref.copy()
+    late[0] = 0.5          # the first step ran from the previous chunk
+    rows = compare([(1, late), (2, ref), (3, ref)], {1: ref, 2: ref + 1.0}, tolerance=1e-5)
+    assert rows[0] == {'stamp_ns': 1, 'max_abs_diff': 0.0, 'kept_steps': 1}
+    assert rows[1]['max_abs_diff'] == 1.0 and rows[1]['kept_steps'] == 0  # all steps differ
+    assert rows[2]['max_abs_diff'] is None
+    assert compare([(1, late)], {1: ref})[0]['max_abs_diff'] == 0.5  # strict without tolerance

@@ -10,7 +10,8 @@ carries from chunk to chunk as in the node). With ``noise_seed >= 0`` the noise 
 Window rule (as the node): step ``i`` of ``T_o`` takes, per input, the message nearest
 ``t_ref - (T_o - 1 - i) * dt`` within ``sync_tolerance_s``, where ``t_ref`` is the chunk
 stamp; before an input's first message of the episode the first one repeats. An episode
-ends where a stamp jumps back by more than ``time_jump_reset_s`` (the node resets there).
+ends where the node was reset (:data:`EPISODE` samples) or where a stamp jumps back by more
+than ``time_jump_reset_s`` (the node resets itself there).
 Assumption: when the inputs are not stamped alike, the nearest message is taken from all
 messages, while the node only had those that had arrived; the bridge and most drivers
 stamp one observation step alike, where both agree.
@@ -19,6 +20,7 @@ stamp one observation step alike, where both agree.
 from dataclasses import dataclass
 from typing import Dict
 from typing import List
+from typing import Optional
 from typing import Sequence
 from typing import Tuple
 
@@ -28,6 +30,9 @@ from sparse_policy_node.core.model_card import read_card
 from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import conversions as conv
 import torch
+
+
+EPISODE = 'episode'  # a sample key marking a reset of the node (a new episode starts)
 
 
 class ReplayError(ValueError):
@@ -91,13 +96,17 @@ def split_episodes(samples: Sequence[Tuple[str, int, np.ndarray]], jump_ns: int)
 
     Per key, a stamp equal to the newest is a duplicate and one slightly older is out of
     order (both dropped, as the node does); one more than ``jump_ns`` older starts a new
-    episode.
+    episode, and so does a sample whose key is :data:`EPISODE` (the node was reset).
 
     Returns:
         per episode ``{key: [(stamp, value), ...]}`` in increasing stamps.
     """
     episodes = [{}]
     for key, stamp, value in samples:
+        if key == EPISODE:
+            if episodes[-1]:
+                episodes.append({})
+            continue
         stream = episodes[-1].setdefault(key, [])
         if stream and stamp <= stream[-1][0]:
             if stamp >= stream[-1][0] - jump_ns:
@@ -190,22 +199,35 @@ def offline_chunks(engine, inputs: NodeInputs, samples, stamps: Sequence[int], s
     return chunks
 
 
-def compare(live: Sequence[Tuple[int, np.ndarray]],
-            reference: Dict[int, np.ndarray]) -> List[Dict]:
+def compare(live: Sequence[Tuple[int, np.ndarray]], reference: Dict[int, np.ndarray],
+            tolerance: Optional[float] = None) -> List[Dict]:
     """Per live chunk, max |difference| against the reference chunk of the same stamp.
 
+    Args:
+        live: ``(stamp, (n, A) actions)`` chunks the node published.
+        reference: chunks by stamp.
+        tolerance: None compares whole chunks. Else a chunk that arrived late on a robot
+            that does not wait keeps the previous chunk's values for the steps that ran
+            before it arrived (``execution.mode``): the leading steps that differ by more
+            than ``tolerance`` while the rest agrees are counted as ``kept_steps`` and left
+            out of the difference.
+
     Returns:
-        rows ``{'stamp_ns', 'max_abs_diff'}``; ``max_abs_diff`` is None when the reference
-        has no chunk at that stamp, inf when the shapes differ.
+        rows ``{'stamp_ns', 'max_abs_diff', 'kept_steps'}``; ``max_abs_diff`` is None when
+        the reference has no chunk at that stamp, inf when the shapes differ.
     """
     rows = []
     for stamp, actions in live:
-        ref = reference.get(stamp)
+        ref, kept = reference.get(stamp), 0
         if ref is None:
             diff = None
         elif np.shape(ref) != np.shape(actions):
             diff = float('inf')
         else:
-            diff = float(np.max(np.abs(np.asarray(ref) - np.asarray(actions))))
-        rows.append({'stamp_ns': int(stamp), 'max_abs_diff': diff})
+            step = np.abs(np.asarray(ref) - np.asarray(actions)).max(axis=1)  # (n,)
+            bad = np.nonzero(step > tolerance)[0] if tolerance is not None else []
+            if len(bad) and bad[-1] + 1 < len(step):
+                kept = int(bad[-1]) + 1
+            diff = float(step[kept:].max())
+        rows.append({'stamp_ns': int(stamp), 'max_abs_diff': diff, 'kept_steps': kept})
     return rows

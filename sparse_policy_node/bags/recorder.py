@@ -16,13 +16,17 @@ from rclpy.qos import ReliabilityPolicy
 from sparse_policy_node.bags.rosbag_io import BagWriter
 from sparse_policy_node.bags.rosbag_io import full_type
 
-# The policy node's inputs and outputs with the robosuite bridge (default recording set).
+# The policy node's inputs and outputs with the robosuite bridge (default recording set),
+# the object state of state-only tasks (can) and the bridge's episode ends (replay-bag
+# resets the node there, as the bridge did).
 NODE_TOPICS = {
     '/agentview/image_raw': 'sensor_msgs/msg/Image',
     '/joint_states': 'sensor_msgs/msg/JointState',
     '/ee_pose': 'geometry_msgs/msg/PoseStamped',
+    '/object_state': 'sensor_msgs/msg/JointState',
     '/policy_node/action_chunk': 'trajectory_msgs/msg/JointTrajectory',
     '/policy_node/next_action': 'sensor_msgs/msg/JointState',
+    '/sim_bridge/episode_result': 'diagnostic_msgs/msg/DiagnosticStatus',
 }
 
 

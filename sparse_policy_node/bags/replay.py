@@ -10,10 +10,12 @@ message's header stamp and keeps the stamps, so chunks carry the recorded stamps
 compared with the chunks recorded in the bag too. With a node on the wall clock it shifts
 every header stamp by (now - first stamp), so the node sees fresh inputs.
 
-Lockstep: when the bag holds the node's recorded chunks, the player stops at each of them
-(at its place in the recording) until the node has published the chunk of the same stamp,
-like the lockstep bridge, so a slower or faster CPU than the recording's does not change
-which windows the node computes.
+Lockstep (sim time): when the bag holds the node's recorded chunks, the player stops at each
+of them (at its place in the recording) until the node has published the chunk of the same
+stamp, like the lockstep bridge, so a slower or faster CPU than the recording's does not
+change which windows the node computes. On the wall clock the player paces the inputs by
+their stamps and never waits: the node must keep up, as on a robot, and the chunks it
+computes (whichever windows) are each checked against the offline engine.
 """
 
 import threading
@@ -29,6 +31,7 @@ from rclpy.serialization import deserialize_message
 from rosgraph_msgs.msg import Clock
 from sparse_policy_node.bags.offline import absolute
 from sparse_policy_node.bags.offline import compare
+from sparse_policy_node.bags.offline import EPISODE
 from sparse_policy_node.bags.offline import node_inputs
 from sparse_policy_node.bags.offline import offline_chunks
 from sparse_policy_node.bags.offline import ReplayError
@@ -40,6 +43,7 @@ from sparse_policy_node.ros import params
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+EPISODE_TOPIC = '/sim_bridge/episode_result'
 PARAMETER_NAMES = [p.name for p in params.RUNTIME_PARAMS + params.NODE_PARAMS] + [
     'use_sim_time']
 
@@ -140,64 +144,93 @@ def _stamp_of(msg) -> Optional[int]:
     return None if header is None else conv.stamp_to_ns(header.stamp)
 
 
-def play(player: BagPlayer, messages, types: Dict[str, str], sim_clock: bool,
-         lockstep_stamps: Dict[int, int], rate: float = 1.0,
-         chunk_timeout: float = 10.0) -> List:
-    """Publish ``messages`` (topic, receive ns, rclpy message) at their recorded timing.
+INPUT, CHUNK = 'input', 'chunk'
+
+
+def play(player: BagPlayer, events, types: Dict[str, str], sim_clock: bool,
+         rate: float = 1.0, chunk_timeout: float = 10.0) -> List:
+    """Replay ``events`` (:func:`load_bag`) at their recorded timing.
+
+    Sim clock: inputs go out at their receive times with ``/clock`` at their stamp, and at
+    a recorded chunk the player waits until the node has published the chunk of the same
+    stamp (lockstep). Wall clock: inputs go out at their stamps, shifted to now. After an
+    episode end, the node's ``~/reset`` is called before the first input of the next
+    episode, as the bridge does.
 
     Args:
         player: the player node (spinning).
-        messages: input messages and recorded chunk markers ``(topic, t_ns, msg)``; a
-            marker's msg is None and its index is a key of ``lockstep_stamps``.
-        types: ``{topic: message type}``.
+        events: ``(kind, t_ns, topic, payload)`` in receive order: INPUT with the rclpy
+            message, CHUNK with the recorded chunk stamp, EPISODE with the stamp of the
+            ended episode's last observation (None: unknown).
+        types: ``{topic: message type}`` of the inputs.
         sim_clock: publish ``/clock`` at the stamps; else shift stamps to the wall clock.
-        lockstep_stamps: ``{index in messages: recorded chunk stamp}``: wait there.
         rate: playback speed factor.
-        chunk_timeout: longest wait at a lockstep marker.
+        chunk_timeout: longest wait at a recorded chunk.
 
     Returns:
-        ``(topic, stamp_ns, msg)`` of every published input message, stamps as published.
+        ``(topic, stamp_ns, msg)`` of every published input message, stamps as published,
+        and ``(EPISODE, None, None)`` where the node was reset.
     """
     published = []
-    if not messages:
+    if not events:
         return published
-    t0 = messages[0][1]
-    shift = 0
+    t0, shift = events[0][1], 0
     if not sim_clock:
-        first = min((_stamp_of(m) for _, _, m in messages if m is not None and
-                     _stamp_of(m)), default=0)
-        shift = player.get_clock().now().nanoseconds - first
+        # Real time: paced by the stamps, which must stay near the node's wall clock, so no
+        # lockstep waits (a lockstep recording's receive times bunch a chunk's steps).
+        stamps = [_stamp_of(p) for k, _, _, p in events if k == INPUT and _stamp_of(p)]
+        t0 = min(stamps, default=0)
+        shift = player.get_clock().now().nanoseconds - t0
     start, extra, clock_ns = time.monotonic(), 0.0, 0
-    for i, (topic, t_ns, msg) in enumerate(messages):
-        due = start + extra + (t_ns - t0) / 1e9 / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        if msg is None:
-            began = time.monotonic()
-            if not player.wait_chunk(lockstep_stamps[i] + shift, chunk_timeout):
-                player.get_logger().warning(f'no chunk for {lockstep_stamps[i] / 1e9:.3f} s '
-                                            f'within {chunk_timeout} s; playing on')
+    reset_due, reset_after = False, None
+    for kind, t_ns, topic, payload in events:
+        if sim_clock or (kind == INPUT and _stamp_of(payload)):
+            axis = t_ns if sim_clock else _stamp_of(payload)
+            delay = start + extra + (axis - t0) / 1e9 / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        began = time.monotonic()
+        if kind == CHUNK and not sim_clock:
+            continue
+        if kind == EPISODE:
+            # The next episode starts after the ended one's last stamp (its last inputs may
+            # be received after the result). The first starts with the replay's reset.
+            if published:
+                reset_due, reset_after = True, payload
+            continue
+        if kind == CHUNK:
+            if not player.wait_chunk(payload + shift, chunk_timeout):
+                player.get_logger().warning(f'no chunk for {payload / 1e9:.3f} s within '
+                                            f'{chunk_timeout} s; playing on')
             extra += time.monotonic() - began
             continue
-        stamp = _stamp_of(msg)
+        stamp = _stamp_of(payload)
+        if reset_due and (reset_after is None or stamp is None or stamp > reset_after):
+            player.reset_policy(chunk_timeout)
+            published.append((EPISODE, None, None))
+            now = player.get_clock().now().nanoseconds
+            if not sim_clock and stamp and stamp + shift <= now:
+                # The node drops inputs stamped before its reset: move the episode later.
+                shift = now - stamp + 1_000_000
+            reset_due = False
+            extra += time.monotonic() - began
         if stamp:
             stamp += shift
-            msg.header.stamp = conv.ns_to_stamp(stamp)
+            payload.header.stamp = conv.ns_to_stamp(stamp)
             if sim_clock and stamp > clock_ns:
                 clock_ns = stamp
                 player.clock_pub.publish(Clock(clock=conv.ns_to_stamp(clock_ns)))
-        player.publisher(topic, types[topic]).publish(msg)
-        published.append((topic, stamp, msg))
+        player.publisher(topic, types[topic]).publish(payload)
+        published.append((topic, stamp, payload))
     return published
 
 
-def load_bag(path: str, input_topics: List[str], chunk_topic: str):
-    """Read the inputs (rclpy messages) and the recorded chunks of a bag.
+def load_bag(path: str, input_topics: List[str], chunk_topic: str, episode_topic: str):
+    """Read a bag's node inputs, recorded chunks and episode ends, in receive order.
 
     Returns:
-        ``(messages, types, recorded)``: input messages and chunk markers in receive order
-        (markers carry msg None), ``{topic: type}`` and ``{stamp: (index, actions)}`` of the
+        ``(events, types, recorded)``: ``(kind, t_ns, topic, payload)`` events for
+        :func:`play`, ``{topic: type}`` of the inputs and ``{stamp: actions}`` of the
         recorded chunks.
     """
     available = bag_topics(path)
@@ -205,20 +238,28 @@ def load_bag(path: str, input_topics: List[str], chunk_topic: str):
     if missing:
         raise ReplayError(f'bag {path} lacks the node input topic(s) {missing}; it has '
                           f'{sorted(available)}')
-    wanted = list(input_topics) + ([chunk_topic] if chunk_topic in available else [])
-    messages, recorded = [], {}
-    for topic, t_ns, data in read_messages(path, wanted, raw=True):
+    extra = [t for t in (chunk_topic, episode_topic) if t and t in available]
+    events, recorded = [], {}
+    for topic, t_ns, data in read_messages(path, list(input_topics) + extra, raw=True):
         msg = deserialize_message(bytes(data), message_class(available[topic]))
+        if topic == episode_topic:
+            values = {kv.key: kv.value for kv in getattr(msg, 'values', [])}
+            try:
+                last = int(values['last_stamp_ns'])
+            except (KeyError, ValueError):
+                last = None  # reset before the next input in receive order
+            events.append((EPISODE, t_ns, topic, last))
+            continue
         if topic == chunk_topic:
             try:
                 stamp, _, actions = conv.trajectory_to_chunk(msg)
             except conv.ConversionError:
                 continue
-            recorded[stamp] = (len(messages), actions)
-            messages.append((topic, t_ns, None))
+            recorded[stamp] = actions
+            events.append((CHUNK, t_ns, topic, stamp))
         else:
-            messages.append((topic, t_ns, msg))
-    return messages, {t: available[t] for t in input_topics}, recorded
+            events.append((INPUT, t_ns, topic, msg))
+    return events, {t: available[t] for t in input_topics}, recorded
 
 
 def check_reproducible(settings) -> None:
@@ -246,7 +287,8 @@ def check_reproducible(settings) -> None:
 def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.0,
                against_recorded: bool = False, device: str = '', clock: str = 'auto',
                reset: bool = True, chunk_timeout: float = 10.0,
-               discovery_timeout: float = 10.0) -> Dict:
+               discovery_timeout: float = 10.0,
+               episode_topic: str = EPISODE_TOPIC, tolerance: float = 1e-5) -> Dict:
     """Replay ``bag`` into the running policy node and compare its chunks with the engine.
 
     Args:
@@ -261,6 +303,12 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
         reset: call the node's ``~/reset`` first (the replay starts a new episode).
         chunk_timeout: longest wait for the node's chunk at a recorded chunk (lockstep).
         discovery_timeout: longest wait for the node's parameters and subscriptions.
+        episode_topic: where the bag marks episode ends (the bridge's results); the node is
+            reset before the next episode's first input, as the bridge resets it.
+        tolerance: leading steps of a late chunk that differ by more while the rest agrees
+            were kept from the previous chunk by the node's execution (``kept_steps``, see
+            ``ros/execution.py``) and are not compared; in lockstep (sim time) no chunk is
+            late, so none should be.
 
     Returns:
         the report: ``chunks`` rows (stamp, offline and recorded max |difference|), the
@@ -287,7 +335,7 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
             namespace = player.policy.rpartition('/')[0]
             inputs = node_inputs(config, settings, model_dir, namespace)
             chunk_topic = f'{player.policy}/action_chunk'
-            messages, types, recorded = load_bag(bag, inputs.topics, chunk_topic)
+            events, types, recorded = load_bag(bag, inputs.topics, chunk_topic, episode_topic)
             if against_recorded and not recorded:
                 raise ReplayError(f'bag {bag} has no recorded chunks on {chunk_topic}')
             for topic, msgtype in types.items():
@@ -298,10 +346,8 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
                                   f'{discovery_timeout} s')
             if reset:
                 player.reset_policy(discovery_timeout)
-            lockstep = {index: stamp for stamp, (index, _) in recorded.items()}
             t_start = time.monotonic()
-            published = play(player, messages, types, sim_clock, lockstep, rate,
-                             chunk_timeout)
+            published = play(player, events, types, sim_clock, rate, chunk_timeout)
             player.wait_quiet(1.0, chunk_timeout)
             play_s = time.monotonic() - t_start
             with player._cond:
@@ -313,6 +359,9 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
                           'rejected inputs? see its log and diagnostics)')
     samples = []
     for topic, stamp, msg in published:
+        if topic == EPISODE:
+            samples.append((EPISODE, None, None))
+            continue
         try:
             samples.extend((key, stamp, value) for key, value in inputs.convert(topic, msg))
         except conv.ConversionError:
@@ -323,21 +372,28 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
                                  config.transformer.n_obs_steps)
     finally:
         engine.close()
-    rows = compare(live, {s: a for (s, _), a in zip(live, offline)})
+    rows = compare(live, {s: a for (s, _), a in zip(live, offline)},
+                   tolerance)
     for row in rows:
         row['offline_max_abs_diff'] = row.pop('max_abs_diff')
     if against_recorded:
-        for row, other in zip(rows, compare(live, {s: a for s, (_, a) in recorded.items()})):
+        for row, other in zip(rows, compare(live, recorded, tolerance)):
             row['recorded_max_abs_diff'] = other['max_abs_diff']
+            row['kept_steps'] = max(row['kept_steps'], other['kept_steps'])
     report = {'bag': bag, 'policy': player.policy, 'noise_seed': settings.noise_seed,
               'clock': 'sim' if sim_clock else 'wall', 'chunks': rows,
               'live_chunks': len(live), 'recorded_chunks': len(recorded),
-              'published_messages': len(published), 'play_s': round(play_s, 3),
-              'max_offline_diff': max(r['offline_max_abs_diff'] for r in rows)}
+              'published_messages': sum(t != EPISODE for t, _, _ in published),
+              'episodes': 1 + sum(t == EPISODE for t, _, _ in published),
+              'play_s': round(play_s, 3),
+              'max_offline_diff': max(r['offline_max_abs_diff'] for r in rows),
+              'kept_steps': sum(r['kept_steps'] for r in rows)}
     if against_recorded:
         diffs = [r['recorded_max_abs_diff'] for r in rows]
-        report['unmatched_recorded'] = sum(d is None for d in diffs) + len(
-            set(recorded) - {s for s, _ in live})
+        # A chunk the recorded node computed but discarded (its episode ended while it ran)
+        # may be published in the replay: extra, and harmless (a reset follows it).
+        report['unmatched_recorded'] = len(set(recorded) - {s for s, _ in live})
+        report['extra_live_chunks'] = sum(d is None for d in diffs)
         report['max_recorded_diff'] = max((d for d in diffs if d is not None),
                                           default=float('inf'))
     return report

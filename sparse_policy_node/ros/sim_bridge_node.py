@@ -348,8 +348,10 @@ class SimBridgeNode(Node):
             if not s.lockstep:
                 next_tick += self.dt_ns / 1e9
                 time.sleep(max(0.0, next_tick - time.monotonic()))
+        # last_stamp_ns: the stamp of the episode's last observation (replay-bag resets the
+        # policy after it: topics are not ordered, so the result may arrive before it).
         result = {'episode': index, 'seed': seed, 'success': success, 'length': steps,
-                  'wall_s': round(time.monotonic() - start, 3)}
+                  'wall_s': round(time.monotonic() - start, 3), 'last_stamp_ns': self.t_ns}
         self.result_pub.publish(conv.make_status(
             f'sim_bridge: episode {index}',
             DiagnosticStatus.OK if success else DiagnosticStatus.WARN,

@@ -1,7 +1,8 @@
 """``sparse-policy record-bag``: record the policy node's inputs and outputs to a rosbag2.
 
 Without ``--topic`` it records the node's default interface with the robosuite bridge
-(camera images, joint states, end-effector pose, action chunks, next actions); with it, the
+(camera images, joint states, end-effector pose, object state, action chunks, next actions,
+episode results: what ``replay-bag`` needs); with it, the
 given ``TOPIC:TYPE`` pairs (``/wrist/image_raw:sensor_msgs/msg/Image``). Stops after
 ``--duration`` seconds or on Ctrl-C, and always closes the bag properly.
 """

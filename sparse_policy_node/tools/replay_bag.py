@@ -54,6 +54,9 @@ def format_report(report: dict, tolerance: float) -> str:
                  f'clock, noise_seed {report["noise_seed"]}, {report["published_messages"]} '
                  f'messages in {report["play_s"]:.1f} s); max |node - offline| '
                  f'{report["max_offline_diff"]:.3e} (tolerance {tolerance:g})')
+    if report['kept_steps']:
+        lines.append(f'{report["kept_steps"]} leading steps of late chunks were kept from the '
+                     f'previous chunk by the node (execution.mode) and not compared')
     if recorded:
         lines.append(f'max |node - recorded| {report["max_recorded_diff"]:.3e} over '
                      f'{report["recorded_chunks"]} recorded chunks, '
@@ -82,7 +85,8 @@ def run(args) -> int:
     rclpy.init(context=context)
     try:
         report = replay_bag(context, args.bag, args.node, args.rate, args.against_recorded,
-                            args.device, args.clock, not args.no_reset, args.chunk_timeout)
+                            args.device, args.clock, not args.no_reset, args.chunk_timeout,
+                            tolerance=args.tolerance)
     except (ReplayError, BagError, CheckpointError, ConfigError) as exc:
         print(f'replay-bag: {exc}', file=sys.stderr)
         return 2
