@@ -104,7 +104,8 @@ def test_denoising_loop_never_synchronises(tiny_policy, monkeypatch, knobs):
             torch.cuda.set_sync_debug_mode(0)
 
     monkeypatch.setattr(engine_module, 'sample_sparse', strict)
-    engine = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10, **knobs))
+    rt = RuntimeConfig(num_inference_steps=10, cuda_graphs=False, **knobs)  # the eager loop
+    engine = SparseEngine(gpu_policy, pruner, rt)
     obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
     for _ in range(3):  # noise drawn by the engine, on the device
         out = engine.predict_action(obs)
@@ -141,7 +142,8 @@ def _gpu_pruner(policy):
 def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
     gpu_policy = _cuda_copy(tiny_policy)
     pruner = _gpu_pruner(gpu_policy)
-    eager = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10, **knobs))
+    eager = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10,
+                                                           cuda_graphs=False, **knobs))
     graphed = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10,
                                                              cuda_graphs=True, **knobs))
     for engine in (eager, graphed):
@@ -164,7 +166,7 @@ def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
 @pytest.mark.parametrize('precision', ['float16', 'bfloat16'])
 def test_reduced_precision_on_cuda_is_close_to_float32(tiny_policy, precision):
     gpu_policy = _cuda_copy(tiny_policy)
-    dense = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10)
+    dense = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10, cuda_graphs=False)
     ref = _chunks(SparseEngine(gpu_policy, None, dense), gpu_policy, 'cuda')
     rt = RuntimeConfig(sparsity_enabled=False, num_inference_steps=10, precision=precision,
                        cuda_graphs=True)
@@ -211,7 +213,7 @@ def test_switching_graphs_off_starts_over_dense(tiny_policy):
     obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
     dense = [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
     engine.set_runtime(RuntimeConfig(gate_source='static', target_sparsity=0.5,
-                                     num_inference_steps=10))
+                                     num_inference_steps=10, cuda_graphs=False))
     dense += [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
     # The cache slots pointed into the graphs' buffers: the eager path does not read them.
     assert dense == [True, False, True, False]

@@ -165,4 +165,4 @@ def test_cuda_graphs_and_precision_knobs_are_validated():
         RuntimeConfig(precision='float64')
     with pytest.raises(ConfigError, match='cuda_graphs'):
         RuntimeConfig(cuda_graphs=1)
-    assert RuntimeConfig().precision == 'float32' and RuntimeConfig().cuda_graphs is False
+    assert RuntimeConfig().precision == 'float32' and RuntimeConfig().cuda_graphs is True

@@ -489,7 +489,7 @@ class SparseEngine:
 
         def memory_kv():
             return model.assemble_kv(time_kv, model.obs_kv(dec_mem))  # per layer (B,K,nh,T_c,dh)
-        mode = self._graph_mode(runtime, B, time_kv)
+        mode = self._graph_mode(runtime, B, model, time_kv)
         if mode != self._cache_mode:
             # Slots written by another path (eager references, a dense graph's pool, another
             # schedule's buffers) are not this path's: start over with a dense chunk.
@@ -564,14 +564,16 @@ class SparseEngine:
                 'action': policy.chunk_from_prediction(action_pred),
                 'stats': stats}
 
-    def _graph_mode(self, runtime: RuntimeConfig, batch: int, time_kv) -> tuple:
+    def _graph_mode(self, runtime: RuntimeConfig, batch: int, model, time_kv) -> tuple:
         """Which path runs the chunk: ('eager',), or ('dense' | 'steps', schedule key).
 
-        CUDA graphs (:mod:`cuda_graphs`) serve batch-1 chunks on CUDA when
-        ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense runtimes, per-step
-        pattern graphs for sparse ones.
+        CUDA graphs (:mod:`cuda_graphs`) serve batch-1 chunks of the torch denoiser on CUDA
+        when ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense runtimes, per-step
+        pattern graphs for sparse ones. Other backends' pieces (exported graphs, TensorRT
+        engines) run eagerly.
         """
-        if not runtime.cuda_graphs or self.device.type != 'cuda' or batch != 1:
+        if (not runtime.cuda_graphs or self.device.type != 'cuda' or batch != 1
+                or not isinstance(model, torch.nn.Module)):
             return ('eager',)
         sched = self.scheduler
         key = (sched.sampler, tuple(sched.timesteps.tolist()), runtime.precision,

@@ -106,8 +106,8 @@ RUNTIME_PARAMS = (
           'scheduler stay float32); reduced precision was checked offline only, see README.',
           constraints=f'one of {PRECISIONS}'),
     Param('inference.cuda_graphs', 'cuda_graphs', _RT.cuda_graphs,
-          'On CUDA: replay dense chunks (the first after a reset, or sparsity off) from one '
-          'captured CUDA graph per schedule; ignored on CPU.'),
+          'On CUDA: run chunks from captured CUDA graphs (whole dense chunks; sparse steps '
+          'per pattern); same values as eager, several times faster; ignored on CPU.'),
     # The node's default is auto, not the library's torch: onnxruntime on the CPU (faster).
     Param('inference.backend', 'backend', 'auto',
           'Who runs the model pieces: torch (eager), onnxruntime (exported graphs, CPU), '
