@@ -217,3 +217,38 @@ def test_switching_graphs_off_starts_over_dense(tiny_policy):
     dense += [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
     # The cache slots pointed into the graphs' buffers: the eager path does not read them.
     assert dense == [True, False, True, False]
+
+
+def test_graphs_capture_while_another_thread_encodes_frames(tiny_policy):
+    # The node encodes camera frames on arrival in another thread, on the default stream,
+    # while the inference thread may be capturing a graph (thread-local capture mode).
+    import threading
+    gpu_policy = _cuda_copy(tiny_policy)
+    results = {}
+    for graphs in (False, True):
+        rt = RuntimeConfig(gate_source='pruner', target_sparsity=0.6, num_inference_steps=10,
+                           cuda_graphs=graphs)
+        engine = SparseEngine(gpu_policy, _gpu_pruner(gpu_policy), rt)
+        stop, errors = threading.Event(), []
+
+        def encode():
+            g = torch.Generator().manual_seed(1)
+            i = 0
+            while not stop.is_set():
+                image = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8)
+                try:
+                    engine.encode_frame('agentview_image', ('bg', i), image.cuda())
+                except Exception as exc:  # reported below
+                    errors.append(exc)
+                    return
+                i += 1
+
+        worker = threading.Thread(target=encode)
+        worker.start()
+        try:
+            results[graphs] = _chunks(engine, gpu_policy, 'cuda', n=6)
+        finally:
+            stop.set()
+            worker.join()
+        assert not errors, errors
+    assert torch.allclose(results[True], results[False], atol=1e-5, rtol=1e-5)
