@@ -154,3 +154,16 @@ def test_compare_leaves_out_the_steps_a_late_chunk_kept():
     assert rows[1]['max_abs_diff'] == 1.0 and rows[1]['kept_steps'] == 0  # all steps differ
     assert rows[2]['max_abs_diff'] is None
     assert compare([(1, late)], {1: ref})[0]['max_abs_diff'] == 0.5  # strict without tolerance
+
+
+def test_replay_needs_chunks_the_engine_alone_decides():
+    from sparse_policy_node.bags.replay import check_reproducible
+    from sparse_policy_node.ros import params
+    check_reproducible(params.NodeSettings(noise_seed=0))
+    for bad, match in (({'noise_seed': -1}, 'unseeded'),
+                       ({'safety_max_step_change': (0.1,)}, 'max_step_change'),
+                       ({'safety_workspace_max': (1.0, 1.0, 1.0)}, 'workspace'),
+                       ({'execution_mode': 'blend', 'execution_blend_steps': 2},
+                        'execution')):
+        with pytest.raises(ReplayError, match=match):
+            check_reproducible(params.NodeSettings(**dict({'noise_seed': 0}, **bad)))

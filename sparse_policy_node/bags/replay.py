@@ -266,7 +266,8 @@ def check_reproducible(settings) -> None:
     """Raise ReplayError unless the node's chunks are a function of its windows and seed.
 
     Unseeded noise differs from any offline draw; the safety layer's step limit, chunk
-    blending and end-effector limits change chunks depending on what ran before.
+    blending or ensembling (``execution.mode``) and end-effector limits change chunks
+    depending on what ran before.
     """
     if settings.noise_seed < 0:
         raise ReplayError('the policy node draws unseeded noise (noise_seed=-1): its chunks '
@@ -275,6 +276,7 @@ def check_reproducible(settings) -> None:
     limited = [name for name, on in (
         ('safety.max_step_change', any(v > 0 for v in s.safety_max_step_change)),
         ('execution.blend_steps', s.execution_blend_steps > 0),
+        ('execution.mode', getattr(s, 'execution_mode', 'replace') != 'replace'),
         ('safety.max_linear_speed', s.safety_max_linear_speed > 0),
         ('safety.max_angular_speed', s.safety_max_angular_speed > 0),
         ('safety.workspace_min/max', min(s.safety_workspace_min) > -1000.0
