@@ -204,3 +204,19 @@ def _listen_object_state(seen, timeout=120.0):
     executor.shutdown()
     node.destroy_node()
     context.try_shutdown()
+
+
+def test_launch_file_starts_the_planned_can_nodes(monkeypatch, tmp_path):
+    """``ros2 launch ... task:=can`` runs the same plan (overlays included) as the bring-up."""
+    from test_ros_launch import load_launch_file
+    monkeypatch.chdir(tmp_path)
+    share = tmp_path / 'share'
+    (share / 'models' / 'can').mkdir(parents=True)
+    description = load_launch_file(monkeypatch, str(share))
+    opaque = [e for e in description.args[0] if 'function' in e.kwargs][0]
+    values = la.parse_launch_args(['task:=can', 'episodes:=3'])
+    nodes = opaque.kwargs['function'](values)
+    plan = la.plan_nodes(values, str(share))
+    assert [n.kwargs['parameters'] for n in nodes] == [p.params_files + [p.overrides]
+                                                       for p in plan]
+    assert nodes[1].kwargs['parameters'][1].endswith('config/sim_bridge_can.yaml')
