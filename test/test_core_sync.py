@@ -166,3 +166,16 @@ def test_cuda_graphs_and_precision_knobs_are_validated():
     with pytest.raises(ConfigError, match='cuda_graphs'):
         RuntimeConfig(cuda_graphs=1)
     assert RuntimeConfig().precision == 'float32' and RuntimeConfig().cuda_graphs is True
+
+
+def test_precision_change_starts_over_dense(tiny_policy):
+    # Cached branch outputs are in the old dtype: the next chunk recomputes everything.
+    rt = RuntimeConfig(gate_source='static', target_sparsity=0.5, num_inference_steps=10)
+    engine = SparseEngine(tiny_policy, None, rt)
+    obs = make_obs(tiny_policy)
+    dense = [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
+    engine.set_runtime(RuntimeConfig(gate_source='static', target_sparsity=0.5,
+                                     num_inference_steps=10, precision='bfloat16'))
+    dense += [engine.predict_action(obs)['stats']['dense'] for _ in range(2)]
+    engine.close()
+    assert dense == [True, False, True, False]

@@ -565,7 +565,7 @@ class SparseEngine:
                 'stats': stats}
 
     def _graph_mode(self, runtime: RuntimeConfig, batch: int, model, time_kv) -> tuple:
-        """Which path runs the chunk: ('eager',), or ('dense' | 'steps', schedule key).
+        """Which path runs the chunk: ('eager', dtype), or ('dense' | 'steps', schedule key).
 
         CUDA graphs (:mod:`cuda_graphs`) serve batch-1 chunks of the torch denoiser on CUDA
         when ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense runtimes, per-step
@@ -574,7 +574,7 @@ class SparseEngine:
         """
         if (not runtime.cuda_graphs or self.device.type != 'cuda' or batch != 1
                 or not isinstance(model, torch.nn.Module)):
-            return ('eager',)
+            return ('eager', runtime.precision)  # cached branch outputs are in this dtype
         sched = self.scheduler
         key = (sched.sampler, tuple(sched.timesteps.tolist()), runtime.precision,
                id(time_kv[0][0]))
