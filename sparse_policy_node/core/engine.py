@@ -19,7 +19,10 @@ On CUDA the loop itself never synchronises with the host either: the initial and
 variance noise are drawn on the device before step 0 (from a device generator seeded from the
 host generator, see :func:`sampler.device_generator`), gate tables live on the device, and the
 statistics are read after the loop. ``test_core_sync.py`` checks it with a transfer spy on CPU
-and with ``torch.cuda.set_sync_debug_mode('error')`` on a GPU.
+and with ``torch.cuda.set_sync_debug_mode('error')`` on a GPU. With ``RuntimeConfig.cuda_graphs``
+(default) batch-1 chunks on CUDA run from captured graphs (:mod:`cuda_graphs`): one per dense
+chunk, one per (step, pattern) of a sparse chunk; the cache restarts dense whenever the path
+(eager, dense graph, step graphs, schedule or precision) changes.
 """
 
 from concurrent.futures import ThreadPoolExecutor
