@@ -130,6 +130,35 @@ class ObservationHistory:
                 newest_arrival = max(newest_arrival, picked[-1][2])
             return Window(t_ref, arrays, newest_arrival, stamps), ''
 
+    def may_pick(self, key: str, stamp_ns: int, not_before_ns: Optional[int] = None) -> bool:
+        """Return False when no future window can pick this entry of ``key``.
+
+        A future window's reference stamp is at least the newest stamp every stream has
+        reached now and at least ``not_before_ns`` (when the next chunk is due); its steps
+        lie at most ``(T_o - 1) * dt`` before it and an entry must be within the sync
+        tolerance of a step. An entry older than that is never picked, nor one with a newer
+        entry at or before the earliest step (that one is nearer every step), except the
+        first of an episode (it pads the earlier steps).
+
+        Args:
+            not_before_ns: the earliest reference stamp of the next window (None: any).
+        """
+        with self._lock:
+            if self._first.get(key) == stamp_ns:
+                return True
+            newest = [s[-1][0] for s in self._streams.values() if s]
+            bounds = [b for b in (not_before_ns, min(newest) if len(newest) == len(
+                self._streams) else None) if b is not None]
+            if not bounds:
+                return True
+            earliest_step = max(bounds) - (self.n_steps - 1) * self.dt_ns
+            if stamp_ns < earliest_step - self.tolerance_ns:
+                return False
+            # A newer entry at or before the earliest step is nearer every future step.
+            stamps = self._stamps[key]
+            i = bisect.bisect_right(stamps, stamp_ns)
+            return not (i < len(stamps) and stamps[i] <= earliest_step)
+
     def _nearest(self, stream, stamps, target: int):
         i = bisect.bisect_left(stamps, target)
         candidates = [stream[j] for j in (i - 1, i) if 0 <= j < len(stream)]

@@ -234,9 +234,9 @@ NODE_PARAMS = (
           'Torch intra-op threads for inference (0: torch default).', min_value=0,
           max_value=256),
     Param('encode_on_arrival', 'encode_on_arrival', _NS.encode_on_arrival,
-          'Encode each camera frame in a separate thread as it arrives, so that a chunk '
-          'starts from cached image features (off: a chunk encodes the frames it does not '
-          'have yet).'),
+          'Encode camera frames in a separate thread as they arrive, newest first and only '
+          'those a future observation window can pick, so that a chunk starts from cached '
+          'image features (off: a chunk encodes the frames it does not have yet).'),
     Param('serving_default', 'serving_default', _NS.serving_default,
           'At configure, runtime parameters not given explicitly (parameter file or command '
           "line) take the model's serving default (serving.json, written by sparse-policy "

@@ -9,10 +9,11 @@ stamped with the time the action is for and named like the chunk, for simple con
 lifecycle publishers, and only while the node is active.
 
 Intake callbacks only convert and store; a worker thread runs one chunk at a time, so
-inference never blocks observation intake. A frame-encoder thread encodes each accepted camera
-frame as it arrives (``encode_on_arrival``), so a chunk starts from cached image features and
-the vision encoder runs on the other core. Heavy parameter changes (model, device) and resets
-are applied by the worker between chunks.
+inference never blocks observation intake. A frame-encoder thread encodes accepted camera
+frames as they arrive (``encode_on_arrival``), newest first and only those a future window can
+pick (frames between chunks never land on the control grid), so a chunk starts from cached
+image features and the vision encoder runs on the other core. Heavy parameter changes
+(model, device) and resets are applied by the worker between chunks.
 """
 
 from collections import deque
@@ -252,6 +253,7 @@ class PolicyNode(LifecycleNode):
         # Newest accepted frames to encode ahead of the chunk; the oldest are dropped when
         # the encoder falls behind (the chunk then encodes what it still needs).
         self._frames = deque(maxlen=2 * max(1, len(self.image_keys)))
+        self._running = None     # (episode, earliest stamp of the window after the running one)
         self._frames_ready = threading.Event()
         self._threads = [threading.Thread(target=self._work, name='inference', daemon=True),
                          threading.Thread(target=self._encode_frames, name='frame_encoder',
@@ -424,18 +426,40 @@ class PolicyNode(LifecycleNode):
             self._frames_ready.wait(0.05)
             self._frames_ready.clear()
             while self._frames and not self._stop.is_set():
-                try:
-                    key, frame_id, image = self._frames.popleft()
+                try:  # newest first: the next window needs the newest frames soonest
+                    key, frame_id, image = self._frames.pop()
                 except IndexError:
                     break
+                if not self._frame_wanted(key, frame_id):
+                    self.stats.count('frames_skipped_off_grid')
+                    continue
                 try:
                     self.engine.encode_frame(key, frame_id, torch.from_numpy(image))
+                    self.stats.count('frames_encoded_ahead')
                 except ObservationError as exc:
                     self._reject(key, exc)
                 except Exception as exc:  # noqa: B902 - the chunk encodes the frame instead
                     self.stats.count('frame_encoder_errors')
                     self.get_logger().error(f'frame encoder failed: {exc!r}',
                                             throttle_duration_sec=5.0)
+
+    def _frame_wanted(self, key, frame_id) -> bool:
+        """Return False for a frame no future window picks (off the control grid).
+
+        The next window is due at the last (or running) chunk's stamp plus the executed
+        horizon; frames before its first step, less the sync tolerance, are never picked.
+        A chunk still encodes any frame it needs that was skipped here.
+        """
+        episode, ns = frame_id
+        if episode != self._episode:
+            return False
+        s, dt, due = self.settings, self.dt_ns, None
+        last, running = self._last, self._running
+        if last is not None:
+            due = last[0] + (last[1] - s.replan_lead_steps) * dt - dt // 2
+        if running is not None and running[0] == episode:
+            due = running[1] if due is None else max(due, running[1])
+        return self.history.may_pick(key, ns, due)
 
     # ==== worker thread: one chunk at a time ====
 
@@ -538,6 +562,9 @@ class PolicyNode(LifecycleNode):
             self.stats.count('stale_skips')
             return
         device = self.engine.device
+        # While this chunk runs, the frame encoder skips frames before the next window.
+        self._running = (episode, window.stamp_ns + ((s.execution_horizon or self.n_action_steps)
+                                                     - s.replan_lead_steps) * dt - dt // 2)
         obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
         frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
         # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
