@@ -495,3 +495,29 @@ def test_late_delta_chunk_on_next_action_sends_every_delta_once(system, measured
     assert [conv.stamp_to_ns(m.header.stamp) for m in robot.next_actions[:4]] == [
         t0 + k * DT for k in range(4)]
     assert node.stats.counters.get('superseded_deltas', 0) == 0
+
+
+def test_ensemble_of_integrated_deltas_averages_the_pose_targets(system, delta_model):
+    # Deltas that sum into a trajectory are integrated first, then ensembled as targets.
+    decay = 0.5
+    node, robot = system(delta_model, sim_clock=True, **{
+        'output.mode': 'pose_target', 'replan_lead_steps': 3, 'execution.mode': 'ensemble',
+        'execution.ensemble_decay': decay})
+    raw = spy_raw_chunks(node)
+    t0 = 5_000_000_000
+    chunks = [drive_sim(robot, t0 + i * DT) for i in range(3)]
+    assert all(c is not None for c in chunks) and len(raw) == 3
+    t = t0 + 2 * DT
+
+    def last_target():
+        found = [m for m in robot.targets if conv.stamp_to_ns(m.header.stamp) == t]
+        return found[-1] if found else None
+    assert robot.wait_for(lambda: last_target() is not None)
+    time.sleep(0.2)
+    # Each chunk's target for t: the pose measured at its stamp (FakeRobot's P0) plus its
+    # deltas up to t.
+    targets = [P0 + 0.05 * raw[i][:3 - i, :3].sum(axis=0) for i in range(3)]
+    w = np.exp(-decay * np.arange(3))
+    expect = sum(wi * ti for wi, ti in zip(w, targets)) / w.sum()
+    assert np.allclose(pose_of(last_target())[0], expect, atol=1e-6)
+    assert np.isclose(np.linalg.norm(pose_of(last_target())[1]), 1.0)
