@@ -703,3 +703,18 @@ def test_runtime_comes_from_the_serving_default_unless_given_explicitly(context,
         for node in nodes:
             node.close()
             node.destroy_node()
+
+
+def test_backend_switches_between_chunks_and_a_missing_one_is_rejected(system, monkeypatch):
+    pytest.importorskip('onnxruntime')
+    node, robot = system()
+    assert node.engine.backend_for(node.engine.runtime).name == 'onnxruntime'  # auto, CPU
+    assert node.set_parameters([Parameter('inference.backend', value='torch')])[0].successful
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    steps(robot, t0 + DT, 4)
+    assert robot.wait_chunk(t0 + 4 * DT) is not None
+    assert node.engine.backend_for(node.engine.runtime).name == 'torch'
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # as if not installed
+    result = node.set_parameters([Parameter('inference.backend', value='onnxruntime')])[0]
+    assert not result.successful and 'onnxruntime package' in result.reason

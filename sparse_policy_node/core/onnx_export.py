@@ -16,9 +16,10 @@ own graph and the loop stays in Python (:mod:`sparse_sampler`, unchanged)::
     pruner[_<s>-<K>]  time_mem (K, D), obs_mem (B, T_o, D)       -> (B, K, U, 4) gate logits
 
 One graph per unit, not one per layer with a unit selector: on the ``paper`` preset at batch 1
-the per-layer graph (an ``If`` over the three unit graphs) ran each unit 1.7x slower in ONNX
-Runtime than the per-unit graphs (fusions stop at the subgraph boundary; README, "ONNX
-Runtime backend"). The batch axis (and N, K where they vary) is dynamic. ``manifest.json``
+the per-layer graph (a nested ``If`` over the three unit graphs) ran each unit 1.6-2.0x slower
+in ONNX Runtime than the per-unit graphs (fusions stop at subgraph boundaries; README,
+"Backends"; ``docs/onnx_unit_vs_layer.py``). The batch axis (and N, K where they vary) is
+dynamic. ``manifest.json``
 lists every graph with its inputs and outputs, the opset, the weights' digest and the torch
 version that wrote them.
 
