@@ -72,10 +72,12 @@ def test_train_pruner_from_demos_for_another_schedule(model_and_demos, tmp_path)
     model_dir, demos = model_and_demos
     assert main(['train-pruner', '--model', model_dir, '--demos', demos, '--out',
                  str(tmp_path / 'run'), '--demo-sampler', 'ddim', '--demo-steps', '5',
+                 '--max-demos', '2',
                  '--epochs', '1', '--batch-episodes', '2', '--val-episodes', '1',
                  '--threads', '1', '--hidden-dim', '16', '--n-head', '2',
                  '--dim-feedforward', '32', '--warmup-steps', '1', '--install']) == 0
-    assert read_rollout_attrs(str(tmp_path / 'run' / 'demo_targets.hdf5'))['sampler'] == 'ddim'
+    targets = str(tmp_path / 'run' / 'demo_targets.hdf5')
+    assert read_rollout_attrs(targets)['sampler'] == 'ddim' and len(load_rollouts(targets)) == 2
     assert list(pruner_dirs(model_dir)) == [('ddim', 5)]
 
 

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --demos: schedule the pruner is for (default: the model's)")
     parser.add_argument('--demo-steps', type=int,
                         help="with --demos: denoising steps K (default: the model's)")
+    parser.add_argument('--max-demos', type=int,
+                        help='with --demos: use only the first demonstrations of the file')
     parser.add_argument('--out', required=True, help='run directory (log, best/, last/)')
     parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity)
     parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             demos_to_rollouts(args.model, args.demos, rollouts, sampler=args.demo_sampler,
                               steps=args.demo_steps, frame_stride=args.frame_stride or None,
-                              seed=args.seed)
+                              seed=args.seed, max_demos=args.max_demos)
         except (ValueError, KeyError, OSError) as exc:
             raise SystemExit(f'train-pruner: {exc}') from exc
     closed_loop = args.closed_loop_episodes > 0
