@@ -294,3 +294,40 @@ def test_missing_tensorrt_is_a_config_error_naming_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorrt', None)
     with pytest.raises(ConfigError, match='tensorrt Python package'):
         backends.check_backend('tensorrt', 'cuda')
+
+
+# ==== command line ====
+
+
+def test_export_command_writes_graphs_and_a_manifest_naming_the_model(model, tmp_path, capsys):
+    from sparse_policy_node.cli import main
+    from sparse_policy_node.core.checkpoint import policy_sha256
+    from sparse_policy_node.core.checkpoint import save_policy
+    policy, _, _, _ = model
+    save_policy(policy, str(tmp_path / 'model'))
+    assert main(['export', str(tmp_path / 'model'), '--out', str(tmp_path / 'graphs')]) == 0
+    manifest = read_manifest(str(tmp_path / 'graphs'))
+    assert manifest['policy_sha256'] == policy_sha256(str(tmp_path / 'model'))
+    assert json.loads(capsys.readouterr().out)['graphs'] == len(manifest['graphs']) == 12
+    assert main(['export', str(tmp_path / 'nope')]) == 2
+    assert 'export:' in capsys.readouterr().err
+
+
+def test_export_tensorrt_without_tensorrt_names_what_is_missing(tmp_path, capsys, monkeypatch):
+    from sparse_policy_node.cli import main
+    monkeypatch.setitem(sys.modules, 'tensorrt', None)
+    assert main(['export', str(tmp_path), '--format', 'tensorrt']) == 2
+    assert 'tensorrt Python package' in capsys.readouterr().err
+    assert main(['export', str(tmp_path), '--format', 'tensorrt', '--device', 'cpu']) == 2
+    assert 'CUDA device' in capsys.readouterr().err
+
+
+def test_bench_times_backends_side_by_side_in_one_process(capsys):
+    from sparse_policy_node.cli import main
+    assert main(['bench', '--preset', 'tiny', '--steps', '10', '--reps', '1', '--warmup', '0',
+                 '--backend', 'torch', 'onnxruntime', '--json']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['backend'] == 'torch' and set(result['backends']) == {'torch', 'onnxruntime'}
+    ratios = result['backend_ratios']['onnxruntime/torch']
+    assert ratios['sparse_ms'] > 0 and ratios['dense_ms'] > 0
+    assert result['backends']['onnxruntime']['realized_sparsity'] == result['realized_sparsity']

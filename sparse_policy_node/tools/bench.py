@@ -341,7 +341,8 @@ def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_m
         variants.append((f'pruner dial {sparsity}', RuntimeConfig(
             gate_source='pruner', target_sparsity=sparsity, directions=directions,
             sampler=sampler, num_inference_steps=steps)))
-    engines = [(name, SparseEngine(policy, pruner, rt)) for name, rt in variants]
+    engines = [(name, SparseEngine(policy, pruner, replace(rt, backend=args.backend[0]),
+                                   model_dir=args.model)) for name, rt in variants]
     g = torch.Generator().manual_seed(args.seed)
     times = {name: [] for name, _ in engines}
     stats = {}
