@@ -130,3 +130,28 @@ def test_ensemble_interpolates_chunks_off_the_grid_and_averages_quaternions():
     mean = ex.ensemble([(0, q1), (0, q2)], DT, 0, 0.0, quat_at=0)
     assert np.isclose(np.linalg.norm(mean), 1.0)
     assert abs(mean[3]) > 0.99                              # not cancelled by the sign
+
+
+@pytest.mark.parametrize('kwargs, reason', [
+    ({'execution_mode': 'average'}, 'execution.mode must be one of'),
+    ({'execution_mode': 'blend'}, 'blend_steps >= 1'),
+    ({'execution_blend_steps': 3}, 'only applies to execution.mode blend'),
+    ({'execution_mode': 'ensemble', 'execution_ensemble_decay': float('inf')},
+     'ensemble_decay'),
+])
+def test_node_settings_reject_bad_execution_parameters(kwargs, reason):
+    from sparse_policy_node.core.config import ConfigError
+    from sparse_policy_node.ros.params import NodeSettings
+    with pytest.raises(ConfigError, match=reason):
+        NodeSettings(**kwargs)
+    assert NodeSettings(execution_mode='blend', execution_blend_steps=3).execution_mode == 'blend'
+
+
+def test_a_delta_goes_out_on_arrival_and_the_same_period_does_not_send_another():
+    e = ex.ChunkExecutor(ex.DELTA, DT)
+    e.add(0, np.arange(4.0)[:, None], 3 * DT // 10)
+    assert e.tick(3 * DT // 10) == (0, 0)          # sent on arrival
+    assert e.tick(4 * DT // 10) is None            # the period's tick: already sent
+    assert e.covers(4 * DT // 10)                  # still covered (no hold)
+    assert e.tick(14 * DT // 10) == (1, DT)
+    assert e.remaining() == 2
