@@ -155,3 +155,13 @@ def test_a_delta_goes_out_on_arrival_and_the_same_period_does_not_send_another()
     assert e.covers(4 * DT // 10)                  # still covered (no hold)
     assert e.tick(14 * DT // 10) == (1, DT)
     assert e.remaining() == 2
+
+
+def test_after_a_reset_with_the_clock_jumping_back_a_chunk_starts_at_its_first_delta():
+    e = ex.ChunkExecutor(ex.DELTA, DT)
+    e.add(100 * DT, np.zeros((4, 1)), 100 * DT)
+    for i in range(4):
+        e.tick((100 + i) * DT)
+    e.drop()                                       # new episode; sim time restarts at 1 s
+    _, first = e.add(20 * DT, np.ones((4, 1)), 21 * DT)
+    assert first == 0 and e.tick(21 * DT) == (0, 20 * DT)

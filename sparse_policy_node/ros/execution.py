@@ -208,11 +208,16 @@ class ChunkExecutor:
         self.kind, self.dt_ns, self.mode = kind, int(dt_ns), mode
         self.blend_steps, self.decay, self.quat_at = blend_steps, decay, quat_at
         self.sent = 0                      # deltas sent since start (execution steps)
-        self._sent_at = deque(maxlen=4096)  # tick time of each recent delta sent
+        self._sent_at = deque(maxlen=4096)  # tick time of each delta sent since the last drop
         self.drop()
 
     def drop(self) -> None:
-        """Forget the chunks (hold, disable, reset); the count of sent deltas stays."""
+        """Forget the chunks and when deltas were sent (hold, disable, reset).
+
+        The next chunk starts at its first delta: after a hold nothing of an old chunk runs
+        on, and after a reset the clock may have jumped back behind old send times.
+        """
+        self._sent_at.clear()
         self.current = None    # (stamp_ns, base, (n, D) effective values)
         self._raw = []         # (stamp_ns, (n, D) values) kept for ensembling
         self._last_k = None    # absolute: index of the last target sent in current
