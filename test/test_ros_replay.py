@@ -74,6 +74,9 @@ def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp
                  str(tmp_path / 'report.json')], capture_output=True, text=True, timeout=120)
             # Another seed: the node still matches the offline engine, not the recording.
             assert node.set_parameters([Parameter('noise_seed', value=SEED + 1)])[0].successful
+            deadline = time.monotonic() + 5.0  # the worker applies it between chunks
+            while node.settings.noise_seed != SEED + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             other = replay_bag(context, str(bag), against_recorded=True)
     finally:
         node.close()
@@ -86,7 +89,7 @@ def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp
     assert report['max_recorded_diff'] <= 1e-5, report
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'chunks match' in done.stdout
-    assert other['noise_seed'] == SEED + 1 and other['max_offline_diff'] <= 1e-5
+    assert other['noise_seed'] == SEED + 1 and other['max_offline_diff'] <= 1e-5, other
     assert other['max_recorded_diff'] > 0.1  # the comparison sees the noise
 
 
