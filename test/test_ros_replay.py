@@ -170,3 +170,43 @@ def test_replay_needs_chunks_the_engine_alone_decides():
                         'execution')):
         with pytest.raises(ReplayError, match=match):
             check_reproducible(params.NodeSettings(**dict({'noise_seed': 0}, **bad)))
+
+
+class FakeCanEnv(FakeEnv):
+    """The stand-in environment without a camera, with a 14-value object state."""
+
+    def obs(self):
+        obs = super().obs()
+        del obs['agentview_image']
+        obs['object'] = np.linspace(0.0, 1.0, 14, dtype=np.float32) * self.steps
+        return obs
+
+
+def test_state_only_run_replays_from_the_object_state_topic(context, tmp_path):
+    """task:=can's topics: no image, the object state on object_state, all in the bag."""
+    from test_ros_can import overlay
+    from test_ros_can import save_tiny_lowdim_model
+    model = save_tiny_lowdim_model(str(tmp_path / 'model'))
+    lowdim_map = overlay('policy.yaml', 'policy_can.yaml')['lowdim_map']
+    bag = tmp_path / 'can_bag'
+    node = policy_node(context, model, lowdim_map=lowdim_map)
+    sim = SimBridgeNode(env_factory=FakeCanEnv, context=context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in {'episodes': 1, 'max_episode_steps': 8,
+                                           'cameras': [''], 'publish_object_state': True,
+                                           'terminate_on_success': False}.items()])
+    recorder = BagRecorder(str(bag), NODE_TOPICS, context=context)
+    with Spinner(context, node, sim, recorder):
+        assert wait(sim.finished) and sim.finished.result() == 0
+        time.sleep(0.5)
+    recorder.close()
+    sim.close()
+    recorded = node.close()
+    assert recorded['chunks'] >= 2, recorded
+    node = policy_node(context, model, lowdim_map=lowdim_map)
+    try:
+        with Spinner(context, node):
+            report = replay_bag(context, str(bag), against_recorded=True)
+    finally:
+        node.close()
+    assert report['live_chunks'] == report['recorded_chunks'] == recorded['chunks']
+    assert report['max_offline_diff'] <= 1e-5 and report['max_recorded_diff'] <= 1e-5, report
