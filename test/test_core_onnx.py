@@ -275,6 +275,24 @@ def test_tensorrt_engines_are_built_once_per_version_precision_and_gpu(model, tm
         assert close(transformer.unit(1, 2, x), policy.transformer.unit(1, 2, x))
 
 
+def test_engine_serves_tensorrt_engines_through_the_same_loop(model, tmp_path, monkeypatch):
+    """Backend tensorrt end to end in the engine, with the fake builder's engines on the CPU."""
+    from sparse_policy_node.core import tensorrt_backend
+    policy, pruners, _, _ = model
+    builder = FakeBuilder(str(tmp_path))
+    monkeypatch.setattr(tensorrt_backend, 'check_tensorrt', lambda device: None)
+    monkeypatch.setattr(tensorrt_backend, 'TensorRTBuilder', lambda: builder)
+    backends.forget(policy)
+    rt = RuntimeConfig(sampler='ddpm', num_inference_steps=10, target_sparsity=0.7)
+    ref = SparseEngine(policy, pruners, rt)
+    trt = SparseEngine(policy, pruners, RuntimeConfig(**{**vars(rt), 'backend': 'tensorrt'}))
+    assert trt.backend_for(trt.runtime).name == 'tensorrt' and builder.built
+    for a, b in zip(chunks(ref, policy, 3), chunks(trt, policy, 3)):
+        assert close(a['action_pred'], b['action_pred'])
+        assert b['stats']['backend'] == 'tensorrt'
+    backends.forget(policy)
+
+
 def test_tensorrt_build_failure_and_bad_precision_name_the_graph(model, tmp_path):
     policy, pruners, directory, manifest = model
 
