@@ -20,6 +20,8 @@ from sparse_policy_node.bags.offline import split_episodes
 from sparse_policy_node.bags.offline import window_at
 from sparse_policy_node.bags.recorder import BagRecorder
 from sparse_policy_node.bags.recorder import NODE_TOPICS
+from sparse_policy_node.bags.replay import check_recorded
+from sparse_policy_node.bags.replay import node_values
 from sparse_policy_node.bags.replay import replay_bag
 from sparse_policy_node.core.seeded_noise import chunk_seed
 from sparse_policy_node.core.seeded_noise import draw_chunk_noise
@@ -32,6 +34,7 @@ from test_ros_sim_bridge import FakeEnv
 from test_ros_sim_bridge import wait
 
 SEED = 7
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def policy_node(context, model, **extra):
@@ -62,6 +65,12 @@ def test_replayed_chunks_match_the_offline_engine_and_the_recording(context, tmp
     bag = tmp_path / 'run_bag'
     recorded = record_episodes(context, model, bag)
     assert recorded['chunks'] >= 4 and recorded['dense_chunks'] == 2, recorded
+    # Without a node: the recorded chunks themselves against the offline engine.
+    values = node_values([os.path.join(ROOT, 'config', 'policy.yaml')],
+                         dict(TINY_PARAMS, model_dir=model, noise_seed=SEED))
+    offline = check_recorded(str(bag), values)
+    assert offline['live_chunks'] == recorded['chunks'] and offline['episodes'] == 2
+    assert offline['max_offline_diff'] <= 1e-5, offline
 
     node = policy_node(context, model)  # a fresh node, as after `launch sim:=none`
     try:
@@ -170,6 +179,8 @@ def test_replay_needs_chunks_the_engine_alone_decides():
                         'execution')):
         with pytest.raises(ReplayError, match=match):
             check_reproducible(params.NodeSettings(**dict({'noise_seed': 0}, **bad)))
+    with pytest.raises(ReplayError, match='unknown policy node parameter'):
+        node_values([], {'noise_sead': 1})
 
 
 class FakeCanEnv(FakeEnv):

@@ -20,6 +20,7 @@ computes (whichever windows) are each checked against the offline engine.
 
 import threading
 import time
+import types
 from typing import Dict
 from typing import List
 from typing import Optional
@@ -42,6 +43,7 @@ from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
+import yaml
 
 EPISODE_TOPIC = '/sim_bridge/episode_result'
 PARAMETER_NAMES = [p.name for p in params.RUNTIME_PARAMS + params.NODE_PARAMS] + [
@@ -262,6 +264,124 @@ def load_bag(path: str, input_topics: List[str], chunk_topic: str, episode_topic
     return events, {t: available[t] for t in input_topics}, recorded
 
 
+def to_samples(inputs, published) -> List:
+    """Convert published ``(topic, stamp, msg)`` inputs to ``(key, stamp, value)`` samples.
+
+    Messages the node rejects are left out; EPISODE markers are kept.
+    """
+    samples = []
+    for topic, stamp, msg in published:
+        if topic == EPISODE:
+            samples.append((EPISODE, None, None))
+            continue
+        try:
+            samples.extend((key, stamp, value) for key, value in inputs.convert(topic, msg))
+        except conv.ConversionError:
+            pass  # the node rejected it too
+    return samples
+
+
+def recorded_inputs(events) -> List:
+    """Return a bag's inputs as the recording node got them, with its episode resets.
+
+    The node was reset before the first input stamped after an episode's last observation,
+    the rule :func:`play` follows.
+    """
+    out, reset_after, started = [], False, False
+    for kind, _, topic, payload in events:
+        if kind == EPISODE and started:
+            reset_after = payload
+        elif kind == INPUT:
+            stamp = _stamp_of(payload)
+            if reset_after is not False and (reset_after is None or stamp is None
+                                             or stamp > reset_after):
+                out.append((EPISODE, None, None))
+                reset_after = False
+            out.append((topic, stamp, payload))
+            started = True
+    return out
+
+
+def node_values(params_files: List[str], overrides: Dict[str, object],
+                node: str = 'policy_node') -> Dict[str, object]:
+    """Return the policy node's parameter values from its parameter files, without a node.
+
+    Declared defaults, then each file's ``/**`` and node-name sections in order, then
+    ``overrides``; with ``serving_default`` the runtime parameters given nowhere come from
+    the model, as the node sets them at configure.
+    """
+    from sparse_policy_node.ros.policy_node import resolve_model_dir
+    values = {p.name: p.default for p in params.RUNTIME_PARAMS + params.NODE_PARAMS}
+    explicit = {}
+    name = node.strip('/').rpartition('/')[2]
+    for path in params_files:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        for key in ('/**', name, '/' + name, node):
+            explicit.update((data.get(key) or {}).get('ros__parameters', {}))
+    explicit.update(overrides)
+    unknown = sorted(set(explicit) - set(values) - {'use_sim_time'})
+    if unknown:
+        raise ReplayError(f'unknown policy node parameter(s) {unknown}')
+    values.update({k: v for k, v in explicit.items() if k in values})
+    if values['serving_default']:
+        model_dir = resolve_model_dir(values['model_dir'])
+        values.update(params.serving_default_values(
+            types.SimpleNamespace(_parameter_overrides=explicit), model_dir))
+    return values
+
+
+def check_recorded(bag: str, values: Dict[str, object], policy: str = '/policy_node',
+                   device: str = '', episode_topic: str = EPISODE_TOPIC,
+                   tolerance: float = 1e-5) -> Dict:
+    """Recompute the chunks recorded in ``bag`` with the offline engine (no node).
+
+    Args:
+        bag: rosbag2 directory with the node's inputs and ``<policy>/action_chunk``.
+        values: the recording node's parameters (:func:`node_values`).
+        policy: fully qualified name the recording node had.
+        device: torch device of the offline run; empty: the node's.
+        episode_topic: where the bag marks episode ends.
+        tolerance: as in :func:`replay_bag`.
+
+    Returns:
+        the report of :func:`replay_bag`, with the recorded chunks in place of live ones.
+    """
+    from sparse_policy_node.core.checkpoint import load_policy_config
+    from sparse_policy_node.core.engine import load_engine
+    from sparse_policy_node.ros.policy_node import resolve_model_dir
+    settings = params.settings_from_values(values)
+    runtime = params.config_from_values(values)
+    check_reproducible(settings)
+    model_dir = resolve_model_dir(settings.model_dir)
+    config = load_policy_config(model_dir)
+    policy = absolute(policy.rstrip('/'))
+    inputs = node_inputs(config, settings, model_dir, policy.rpartition('/')[0])
+    chunk_topic = f'{policy}/action_chunk'
+    events, _, recorded = load_bag(bag, inputs.topics, chunk_topic, episode_topic)
+    if not recorded:
+        raise ReplayError(f'bag {bag} has no recorded chunks on {chunk_topic}')
+    order = [p for k, _, _, p in events if k == CHUNK]
+    published = recorded_inputs(events)
+    engine = load_engine(model_dir, device or settings.device, runtime)
+    try:
+        offline = offline_chunks(engine, inputs, to_samples(inputs, published), order,
+                                 settings, config.transformer.n_obs_steps)
+    finally:
+        engine.close()
+    rows = compare([(st, recorded[st]) for st in order], dict(zip(order, offline)),
+                   tolerance)
+    for row in rows:
+        row['offline_max_abs_diff'] = row.pop('max_abs_diff')
+    return {'bag': bag, 'policy': policy, 'noise_seed': settings.noise_seed,
+            'clock': 'recorded', 'chunks': rows, 'live_chunks': len(order),
+            'recorded_chunks': len(recorded),
+            'published_messages': sum(t != EPISODE for t, _, _ in published),
+            'episodes': 1 + sum(t == EPISODE for t, _, _ in published), 'play_s': 0.0,
+            'max_offline_diff': max(r['offline_max_abs_diff'] for r in rows),
+            'kept_steps': sum(r['kept_steps'] for r in rows)}
+
+
 def check_reproducible(settings) -> None:
     """Raise ReplayError unless the node's chunks are a function of its windows and seed.
 
@@ -359,15 +479,7 @@ def replay_bag(context, bag: str, policy: str = '/policy_node', rate: float = 1.
     if not live:
         raise ReplayError('the policy node published no chunk during the replay (stale or '
                           'rejected inputs? see its log and diagnostics)')
-    samples = []
-    for topic, stamp, msg in published:
-        if topic == EPISODE:
-            samples.append((EPISODE, None, None))
-            continue
-        try:
-            samples.extend((key, stamp, value) for key, value in inputs.convert(topic, msg))
-        except conv.ConversionError:
-            pass  # the node rejected it too
+    samples = to_samples(inputs, published)
     engine = load_engine(model_dir, device or settings.device, runtime)
     try:
         offline = offline_chunks(engine, inputs, samples, [s for s, _ in live], settings,
