@@ -285,7 +285,8 @@ def test_engine_serves_tensorrt_engines_through_the_same_loop(model, tmp_path, m
     backends.forget(policy)
     rt = RuntimeConfig(sampler='ddpm', num_inference_steps=10, target_sparsity=0.7)
     ref = SparseEngine(policy, pruners, rt)
-    trt = SparseEngine(policy, pruners, RuntimeConfig(**{**vars(rt), 'backend': 'tensorrt'}))
+    trt = SparseEngine(policy, pruners, RuntimeConfig(**{**vars(rt), 'backend': 'tensorrt'}),
+                       model_dir=str(tmp_path))  # a fresh cache: engines are built
     assert trt.backend_for(trt.runtime).name == 'tensorrt' and builder.built
     for a, b in zip(chunks(ref, policy, 3), chunks(trt, policy, 3)):
         assert close(a['action_pred'], b['action_pred'])
