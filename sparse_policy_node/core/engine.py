@@ -23,6 +23,11 @@ and with ``torch.cuda.set_sync_debug_mode('error')`` on a GPU. With ``RuntimeCon
 (default) batch-1 chunks on CUDA run from captured graphs (:mod:`cuda_graphs`): one per dense
 chunk, one per (step, pattern) of a sparse chunk; the cache restarts dense whenever the path
 (eager, dense graph, step graphs, schedule or precision) changes.
+
+``RuntimeConfig.backend`` picks who runs the pieces (:mod:`backends`): the modules themselves,
+or exported graphs in ONNX Runtime / TensorRT behind drop-ins with the same per-unit API, so
+the loop above is one code path for all; a backend is built by :meth:`set_runtime` (or at
+construction), never inside a chunk.
 """
 
 from concurrent.futures import ThreadPoolExecutor
