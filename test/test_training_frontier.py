@@ -10,6 +10,7 @@ from sparse_policy_node.core.checkpoint import policy_sha256
 from sparse_policy_node.core.checkpoint import read_serving_config
 from sparse_policy_node.core.checkpoint import save_policy
 from sparse_policy_node.core.checkpoint import save_pruner
+from sparse_policy_node.core.checkpoint import write_serving_config
 from sparse_policy_node.core.config import ConfigError
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import RuntimeConfig
@@ -181,3 +182,26 @@ def test_points_per_schedule_dials_and_trained_max_age(tiny_policy, tmp_path):
     for bad in (['ddpm-10'], ['ddpm-10=1.5'], ['ddpm-10=x']):
         with pytest.raises(ValueError, match='schedule-dials'):
             parse_schedule_dials(bad)
+
+
+@pytest.mark.parametrize('serving_steps, benched', [(4, ('ddim', 4)), (2, (None, None))])
+def test_bench_follows_a_dense_serving_default_only_onto_a_pruned_schedule(
+        tiny_policy, tmp_path, capsys, serving_steps, benched):
+    from argparse import Namespace
+    from sparse_policy_node.cli import main
+    from sparse_policy_node.tools.bench import apply_serving_default
+    model_dir = model_with_pruners(tiny_policy, tmp_path)
+    write_serving_config(model_dir, {'sparsity_enabled': False, 'gate_source': 'dense',
+                                     'sampler': 'ddim', 'num_inference_steps': serving_steps},
+                         {'point': f'ddim-{serving_steps}'})
+    args = Namespace(model=model_dir, gates=None, sparsity=None, sampler=None, steps=None,
+                     rollout_max_age=None)
+    apply_serving_default(args)
+    assert (args.sampler, args.steps) == benched and args.gates == 'pruner'
+    # ddim-2 has no pruner: bench says so and runs on the model's own schedule (DDPM-10).
+    assert main(['bench', '--model', model_dir, '--reps', '1', '--warmup', '0', '--threads',
+                 '1', '--json']) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result['dense_ms'] > 0 and result['sparse_ms'] > 0
+    assert ('has no pruner' in captured.err) == (benched == (None, None))

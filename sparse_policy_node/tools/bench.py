@@ -297,6 +297,7 @@ def apply_serving_default(args) -> None:
 
     Sets ``args.serving_default`` to the point name used, or None.
     """
+    from sparse_policy_node.core.checkpoint import pruner_dirs
     from sparse_policy_node.core.checkpoint import read_serving_config
     serving = read_serving_config(args.model) if args.model else None
     args.serving_default = None
@@ -308,8 +309,17 @@ def apply_serving_default(args) -> None:
             args.sparsity = rt.get('target_sparsity', -1.0)
         else:  # a dense serving default: bench its schedule, sparse at the usual dial
             args.gates, args.sparsity = None, None
-        args.sampler = args.sampler or rt.get('sampler')
-        args.steps = args.steps or rt.get('num_inference_steps')
+        schedule = (args.sampler or rt.get('sampler'),
+                    args.steps or rt.get('num_inference_steps'))
+        pruned = pruner_dirs(args.model)
+        if args.gates is None and schedule not in pruned and None not in pruned:
+            # Dense on a schedule without a pruner: the sparse column needs one, so bench
+            # the model's own schedule (the user's --sampler/--steps still win).
+            print(f'bench: the serving default {args.serving_default} is dense on '
+                  f'{schedule[0]}-{schedule[1]}, which has no pruner; benching dense vs '
+                  f'sparse on the schedule of the model config instead', file=sys.stderr)
+        else:
+            args.sampler, args.steps = schedule
         if args.rollout_max_age is None:
             args.rollout_max_age = rt.get('rollout_max_age', 0)
     args.gates = args.gates or 'pruner'
