@@ -39,6 +39,10 @@ KNOWN_INPUTS = {
     'robot0_gripper_qpos': ('m', 'finger joint positions'),
     'robot0_joint_pos': ('rad', 'arm joint positions'),
     'robot0_eef_pos_vel': ('m/s', 'end-effector linear velocity'),
+    'object': ('m; unit quaternions x, y, z, w',
+               "robosuite's object-state: the object's world pose and its pose relative to "
+               'the end effector (PickPlaceCan: position 3, quaternion 4, relative position '
+               '3, relative quaternion 4); on a real robot, an object tracker'),
 }
 
 
