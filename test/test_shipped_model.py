@@ -41,3 +41,32 @@ def test_lift_serving_default_loads_and_runs_a_finite_chunk():
             engine.set_runtime(RuntimeConfig(sampler='ddim', num_inference_steps=16))
     finally:
         engine.close()
+
+
+CAN = os.path.join(os.path.dirname(LIFT), 'can')
+
+
+def test_can_is_a_state_only_model_with_a_ddim10_pruner_for_its_weights():
+    from sparse_policy_node.core.checkpoint import load_policy
+    from sparse_policy_node.core.model_card import read_card
+    policy = load_policy(CAN)
+    assert policy.config.obs.vision.cameras == ()
+    assert [k for k, _ in policy.config.obs.lowdim][-1] == 'object'
+    card = read_card(CAN, policy.config)
+    assert card['cameras'] == {} and card['inputs']['object']['dim'] == 14
+    pruners = load_pruners(CAN)  # raises on a policy-hash mismatch
+    assert set(pruners) == {('ddim', 10)}
+    assert trained_max_age(pruners[('ddim', 10)]) == 3
+
+
+def test_can_serving_default_runs_finite_chunks_from_state_alone():
+    engine = load_engine(CAN)
+    try:
+        obs = make_obs(engine.policy)
+        assert not any(key.endswith('_image') for key in obs)
+        for _ in range(2):
+            out = engine.predict_action(obs, generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(out['action']).all()
+        assert out['action'].shape[-1] == 7
+    finally:
+        engine.close()
