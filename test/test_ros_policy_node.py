@@ -115,7 +115,7 @@ def test_chunk_is_stamped_named_timed_and_clamped(system):
 
 
 def test_replans_once_per_execution_horizon_and_horizon_is_dynamic(system):
-    node, robot = system()
+    node, robot = system(max_obs_age_s=30.0)  # a slow first chunk on a loaded CI machine
     t0 = now_ns()
     assert robot.drive(t0) is not None
     steps(robot, t0 + DT, 8)
