@@ -265,6 +265,41 @@ def test_reset_while_a_chunk_is_in_flight(system):
     assert node.stats.counters['dense_chunks'] == 1              # first chunk of the episode
 
 
+def test_a_reset_right_after_the_worker_looked_for_changes_still_runs_dense(system):
+    """A reset between the worker's look for changes and its chunk clears the engine too.
+
+    The node once left the engine reset to the worker's next look: a chunk of the new
+    episode that started first reused the old episode's rollout cache (not dense, not what
+    an offline replay computes).
+    """
+    node, robot = system(max_obs_age_s=30.0)
+    t0 = now_ns()
+    assert robot.drive(t0) is not None
+    steps(robot, t0 + DT, 4)
+    assert robot.wait_chunk(t0 + 4 * DT) is not None
+    assert node.stats.counters['dense_chunks'] == 1
+    apply_changes, armed = node._apply_changes, threading.Event()
+    t1 = t0 + 10 * DT
+
+    def reset_after_the_look():
+        apply_changes()
+        if armed.is_set():
+            armed.clear()
+            node._reset('test')
+            version = node._inputs_version
+            robot.publish_obs(t1)       # the new episode's first inputs arrive at once
+            deadline = time.monotonic() + 3.0
+            while node._inputs_version < version + 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    node._apply_changes = reset_after_the_look
+    armed.set()
+    assert robot.wait_chunk(t1) is not None
+    assert not armed.is_set()
+    assert node.stats.counters['resets'] == 1
+    assert node.stats.counters['dense_chunks'] == 2                # the new episode's first
+
+
 def test_time_jump_backwards_starts_a_new_episode(system):
     node, robot = system(max_obs_age_s=30.0)
     t0 = now_ns()

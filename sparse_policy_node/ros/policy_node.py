@@ -215,7 +215,8 @@ class PolicyNode(LifecycleNode):
         self.history = ObservationHistory(self.keys, cfg.transformer.n_obs_steps, self.dt_ns,
                                           *self._timing_ns(s))
         self._wake, self._stop, self._dirty = threading.Event(), threading.Event(), False
-        self._episode, self._reset_pending, self._activated_before = 0, False, False
+        self._episode, self._activated_before = 0, False
+        self._engine_episode = 0  # the episode whose chunks filled the engine's caches
         self._last = None        # (stamp_ns, n_points) of the last published chunk
         self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
@@ -403,7 +404,6 @@ class PolicyNode(LifecycleNode):
             self.history.clear(self.get_clock().now().nanoseconds if keep_floor else None)
             self._last = self._current = None
             self._last_target = None
-            self._reset_pending = True
         self.stats.count('resets')
         self.get_logger().info(f'new episode ({reason}): caches cleared, next chunk dense')
         self._wake.set()
@@ -479,7 +479,7 @@ class PolicyNode(LifecycleNode):
     def _apply_changes(self) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, False
-            reset, self._reset_pending = self._reset_pending, False
+        reset = False
         if dirty:
             s, old = params.settings_from_params(self), self.settings
             runtime = params.config_from_params(self)
@@ -569,6 +569,12 @@ class PolicyNode(LifecycleNode):
         frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
         # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
         noise = engine_chunk_noise(self.engine, s.noise_seed, window.stamp_ns)
+        if episode != self._engine_episode:
+            # The episode's first chunk: dense, from empty caches. Tied to the chunk's own
+            # episode, not to when the worker last looked for changes: a reset that lands
+            # after that look still clears, and a chunk of the old episode never clears.
+            self.engine.reset()
+            self._engine_episode = episode
         try:
             out = self.engine.predict_action(obs, frame_ids=frame_ids, **noise)
         except ObservationError as exc:

@@ -104,13 +104,7 @@ def run(args) -> int:
         return 2
     finally:
         context.try_shutdown()
-    print(format_report(report, args.tolerance))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=2)
-    ok = verdict(report, args.tolerance)
-    print('replay-bag: ' + ('chunks match' if ok else 'MISMATCH above tolerance'))
-    return 0 if ok else 1
+    return finish(report, args, format_report(report, args.tolerance), 'chunks match')
 
 
 def run_offline(args) -> int:
@@ -136,10 +130,16 @@ def run_offline(args) -> int:
     except (ReplayError, BagError, CheckpointError, ConfigError, OSError) as exc:
         print(f'replay-bag: {exc}', file=sys.stderr)
         return 2
-    print(format_report(report, args.tolerance).replace('node - offline', 'recorded - offline'))
+    table = format_report(report, args.tolerance).replace('node - offline', 'recorded - offline')
+    return finish(report, args, table, 'recorded chunks match')
+
+
+def finish(report: dict, args, table: str, match_text: str) -> int:
+    """Print the table, write ``--json``, print the verdict; return the exit status."""
+    print(table)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(report, f, indent=2)
     ok = verdict(report, args.tolerance)
-    print('replay-bag: ' + ('recorded chunks match' if ok else 'MISMATCH above tolerance'))
+    print('replay-bag: ' + (match_text if ok else 'MISMATCH above tolerance'))
     return 0 if ok else 1
