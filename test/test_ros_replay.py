@@ -233,3 +233,28 @@ def test_state_only_run_replays_from_the_object_state_topic(context, tmp_path):
         node.close()
     assert_same_chunks(report, recorded)
     assert report['max_offline_diff'] <= 1e-5 and report['max_recorded_diff'] <= 1e-5, report
+
+
+def test_an_episode_end_received_late_goes_before_the_next_episodes_inputs():
+    """The recorder may get the bridge's result after the next episode's first inputs."""
+    from types import SimpleNamespace
+    from sparse_policy_node.bags.offline import EPISODE
+    from sparse_policy_node.bags.replay import CHUNK
+    from sparse_policy_node.bags.replay import INPUT
+    from sparse_policy_node.bags.replay import place_episode_ends
+    from sparse_policy_node.ros import conversions as conv
+
+    def msg(ns):
+        return SimpleNamespace(header=SimpleNamespace(stamp=conv.ns_to_stamp(ns)))
+
+    ms = 1_000_000
+    events = [(INPUT, 1, 'a', msg(100 * ms)), (CHUNK, 2, 'c', 100 * ms),
+              (INPUT, 3, 'b', msg(150 * ms)),     # next episode, received before the end
+              (INPUT, 4, 'a', msg(140 * ms)),     # this episode's last, received late
+              (EPISODE, 5, 'e', 140 * ms),
+              (INPUT, 6, 'a', msg(150 * ms)), (CHUNK, 7, 'c', 150 * ms),
+              (EPISODE, 8, 'e', None),            # last stamp unknown: kept where it is
+              (INPUT, 9, 'a', msg(10 * ms))]
+    placed = place_episode_ends(events)
+    assert [t for _, t, _, _ in placed] == [1, 2, 4, 5, 3, 6, 7, 8, 9]
+    assert place_episode_ends(events[:2]) == events[:2]

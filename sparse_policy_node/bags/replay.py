@@ -261,7 +261,41 @@ def load_bag(path: str, input_topics: List[str], chunk_topic: str, episode_topic
             events.append((CHUNK, t_ns, topic, stamp))
         else:
             events.append((INPUT, t_ns, topic, msg))
-    return events, {t: available[t] for t in input_topics}, recorded
+    return place_episode_ends(events), {t: available[t] for t in input_topics}, recorded
+
+
+def place_episode_ends(events: List) -> List:
+    """Move each episode end before the next episode's inputs and chunks received earlier.
+
+    The recorder gets the bridge's result on its own topic, and may receive it after the
+    first inputs of the next episode although the bridge reset the node before publishing
+    them. An end that knows its episode's last stamp goes before every event since the
+    previous end that is stamped later (order otherwise kept), so the replay resets the
+    node where the bridge did.
+    """
+    out, since = [], 0   # since: index in out after the previous episode end
+    for event in events:
+        kind, _, _, payload = event
+        if kind == EPISODE and payload is not None:
+            segment, out[since:] = out[since:], []
+            is_later = [(_event_stamp(e) or payload) > payload for e in segment]
+            later = [e for e, moved in zip(segment, is_later) if moved]
+            out.extend(e for e, moved in zip(segment, is_later) if not moved)
+            out.append(event)
+            out.extend(later)
+            since = len(out) - len(later)
+            continue
+        out.append(event)
+        if kind == EPISODE:
+            since = len(out)
+    return out
+
+
+def _event_stamp(event) -> Optional[int]:
+    kind, _, _, payload = event
+    if kind == CHUNK:
+        return payload
+    return _stamp_of(payload) if kind == INPUT else None
 
 
 def to_samples(inputs, published) -> List:
