@@ -479,26 +479,25 @@ class PolicyNode(LifecycleNode):
     def _apply_changes(self) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, False
-        reset = False
-        if dirty:
-            s, old = params.settings_from_params(self), self.settings
-            runtime = params.config_from_params(self)
-            if (s.model_dir, s.device) != (old.model_dir, old.device):
-                try:
-                    new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
-                except Exception as exc:  # noqa: B902 - any load failure keeps the old model
-                    self._keep_running_model(s, old, exc)
-                else:
-                    self.engine.close()
-                    self.engine, reset = new, True
-                    self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
-            self.engine.set_runtime(runtime)
-            if s.num_threads and s.num_threads != old.num_threads:
-                torch.set_num_threads(s.num_threads)
-            self.history.set_timing(*self._timing_ns(s))
-            self.settings = s
-        if reset:
-            self.engine.reset()
+        if not dirty:
+            return
+        s, old = params.settings_from_params(self), self.settings
+        runtime = params.config_from_params(self)
+        if (s.model_dir, s.device) != (old.model_dir, old.device):
+            try:
+                new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
+            except Exception as exc:  # noqa: B902 - any load failure keeps the old model
+                self._keep_running_model(s, old, exc)
+            else:
+                self.engine.close()
+                self.engine = new
+                new.reset()
+                self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
+        self.engine.set_runtime(runtime)
+        if s.num_threads and s.num_threads != old.num_threads:
+            torch.set_num_threads(s.num_threads)
+        self.history.set_timing(*self._timing_ns(s))
+        self.settings = s
 
     def _keep_running_model(self, s, old, exc) -> None:
         """Keep the running model and revert the parameters after a failed model change.
