@@ -258,3 +258,29 @@ def test_an_episode_end_received_late_goes_before_the_next_episodes_inputs():
     placed = place_episode_ends(events)
     assert [t for _, t, _, _ in placed] == [1, 2, 4, 5, 3, 6, 7, 8, 9]
     assert place_episode_ends(events[:2]) == events[:2]
+
+
+def test_recorded_inputs_reset_before_the_first_input_stamped_after_an_episode():
+    """The offline replay resets where the bridge did: after the ended episode's last stamp."""
+    from types import SimpleNamespace
+    from sparse_policy_node.bags.offline import EPISODE
+    from sparse_policy_node.bags.replay import INPUT
+    from sparse_policy_node.bags.replay import PendingReset
+    from sparse_policy_node.bags.replay import recorded_inputs
+    from sparse_policy_node.ros import conversions as conv
+
+    def msg(ns):
+        return SimpleNamespace(header=SimpleNamespace(stamp=conv.ns_to_stamp(ns)))
+
+    events = [(EPISODE, 0, 'e', None),                # before any input: the replay's reset
+              (INPUT, 1, 'a', msg(100)), (EPISODE, 2, 'e', 120),
+              (INPUT, 3, 'b', msg(120)),              # the ended episode's last, late
+              (INPUT, 4, 'a', msg(130)),              # the next episode's first
+              (EPISODE, 5, 'e', None), (INPUT, 6, 'a', msg(10))]
+    order = [topic if topic == EPISODE else stamp for topic, stamp, _ in recorded_inputs(events)]
+    assert order == [100, 120, EPISODE, 130, EPISODE, 10]
+
+    pending = PendingReset()
+    assert not pending.before(5)                      # no episode ended
+    pending.episode_ended(None)
+    assert pending.before(5) and not pending.before(6)   # unknown end: the next input, once

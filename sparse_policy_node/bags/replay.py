@@ -149,6 +149,30 @@ def _stamp_of(msg) -> Optional[int]:
 INPUT, CHUNK = 'input', 'chunk'
 
 
+class PendingReset:
+    """Where the node is reset after an episode end, the rule of the bridge and recorder.
+
+    The bridge resets the node before it publishes the next episode's first input, so the
+    node resets before the first input stamped after the ended episode's last observation
+    (before the next input at all when that stamp is unknown).
+    """
+
+    def __init__(self):
+        self._due, self._after = False, None
+
+    def episode_ended(self, last_stamp_ns: Optional[int]) -> None:
+        """An episode ended; ``last_stamp_ns``: its last observation's stamp, or None."""
+        self._due, self._after = True, last_stamp_ns
+
+    def before(self, stamp_ns: Optional[int]) -> bool:
+        """Return whether the node resets before an input stamped ``stamp_ns``; once."""
+        if not self._due or (self._after is not None and stamp_ns is not None
+                             and stamp_ns <= self._after):
+            return False
+        self._due = False
+        return True
+
+
 def play(player: BagPlayer, events, types: Dict[str, str], sim_clock: bool,
          rate: float = 1.0, chunk_timeout: float = 10.0) -> List:
     """Replay ``events`` (:func:`load_bag`) at their recorded timing.
@@ -184,7 +208,7 @@ def play(player: BagPlayer, events, types: Dict[str, str], sim_clock: bool,
         t0 = min(stamps, default=0)
         shift = player.get_clock().now().nanoseconds - t0
     start, extra, clock_ns = time.monotonic(), 0.0, 0
-    reset_due, reset_after = False, None
+    pending = PendingReset()
     for kind, t_ns, topic, payload in events:
         if sim_clock or (kind == INPUT and _stamp_of(payload)):
             axis = t_ns if sim_clock else _stamp_of(payload)
@@ -198,7 +222,7 @@ def play(player: BagPlayer, events, types: Dict[str, str], sim_clock: bool,
             # The next episode starts after the ended one's last stamp (its last inputs may
             # be received after the result). The first starts with the replay's reset.
             if published:
-                reset_due, reset_after = True, payload
+                pending.episode_ended(payload)
             continue
         if kind == CHUNK:
             if not player.wait_chunk(payload + shift, chunk_timeout):
@@ -207,14 +231,13 @@ def play(player: BagPlayer, events, types: Dict[str, str], sim_clock: bool,
             extra += time.monotonic() - began
             continue
         stamp = _stamp_of(payload)
-        if reset_due and (reset_after is None or stamp is None or stamp > reset_after):
+        if pending.before(stamp):
             player.reset_policy(chunk_timeout)
             published.append((EPISODE, None, None))
             now = player.get_clock().now().nanoseconds
             if not sim_clock and stamp and stamp + shift <= now:
                 # The node drops inputs stamped before its reset: move the episode later.
                 shift = now - stamp + 1_000_000
-            reset_due = False
             extra += time.monotonic() - began
         if stamp:
             stamp += shift
@@ -318,21 +341,17 @@ def to_samples(inputs, published) -> List:
 def recorded_inputs(events) -> List:
     """Return a bag's inputs as the recording node got them, with its episode resets.
 
-    The node was reset before the first input stamped after an episode's last observation,
-    the rule :func:`play` follows.
+    The resets are placed by :class:`PendingReset`, as :func:`play` places them.
     """
-    out, reset_after, started = [], False, False
+    out, pending = [], PendingReset()
     for kind, _, topic, payload in events:
-        if kind == EPISODE and started:
-            reset_after = payload
+        if kind == EPISODE and out:
+            pending.episode_ended(payload)
         elif kind == INPUT:
             stamp = _stamp_of(payload)
-            if reset_after is not False and (reset_after is None or stamp is None
-                                             or stamp > reset_after):
+            if pending.before(stamp):
                 out.append((EPISODE, None, None))
-                reset_after = False
             out.append((topic, stamp, payload))
-            started = True
     return out
 
 
