@@ -18,8 +18,9 @@ LIFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def test_lift_has_a_pruner_per_schedule_trained_for_its_weights():
     pruners = load_pruners(LIFT)  # raises on a policy-hash mismatch
-    assert set(pruners) == {('ddpm', 100), ('ddim', 10)}
+    assert set(pruners) == {('ddpm', 100), ('ddim', 10), ('ddim', 5)}
     assert trained_max_age(pruners[('ddim', 10)]) == 3
+    assert trained_max_age(pruners[('ddim', 5)]) == 3
     assert trained_max_age(pruners[('ddpm', 100)]) == 0
 
 
@@ -36,6 +37,8 @@ def test_lift_serving_default_loads_and_runs_a_finite_chunk():
             out = engine.predict_action(obs, generator=torch.Generator().manual_seed(0))
             assert torch.isfinite(out['action']).all()
         assert out['stats']['num_steps'] == runtime.num_inference_steps
+        if runtime.sparsity_enabled:  # the pruner of the served schedule gated the second
+            assert out['stats']['realized_sparsity'] > 0.0
         # The DDPM-100 pruner must not be used at DDIM-16: no pruner for that schedule.
         with pytest.raises(ConfigError, match='no pruner trained for ddim-16'):
             engine.set_runtime(RuntimeConfig(sampler='ddim', num_inference_steps=16))

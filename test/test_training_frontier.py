@@ -118,6 +118,8 @@ def test_frontier_end_to_end_installs_a_serving_default(tiny_policy, tmp_path, c
     serving = read_serving_config(model_dir)
     assert serving['runtime'] == report['chosen_runtime']
     assert serving['chosen_by']['point'] == report['chosen']
+    # The backend, precision and CUDA graphs stay the deployment's choice.
+    assert not {'backend', 'precision', 'cuda_graphs'} & set(serving['runtime'])
     assert (out / 'frontier.png').stat().st_size > 1000
     table = (out / 'frontier.md').read_text().splitlines()
     assert len(table) == 2 + len(names) and f'**{report["chosen"]}**' in '\n'.join(table)

@@ -146,10 +146,15 @@ def is_lossless(point: dict, dense: dict, episodes: int, tolerance_episodes: int
     return point['steps_success'] <= max_steps_ratio * dense['steps_success']
 
 
+DEPLOYMENT_FIELDS = ('backend', 'precision', 'cuda_graphs')
+
+
 def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> dict:
     """Return the RuntimeConfig fields that serve point ``name``.
 
-    ``rollout_max_age`` None: the max age the schedule's pruner was trained with.
+    ``rollout_max_age`` None: the max age the schedule's pruner was trained with. The
+    deployment's fields (:data:`DEPLOYMENT_FIELDS`: backend, precision, CUDA graphs) are left
+    out: they are the serving machine's choice, not the model's.
     """
     from dataclasses import asdict
     from sparse_policy_node.core.checkpoint import for_schedule
@@ -173,7 +178,7 @@ def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> 
                                 target_sparsity=-1.0 if kind == 'sparse' else param,
                                 sampler=sampler, num_inference_steps=steps,
                                 rollout_max_age=rollout_max_age)
-    return asdict(runtime)
+    return {k: v for k, v in asdict(runtime).items() if k not in DEPLOYMENT_FIELDS}
 
 
 def summarize_points(results: Dict[str, List[dict]], args) -> dict:
