@@ -37,8 +37,9 @@ def test_lift_serving_default_loads_and_runs_a_finite_chunk():
             out = engine.predict_action(obs, generator=torch.Generator().manual_seed(0))
             assert torch.isfinite(out['action']).all()
         assert out['stats']['num_steps'] == runtime.num_inference_steps
-        if runtime.sparsity_enabled:  # the pruner of the served schedule gated the second
-            assert out['stats']['realized_sparsity'] > 0.0
+        # The shipped default is learned gates on DDIM-5: the second chunk is gated.
+        assert runtime.sparsity_enabled and runtime.gate_source == 'pruner'
+        assert out['stats']['realized_sparsity'] > 0.0
         # The DDPM-100 pruner must not be used at DDIM-16: no pruner for that schedule.
         with pytest.raises(ConfigError, match='no pruner trained for ddim-16'):
             engine.set_runtime(RuntimeConfig(sampler='ddim', num_inference_steps=16))
