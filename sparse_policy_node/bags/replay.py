@@ -161,7 +161,7 @@ class PendingReset:
         self._due, self._after = False, None
 
     def episode_ended(self, last_stamp_ns: Optional[int]) -> None:
-        """An episode ended; ``last_stamp_ns``: its last observation's stamp, or None."""
+        """Note that an episode ended; ``last_stamp_ns``: its last observation's stamp, or None."""
         self._due, self._after = True, last_stamp_ns
 
     def before(self, stamp_ns: Optional[int]) -> bool:
