@@ -1,9 +1,10 @@
 """The node serves the shipped model through ONNX Runtime: bring-up on Lift, 3 episodes.
 
 Policy node (``inference.backend: onnxruntime``) + robosuite bridge as processes of the rclpy
-bring-up, real topics, the shipped model at its serving default (dense DDIM-5), lockstep.
-With ``inference.backend: torch`` the same command succeeded in 3 of 3 episodes on these seeds
-(100000-100002; 48, 48 and 46 steps); the ONNX Runtime node must match that. The graphs come
+bring-up, real topics, the shipped model at its serving default (learned gates on DDIM-5
+since round 4; dense DDIM-5 before), lockstep. With ``inference.backend: torch`` the same
+command succeeded in 3 of 3 episodes on these seeds (100000-100002) with either default; the
+ONNX Runtime node must match that. The graphs come
 from ``models/lift/.backend_cache`` (exported on the first run, about 10 s).
 """
 
