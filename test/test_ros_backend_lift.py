@@ -3,9 +3,9 @@
 Policy node (``inference.backend: onnxruntime``) + robosuite bridge as processes of the rclpy
 bring-up, real topics, the shipped model at its serving default (learned gates on DDIM-5
 since round 4; dense DDIM-5 before), lockstep. With ``inference.backend: torch`` the same
-command succeeded in 3 of 3 episodes on these seeds (100000-100002) with either default; the
-ONNX Runtime node must match that. The graphs come
-from ``models/lift/.backend_cache`` (exported on the first run, about 10 s).
+command succeeded in 3 of 3 episodes on these seeds (100000-100002) with either default (51,
+54 and 51 steps with the learned gates); the ONNX Runtime node must match that. The graphs
+come from ``models/lift/.backend_cache`` (exported on the first run, about 10 s).
 """
 
 import json
