@@ -25,6 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DT = 50_000_000  # 20 Hz
 
 
+def refused_transition():
+    """Return a ChangeState request an active node refuses without effect (configure)."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    return ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE))
+
+
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
     return save_tiny_model(str(tmp_path_factory.mktemp('model')))
@@ -409,7 +416,7 @@ def test_lifecycle_configure_activate_deactivate_cleanup(system, model_dir):
     robot.publish_obs(t0 + DT)
     assert robot.wait_chunk(count=1) is not None                # t0's or t0 + DT's window
     response = robot.call(ChangeState, 'policy_node/change_state', ChangeState.Request(
-        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)), probe=refused_transition())
     assert response is not None and response.success
     chunks = len(robot.chunks)
     steps(robot, t0 + 2 * DT, 6)
@@ -549,7 +556,7 @@ def test_deactivate_stops_an_in_flight_chunk(system):
     robot.publish_obs(now_ns())
     assert in_flight.wait(3.0)
     response = robot.call(ChangeState, 'policy_node/change_state', ChangeState.Request(
-        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+        transition=Transition(id=Transition.TRANSITION_DEACTIVATE)), probe=refused_transition())
     assert response is not None and response.success
     release.set()
     deadline = time.monotonic() + 3.0

@@ -101,6 +101,7 @@ class FakeRobot(Node):
         self.create_subscription(JointTrajectory, f'{policy}/joint_trajectory',
                                  lambda m: self._keep(self.joint_trajectories, m), 10)
         self.enable_pub = self.create_publisher(Bool, f'{policy}/enable', 10)
+        self._service_clients = {}
 
     def _keep(self, into, msg):
         with self.cond:
@@ -197,19 +198,42 @@ class FakeRobot(Node):
                 return chunk
         return None
 
-    def call(self, srv_type, name: str, request, timeout: float = 3.0):
-        """Call a service (discovery wait up to 10 s); return its response, None on timeout."""
-        client = self.create_client(srv_type, name)
-        try:
-            if not client.wait_for_service(timeout_sec=10.0):
+    def call(self, srv_type, name: str, request, timeout: float = 3.0, probe=None,
+             resend_s: float = 1.0):
+        """Call a service; return its response, None when none came within ``timeout``.
+
+        A request sent just after ``wait_for_service`` can be lost: the graph shows the
+        service before DDS has matched this client's request writer with the server's
+        reader, and volatile samples sent before that match are dropped. So the request is
+        re-sent every ``resend_s`` until answered, which suits idempotent services. For a
+        service that must run once (a lifecycle transition), pass ``probe``: a request
+        without effect (a transition the current state refuses), re-sent until answered;
+        after that answer both directions are matched and ``request`` is sent once.
+        Clients are kept per service, so a probe's matching serves the requests after it.
+        """
+        client = self._service_clients.get(name)
+        if client is None:
+            client = self._service_clients[name] = self.create_client(srv_type, name)
+        if not client.wait_for_service(timeout_sec=10.0):
+            return None
+        deadline = time.monotonic() + timeout
+        if probe is not None:
+            if self._send(client, probe, deadline, resend_s) is None:
                 return None
-            future = client.call_async(request)
-            deadline = time.monotonic() + timeout
-            while not future.done() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return future.result() if future.done() else None
-        finally:
-            self.destroy_client(client)
+            return self._send(client, request, time.monotonic() + timeout, resend_s=None)
+        return self._send(client, request, deadline, resend_s)
+
+    @staticmethod
+    def _send(client, request, deadline: float, resend_s):
+        """Send ``request`` (again every ``resend_s`` unless None); the response or None."""
+        future = client.call_async(request)
+        sent = time.monotonic()
+        while not future.done() and time.monotonic() < deadline:
+            if resend_s is not None and time.monotonic() - sent > resend_s:
+                future = client.call_async(request)
+                sent = time.monotonic()
+            time.sleep(0.01)
+        return future.result() if future.done() else None
 
     def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
         """Wait for a diagnostics message and return the named status from it."""
