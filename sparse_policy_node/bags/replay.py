@@ -41,6 +41,7 @@ from sparse_policy_node.bags.rosbag_io import bag_topics
 from sparse_policy_node.bags.rosbag_io import read_messages
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
+from sparse_policy_node.ros.services import call_service
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 import yaml
@@ -48,15 +49,6 @@ import yaml
 EPISODE_TOPIC = '/sim_bridge/episode_result'
 PARAMETER_NAMES = [p.name for p in params.RUNTIME_PARAMS + params.NODE_PARAMS] + [
     'use_sim_time']
-
-
-def _call(node: Node, client, request, timeout: float):
-    if not client.wait_for_service(timeout_sec=timeout):
-        return None
-    done = threading.Event()
-    future = client.call_async(request)
-    future.add_done_callback(lambda _: done.set())
-    return future.result() if done.wait(timeout) else None
 
 
 class BagPlayer(Node):
@@ -85,8 +77,8 @@ class BagPlayer(Node):
         """Read the policy node's parameters (``~/get_parameters``)."""
         client = self.create_client(GetParameters, f'{self.policy}/get_parameters')
         try:
-            response = _call(self, client, GetParameters.Request(names=PARAMETER_NAMES),
-                             timeout)
+            response = call_service(client, GetParameters.Request(names=PARAMETER_NAMES),
+                                    timeout)
         finally:
             self.destroy_client(client)
         if response is None:
@@ -99,7 +91,7 @@ class BagPlayer(Node):
         """Start a new episode on the policy node (``~/reset``): empty caches, dense chunk."""
         client = self.create_client(Trigger, f'{self.policy}/reset')
         try:
-            response = _call(self, client, Trigger.Request(), timeout)
+            response = call_service(client, Trigger.Request(), timeout)
         finally:
             self.destroy_client(client)
         if response is None or not response.success:

@@ -41,6 +41,7 @@ from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import params
+from sparse_policy_node.ros.services import call_service
 from sparse_policy_node.ros.stats import percentile
 from std_msgs.msg import Float64
 from std_srvs.srv import Trigger
@@ -253,12 +254,9 @@ class SimBridgeNode(Node):
     def _reset_policy(self, first: bool) -> None:
         """Call the policy's reset; at start-up wait until the policy node is up."""
         while not self.stop.is_set():
-            if self.reset_client.wait_for_service(timeout_sec=1.0):
-                done = threading.Event()
-                future = self.reset_client.call_async(Trigger.Request())
-                future.add_done_callback(lambda _: done.set())
-                if done.wait(5.0):
-                    return
+            if call_service(self.reset_client, Trigger.Request(), timeout=5.0,
+                            discovery_timeout=1.0) is not None:
+                return
             if not first:
                 self.get_logger().warning('policy reset service did not answer; continuing')
                 return

@@ -19,6 +19,7 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros.services import call_service
 from std_msgs.msg import Bool
 from std_msgs.msg import Float64
 from trajectory_msgs.msg import JointTrajectory
@@ -198,42 +199,24 @@ class FakeRobot(Node):
                 return chunk
         return None
 
-    def call(self, srv_type, name: str, request, timeout: float = 3.0, probe=None,
-             resend_s: float = 1.0):
+    def call(self, srv_type, name: str, request, timeout: float = 3.0, probe=None):
         """Call a service; return its response, None when none came within ``timeout``.
 
-        A request sent just after ``wait_for_service`` can be lost: the graph shows the
-        service before DDS has matched this client's request writer with the server's
-        reader, and volatile samples sent before that match are dropped. So the request is
-        re-sent every ``resend_s`` until answered, which suits idempotent services. For a
-        service that must run once (a lifecycle transition), pass ``probe``: a request
-        without effect (a transition the current state refuses), re-sent until answered;
-        after that answer both directions are matched and ``request`` is sent once.
-        Clients are kept per service, so a probe's matching serves the requests after it.
+        The request is re-sent every second until answered (see
+        :mod:`sparse_policy_node.ros.services`), which suits idempotent services. For one
+        that must run once (a lifecycle transition), pass ``probe``: a request without
+        effect (a transition the current state refuses), re-sent until answered; then both
+        directions are matched and ``request`` is sent once on the same client. Clients are
+        kept per service.
         """
         client = self._service_clients.get(name)
         if client is None:
             client = self._service_clients[name] = self.create_client(srv_type, name)
-        if not client.wait_for_service(timeout_sec=10.0):
+        if probe is None:
+            return call_service(client, request, timeout, discovery_timeout=10.0)
+        if call_service(client, probe, timeout, discovery_timeout=10.0) is None:
             return None
-        deadline = time.monotonic() + timeout
-        if probe is not None:
-            if self._send(client, probe, deadline, resend_s) is None:
-                return None
-            return self._send(client, request, time.monotonic() + timeout, resend_s=None)
-        return self._send(client, request, deadline, resend_s)
-
-    @staticmethod
-    def _send(client, request, deadline: float, resend_s):
-        """Send ``request`` (again every ``resend_s`` unless None); the response or None."""
-        future = client.call_async(request)
-        sent = time.monotonic()
-        while not future.done() and time.monotonic() < deadline:
-            if resend_s is not None and time.monotonic() - sent > resend_s:
-                future = client.call_async(request)
-                sent = time.monotonic()
-            time.sleep(0.01)
-        return future.result() if future.done() else None
+        return call_service(client, request, timeout, resend_s=None)
 
     def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
         """Wait for a diagnostics message and return the named status from it."""
