@@ -199,7 +199,7 @@ class FakeRobot(Node):
                 return chunk
         return None
 
-    def call(self, srv_type, name: str, request, timeout: float = 3.0, probe=None):
+    def call(self, srv_type, name: str, request, timeout: float = 10.0, probe=None):
         """Call a service; return its response, None when none came within ``timeout``.
 
         The request is re-sent every second until answered (see
@@ -207,7 +207,9 @@ class FakeRobot(Node):
         that must run once (a lifecycle transition), pass ``probe``: a request without
         effect (a transition the current state refuses), re-sent until answered; then both
         directions are matched and ``request`` is sent once on the same client. Clients are
-        kept per service.
+        kept per service. The timeout is long because a clean-clone CI run once saw neither
+        a probe nor its re-sends answered within 3 s (matching can be that slow on a loaded
+        DDS domain); a call that is answered returns at once.
         """
         client = self._service_clients.get(name)
         if client is None:
