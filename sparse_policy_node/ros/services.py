@@ -4,7 +4,8 @@
 before DDS has matched this client's request writer with the server's request reader (or
 the server's response writer with this client's reader). A request sent in that window is
 dropped: requests are volatile, so a reader that matches later never sees it. On a loaded
-machine the window is long enough to lose a call (CI lost a lifecycle transition this way).
+machine the window can be long enough to lose a call. (A CI run lost a lifecycle
+transition; that this window was the cause is a likely reading, not a proven one.)
 
 :func:`call_service` therefore re-sends an unanswered request every ``resend_s``. That is
 right for idempotent services (``~/reset`` at the start of an episode, ``get_parameters``).

@@ -208,8 +208,8 @@ class FakeRobot(Node):
         effect (a transition the current state refuses), re-sent until answered; then both
         directions are matched and ``request`` is sent once on the same client. Clients are
         kept per service. The timeout is long because a clean-clone CI run once saw neither
-        a probe nor its re-sends answered within 3 s (matching can be that slow on a loaded
-        DDS domain); a call that is answered returns at once.
+        a probe nor its re-sends answered within 3 s (cause not found); a call that is
+        answered returns at once.
         """
         client = self._service_clients.get(name)
         if client is None:
