@@ -9,11 +9,16 @@ from setuptools import setup
 package_name = 'sparse_policy_node'
 
 
-def model_files():
-    """List (install_dir, [files]) pairs for every shipped model directory."""
+def model_files(root='models'):
+    """List (install_dir, [files]) pairs for every file under ``models/``, at any depth.
+
+    A model directory holds sub-folders (``pruners/ddim-5/``) that its serving default needs.
+    Hidden entries (``.backend_cache/``, exported graphs of a local run) are not installed.
+    """
     entries = []
-    for directory in sorted(glob('models/*/')):
-        files = sorted(f for f in glob(os.path.join(directory, '*')) if os.path.isfile(f))
+    for directory, subdirs, names in sorted(os.walk(root)):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+        files = sorted(os.path.join(directory, n) for n in names if not n.startswith('.'))
         if files:
             entries.append((os.path.join('share', package_name, directory), files))
     return entries

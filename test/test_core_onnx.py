@@ -205,6 +205,17 @@ def test_missing_onnxruntime_is_a_config_error_naming_the_package(tiny_policy, m
                                                       backend='onnxruntime'))
 
 
+def test_auto_without_the_exporter_serves_torch_and_export_says_what_is_missing(
+        tiny_policy, tmp_path, monkeypatch):
+    """A fresh clone once failed its demo: auto picked onnxruntime, whose export needs onnx."""
+    assert backends.resolve_backend('auto', 'cpu') == 'onnxruntime'
+    monkeypatch.setitem(sys.modules, 'onnx', None)  # import fails
+    assert backends.missing_onnx_modules() == ['onnx']
+    assert backends.resolve_backend('auto', 'cpu') == 'torch'
+    with pytest.raises(ConfigError, match='needs the onnx package.*requirements/runtime.txt'):
+        backends.ensure_onnx(tiny_policy, None, str(tmp_path))
+
+
 def test_backend_validation_names_field_value_and_device(tiny_policy):
     with pytest.raises(ConfigError, match=r"RuntimeConfig.backend must be one of .*'tvm'"):
         RuntimeConfig(backend='tvm')

@@ -8,11 +8,12 @@ import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Python modules whose rosdep key differs from the module name.
-ROSDEP = {'cv2': 'python3-opencv', 'numpy': 'python3-numpy', 'yaml': 'python3-yaml',
-          'torch': 'python3-torch'}
-PIP_ONLY = {'safetensors'}      # no rosdep key on every distro: pip (README)
-# Optional inference backends, imported only when selected (a ConfigError names them else).
-OPTIONAL = {'onnxruntime', 'tensorrt'}
+ROSDEP = {'cv2': 'python3-opencv', 'numpy': 'python3-numpy', 'yaml': 'python3-yaml'}
+# From pip into the venv (requirements/distro.txt), never from rosdep: apt's python3-torch is
+# older than the torch the model was built for.
+PIP_ONLY = {'safetensors', 'torch'}
+# Optional inference backends, imported only when selected or available (torch else).
+OPTIONAL = {'onnxruntime', 'onnx', 'tensorrt'}
 EXTRAS = {'python3-h5py', 'python3-matplotlib', 'python3-tqdm'}  # training and plotting
 
 
@@ -38,3 +39,20 @@ def test_package_xml_lists_every_runtime_import_and_no_training_extras():
     assert needed <= exec_depends, sorted(needed - exec_depends)
     assert 'lifecycle_msgs' in exec_depends                    # rclpy.lifecycle needs it
     assert not exec_depends & EXTRAS, sorted(exec_depends & EXTRAS)
+
+
+def test_torch_comes_from_the_venv_not_from_rosdep():
+    tree = ET.parse(os.path.join(ROOT, 'package.xml'))
+    depends = {e.text for e in tree.getroot().iter() if e.tag.endswith('depend')}
+    assert not {'python3-torch', 'python3-safetensors'} & depends
+    with open(os.path.join(ROOT, 'requirements', 'distro.txt')) as f:
+        pins = {line.split('==')[0] for line in f if '==' in line}
+    assert {'torch', 'safetensors'} <= pins
+
+
+def test_installed_entry_points_run_the_python_on_path():
+    """Colcon (ament_python) takes the script header from build_scripts: the venv's python."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, 'setup.cfg'))
+    assert cfg.get('build_scripts', 'executable') == '/usr/bin/env python3'

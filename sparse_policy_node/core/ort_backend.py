@@ -35,7 +35,7 @@ def import_onnxruntime():
     except ImportError as exc:
         raise ConfigError(f'backend onnxruntime needs the onnxruntime package, which is not '
                           f'importable here ({exc}); pip install onnxruntime (see '
-                          f'requirements/test.txt), or use backend torch') from exc
+                          f'requirements/runtime.txt), or use backend torch') from exc
     return onnxruntime
 
 

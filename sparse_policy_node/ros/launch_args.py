@@ -117,8 +117,11 @@ class NodePlan:
 def package_share_dir() -> str:
     """Locate the directory holding ``config/`` and ``models/``.
 
-    Order: the ament index (colcon install), ``<prefix>/share/sparse_policy_node`` (pip
-    install), then the source tree this module lives in.
+    Order: the ament index (a sourced colcon install), the install prefix this module lives
+    in (``<prefix>/lib/pythonX.Y/site-packages/sparse_policy_node/ros`` ->
+    ``<prefix>/share/sparse_policy_node``: a colcon install not sourced, ``pip install
+    --prefix``), ``<sys.prefix>/share/sparse_policy_node`` (pip install into a venv), then
+    the source tree this module lives in.
     """
     try:
         from ament_index_python.packages import get_package_share_directory
@@ -129,10 +132,13 @@ def package_share_dir() -> str:
             pass
     except ImportError:
         pass
-    installed = os.path.join(sys.prefix, 'share', PACKAGE)
-    if os.path.isfile(os.path.join(installed, 'config', 'policy.yaml')):
-        return installed
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    here = os.path.dirname(os.path.abspath(__file__))
+    prefix = os.path.abspath(os.path.join(here, *[os.pardir] * 5))
+    for installed in (os.path.join(prefix, 'share', PACKAGE),
+                      os.path.join(sys.prefix, 'share', PACKAGE)):
+        if os.path.isfile(os.path.join(installed, 'config', 'policy.yaml')):
+            return installed
+    return os.path.dirname(os.path.dirname(here))
 
 
 def parse_launch_args(tokens: List[str]) -> Dict[str, str]:

@@ -38,6 +38,7 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from sensor_msgs.msg import JointState
 from sparse_policy_node.core import keys
+from sparse_policy_node.core.backends import missing_onnx_modules
 from sparse_policy_node.core.checkpoint import CheckpointError
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.config import ConfigError
@@ -65,6 +66,12 @@ from std_msgs.msg import Float64
 from std_srvs.srv import Trigger
 import torch
 from trajectory_msgs.msg import JointTrajectory
+
+
+def torch_origin() -> str:
+    """Which torch and Python run the node (a ROS workspace may mix apt's and a venv's)."""
+    return (f'torch {torch.__version__} from {os.path.dirname(torch.__file__)}, '
+            f'python {sys.executable}')
 
 
 def resolve_model_dir(path: str) -> str:
@@ -262,9 +269,16 @@ class PolicyNode(LifecycleNode):
         for thread in self._threads:
             thread.start()
         backend = self.engine.backend_for(self.engine.runtime).name
-        self.get_logger().info(f'serving {s.model_dir} on {s.device} (backend {backend}): '
+        missing = missing_onnx_modules()
+        asked = self.engine.runtime.backend
+        if asked == 'auto' and backend == 'torch' and s.device == 'cpu' and missing:
+            self.get_logger().warning(f'backend auto runs torch: {", ".join(missing)} not '
+                                      f'importable (pip install -r requirements/runtime.txt '
+                                      f'for the faster onnxruntime backend)')
+        self.get_logger().info(f'serving {model_dir} on {s.device} (backend {backend}): '
                                f'inputs {self.keys}, '
-                               f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz')
+                               f'{self.n_action_steps}-step chunks at {s.control_rate_hz} Hz; '
+                               f'{torch_origin()}')
 
     def _own(self, destroy, entity):
         self._entities.append((destroy, entity))
