@@ -170,6 +170,11 @@ class ObservationHistory:
         with self._lock:
             self.tolerance_ns, self.jump_ns = tolerance_ns, jump_ns
 
+    def missing(self) -> List[str]:
+        """Keys of the streams with no entry since the last :meth:`clear`."""
+        with self._lock:
+            return [k for k, s in self._streams.items() if not s]
+
     def ages(self, now_ns: int, now_mono: Optional[float] = None) -> Dict[str, float]:
         """Age of each stream's newest entry by :func:`input_age_s` (the staleness rule).
 

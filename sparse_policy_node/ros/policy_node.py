@@ -229,6 +229,7 @@ class PolicyNode(LifecycleNode):
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
         self._inputs_version = self._sync_failed_version = 0  # accepted inputs / last failure
         self._gap = False        # an input is stale or missing (logged once per gap)
+        self._inputs_seen = False  # every input was fresh once (before: waiting at start-up)
         self._diagnostics = Diagnostics(self.get_fully_qualified_name(), '')
         for cam in cfg.obs.vision.cameras:
             self._own(self.destroy_subscription, self.create_subscription(
@@ -318,9 +319,10 @@ class PolicyNode(LifecycleNode):
         if not result.successful:
             raise ConfigError(f'the serving default of {model_dir} was rejected: '
                               f'{result.reason}')
+        cuda_only = () if self.settings.device.startswith('cuda') else ('inference.cuda_graphs',)
         self.get_logger().info(
             "runtime from the model's serving default: " + ', '.join(
-                f'{name}={value}' for name, value in values.items()))
+                f'{name}={value}' for name, value in values.items() if name not in cuda_only))
 
     def _check(self, runtime, s) -> None:
         if self.engine is None:
@@ -538,7 +540,11 @@ class PolicyNode(LifecycleNode):
         s = self.settings
         ages = self.history.ages(self.get_clock().now().nanoseconds)
         stale = [k for k, a in ages.items() if a > s.max_obs_age_s]
-        if stale and not self._gap:
+        if stale and not self._gap and not self._inputs_seen:
+            self._gap = True  # start-up: the inputs' publishers may not run yet
+            self.get_logger().info(f'waiting for the first inputs: {", ".join(stale)}; '
+                                   f'chunks start when every input has arrived')
+        elif stale and not self._gap:
             self._gap = True
             self.stats.count('input_gaps')
             self.get_logger().warning(
@@ -547,7 +553,10 @@ class PolicyNode(LifecycleNode):
                 f'{s.max_obs_age_s}); chunks resume when they are fresh again')
         elif not stale and self._gap:
             self._gap = False
-            self.get_logger().info('all inputs fresh again: chunks resume')
+            self.get_logger().info('all inputs fresh again: chunks resume' if self._inputs_seen
+                                   else 'all inputs arrived: chunks start')
+        if not stale and not self.history.missing():
+            self._inputs_seen = True
         if window_reason and not window_reason.startswith('waiting for') \
                 and self._inputs_version != self._sync_failed_version:
             self._sync_failed_version = self._inputs_version  # once per new input
