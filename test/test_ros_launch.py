@@ -217,10 +217,12 @@ def test_bringup_forwards_signals_and_children_exit(tmp_path, env, sig):
 
 
 def test_bringup_fails_cleanly_on_missing_model(tmp_path, env):
+    # Checked before any node starts: one line, exit status 2, no node output.
     proc = launch(tmp_path, env, 'sim:=none', f'model:={tmp_path}/nope')
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert 'cannot start' in out and 'does not exist' in out
+    assert proc.returncode == 2
+    assert out.startswith('sparse-policy launch: error: ') and 'does not exist' in out
+    assert len(out.strip().splitlines()) == 1 and 'started' not in out
 
 
 def test_bringup_runs_sim_episodes_and_ends_by_itself(tmp_path, env):

@@ -38,6 +38,11 @@ from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_task
+from sparse_policy_node.tools.args import ListAction
 from sparse_policy_node.training.parallel import episode_results
 from sparse_policy_node.training.sparse_eval import check_variant
 from sparse_policy_node.training.sparse_eval import make_sparse_variant
@@ -156,19 +161,21 @@ def _variant_arg(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory')
-    parser.add_argument('--episodes', type=int, default=50)
+    add_model_argument(parser, default='models/lift')
+    parser.add_argument('--episodes', type=int, default=50,
+                        help='episodes per variant (seeds --seed-start onwards)')
     parser.add_argument('--seed-start', type=int, default=100000,
                         help='first reset seed; keep it disjoint from the training seeds')
     parser.add_argument('--task', help='task (default: the one the model was trained on)')
     parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
     parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--variants', nargs='+', default=['dense'], type=_variant_arg,
-                        help='default (serving.json), dense, sparse (learned gates), dial-P '
-                             '(P %% or a fraction < 1), omni, only-forward, only-timestep, '
-                             'only-rollout, static[-P], random[-P], ddim-K; any but default '
-                             'and ddim-K take a schedule suffix @ddim-K / @ddpm-K')
+    parser.add_argument('--variants', action=ListAction, default=['dense'], check=_variant_arg,
+                        help='space or comma separated: default (serving.json), dense, sparse '
+                             '(learned gates), dial-P (P %% or a fraction < 1), omni, '
+                             'only-forward, only-timestep, only-rollout, static[-P], '
+                             'random[-P], ddim-K; any but default and ddim-K take a schedule '
+                             'suffix @ddim-K / @ddpm-K')
     parser.add_argument('--rollout-max-age', type=int, default=None,
                         help='cache aging of the learned-gate variants (0: never expire; '
                              "default: the max age each schedule's pruner was trained with; "
@@ -181,6 +188,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
+
+
+def check_variants(model_dir: str, variants: List[str], options: dict) -> None:
+    """Build every variant once on the CPU, without a simulator, and close it again.
+
+    A variant that cannot run (learned gates on a schedule without a pruner, a K above the
+    model's training timesteps, a missing serving default...) raises its error here, before
+    any episode starts.
+    """
+    policy = load_policy(model_dir)
+    for name in variants:
+        variant = make_variant(name, policy, dict(options, model=model_dir))
+        if hasattr(variant, 'close'):
+            variant.close()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check the values, the model, its pruners, the task and every variant up front."""
+    check_range(args.episodes, '--episodes', low=1)
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.workers, '--workers', low=1)
+    check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
+    check_range(args.ablation_sparsity, '--ablation-sparsity', low=0.0, high=0.99)
+    check_model_dir(args.model, pruners=True)
+    check_task(args.task or model_task(args.model))
+    check_variants(args.model, args.variants, eval_options(args))
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    """Return the variant options given on the command line."""
+    return {'sampler': args.sampler, 'steps': args.steps,
+            'ablation_sparsity': args.ablation_sparsity,
+            'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
 
 
 def model_task(model_dir: str) -> str:
@@ -345,11 +386,10 @@ def plot_report(report: dict, variants: List[str], path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the arguments say."""
+    check_args(args)
     task = args.task or model_task(args.model)
     seeds = list(range(args.seed_start, args.seed_start + args.episodes))
-    options = {'sampler': args.sampler, 'steps': args.steps,
-               'ablation_sparsity': args.ablation_sparsity,
-               'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
+    options = eval_options(args)
     per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
                                           args.workers, args.threads)
                    for name in args.variants}
