@@ -59,6 +59,8 @@ def describe(args) -> dict:
         if isinstance(pruner, dict) else [],
         'serving_default': serving_point(args.model),
         'gflops_dense_chunk': round(macs['total'] / 1e9, 4),
+        'dense_chunk_schedule': f'{cfg.scheduler.sampler}-{cfg.scheduler.num_inference_steps}'
+                                ' (the config schedule; the serving default may differ)',
         'dense_chunk_ms': round(ms, 2),
         'threads': threads,
         'action_chunk_shape': list(out['action'].shape),

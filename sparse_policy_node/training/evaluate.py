@@ -31,6 +31,7 @@ import time
 from typing import Callable
 from typing import Dict
 from typing import List
+from typing import Optional
 
 import numpy as np
 from sparse_policy_node.core import keys
@@ -190,22 +191,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
-def check_variants(model_dir: str, variants: List[str], options: dict) -> None:
+def describe_variant(variant) -> str:
+    """Say what a built variant runs: its schedule and gates (``ddim-5 pruner``)."""
+    engine = getattr(variant, 'engine', None)
+    if engine is None:
+        return f'{variant.sampler}-{variant.steps} dense'
+    rt = engine.runtime
+    if not rt.sparsity_enabled or rt.gate_source == 'dense':
+        gates = 'dense'
+    elif rt.target_sparsity < 0:
+        gates = rt.gate_source
+    else:
+        gates = f'{rt.gate_source} {rt.target_sparsity:.2f}'
+    if len(rt.directions) < 3 and gates != 'dense':
+        gates += ' ' + '+'.join(rt.directions)
+    return f'{rt.sampler}-{rt.num_inference_steps} {gates}'
+
+
+def check_variants(model_dir: str, variants: List[str], options: dict) -> Dict[str, str]:
     """Build every variant once on the CPU, without a simulator, and close it again.
 
     A variant that cannot run (learned gates on a schedule without a pruner, a K above the
     model's training timesteps, a missing serving default...) raises its error here, before
     any episode starts.
+
+    Returns:
+        ``{variant: what it runs}`` (:func:`describe_variant`).
     """
     policy = load_policy(model_dir)
+    runs = {}
     for name in variants:
         variant = make_variant(name, policy, dict(options, model=model_dir))
+        runs[name] = describe_variant(variant)
         if hasattr(variant, 'close'):
             variant.close()
+    return runs
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Check the values, the model, its pruners, the task and every variant up front."""
+def check_args(args: argparse.Namespace) -> Dict[str, str]:
+    """Check the values, the model, its pruners, the task and every variant up front.
+
+    Returns:
+        ``{variant: what it runs}`` (schedule and gates).
+    """
     check_range(args.episodes, '--episodes', low=1)
     check_range(args.steps, '--steps', low=1)
     check_range(args.max_steps, '--max-steps', low=1)
@@ -214,7 +242,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_range(args.ablation_sparsity, '--ablation-sparsity', low=0.0, high=0.99)
     check_model_dir(args.model, pruners=True)
     check_task(args.task or model_task(args.model))
-    check_variants(args.model, args.variants, eval_options(args))
+    return check_variants(args.model, args.variants, eval_options(args))
 
 
 def eval_options(args: argparse.Namespace) -> dict:
@@ -320,13 +348,20 @@ def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str =
     return results
 
 
-def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]]) -> dict:
-    """Build the JSON report: ``success_<variant>`` rates plus per-episode details."""
+def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]],
+              runs: Optional[Dict[str, str]] = None) -> dict:
+    """Build the JSON report: ``success_<variant>`` rates plus per-episode details.
+
+    ``sampler`` / ``num_inference_steps`` are the schedule of the variants that take the
+    command line's (or the model config's); ``runs_<variant>`` says what each one ran.
+    """
     config = load_policy_config(model_dir).scheduler
     report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
               'sampler': options.get('sampler') or config.sampler,
               'num_inference_steps': options.get('steps') or config.num_inference_steps}
     for name, results in per_variant.items():
+        if runs and name in runs:
+            report[f'runs_{name}'] = runs[name]
         report[f'success_{name}'] = float(np.mean([r['success'] for r in results]))
         report[f'chunk_ms_{name}'] = float(np.mean([r['chunk_ms'] for r in results]))
         wins = [r['steps'] for r in results if r['success']]
@@ -344,11 +379,12 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
 
 def print_table(report: dict, variants: List[str]) -> None:
     """Print one row per variant."""
-    print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}, '
-          f'{report["sampler"]}-{report["num_inference_steps"]}')
-    print(f'{"variant":<18} {"success":>9} {"rate":>6} {"chunk ms":>9} {"steps/succ.":>11} '
-          f'{"action dev":>10} {"sparsity":>9} {"episode sp.":>11} {"GMAC":>7}')
+    print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}')
+    print(f'{"variant":<18} {"runs":<22} {"success":>9} {"rate":>6} {"chunk ms":>9} '
+          f'{"steps/succ.":>11} {"action dev":>10} {"sparsity":>9} {"episode sp.":>11} '
+          f'{"GMAC":>7}')
     for name in variants:
+        runs = report.get(f'runs_{name}', '?')
         results = report[f'episodes_{name}']
         wins = sum(r['success'] for r in results)
         steps = report.get(f'steps_success_{name}')
@@ -358,7 +394,8 @@ def print_table(report: dict, variants: List[str]) -> None:
                                         (f'realized_sparsity_{name}', 9, 3),
                                         (f'episode_sparsity_{name}', 11, 3),
                                         (f'gmacs_{name}', 7, 3)))
-        print(f'{name:<18} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
+        print(f'{name:<18} {runs:<22} {f"{wins}/{len(results)}":>9} '
+              f'{report[f"success_{name}"]:>6.0%} '
               f'{report[f"chunk_ms_{name}"]:>9.1f} '
               f'{steps if steps is not None else float("nan"):>11.1f}{extra}')
 
@@ -386,14 +423,14 @@ def plot_report(report: dict, variants: List[str], path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the arguments say."""
-    check_args(args)
+    runs = check_args(args)
     task = args.task or model_task(args.model)
     seeds = list(range(args.seed_start, args.seed_start + args.episodes))
     options = eval_options(args)
     per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
                                           args.workers, args.threads)
                    for name in args.variants}
-    report = summarize(args.model, task, seeds, options, per_variant)
+    report = summarize(args.model, task, seeds, options, per_variant, runs)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'report.json'), 'w') as f:
