@@ -5,6 +5,7 @@ with chosen stamps and defects, and collects chunks, next actions and diagnostic
 """
 
 import os
+import socket
 import threading
 import time
 from typing import Optional
@@ -41,11 +42,68 @@ def save_tiny_model(directory: str) -> str:
     return directory
 
 
+def domain_in_use(domain: int, participants: int = 4) -> bool:
+    """Return True when a DDS participant on this host holds a discovery port of ``domain``.
+
+    RTPS gives participant ``i`` of domain ``d`` the unicast discovery port
+    ``7410 + 250 d + 2 i``; one of the first ``participants`` that cannot be bound is held.
+    """
+    for i in range(participants):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind(('0.0.0.0', 7410 + 250 * domain + 2 * i))
+            except OSError:
+                return True
+    return False
+
+
 def isolate_ros(log_dir: str) -> None:
-    """Keep DDS traffic on this host and in a domain of its own; logs under ``log_dir``."""
+    """Keep DDS traffic on this host and in a domain of its own; logs under ``log_dir``.
+
+    Unless ``ROS_DOMAIN_ID`` is set, the process takes the first domain from
+    ``1 + pid % 200`` on that no participant on this host uses: two test runs on one machine
+    (two checkouts, two CI jobs) would otherwise share a domain one time in 200, and each
+    would see, and call, the other's ``policy_node`` services.
+    """
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 200))
+    if 'ROS_DOMAIN_ID' not in os.environ:
+        candidates = [1 + (os.getpid() + k) % 200 for k in range(200)]
+        os.environ['ROS_DOMAIN_ID'] = str(next(
+            (d for d in candidates if not domain_in_use(d)), candidates[0]))
     os.environ['ROS_LOG_DIR'] = log_dir
+
+
+def service_graph(node, name: str) -> dict:
+    """Return what ``node``'s graph holds of service ``name`` (rmw judges "available" by it).
+
+    rmw_fastrtps calls a service available when the graph has request readers and as many
+    response writers, and the client's writer and reader are both matched. Each endpoint is
+    ``namespace/node@participant`` (the first 12 bytes of its GUID, hex): an endpoint of a
+    participant that is gone, or a server with only one of the two, shows here.
+    """
+    resolved = node.resolve_service_name(name)
+
+    def endpoints(infos):
+        return sorted(f'{i.node_namespace.rstrip("/")}/{i.node_name}@'
+                      f'{bytes(list(i.endpoint_gid)[:12]).hex()}' for i in infos)
+    return {
+        'request_readers': endpoints(node.get_subscriptions_info_by_topic(
+            f'rq{resolved}Request', no_mangle=True)),
+        'response_writers': endpoints(node.get_publishers_info_by_topic(
+            f'rr{resolved}Reply', no_mangle=True)),
+        'request_writers': endpoints(node.get_publishers_info_by_topic(
+            f'rq{resolved}Request', no_mangle=True)),
+        'response_readers': endpoints(node.get_subscriptions_info_by_topic(
+            f'rr{resolved}Reply', no_mangle=True)),
+        'dev_shm_fastdds_files': len([f for f in _listdir('/dev/shm') if 'fastdds' in f]),
+    }
+
+
+def _listdir(path: str) -> list:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 class Spinner:
@@ -209,16 +267,24 @@ class FakeRobot(Node):
         directions are matched and ``request`` is sent once on the same client. Clients are
         kept per service. The timeout is long because a clean-clone CI run once saw neither
         a probe nor its re-sends answered within 3 s (cause not found); a call that is
-        answered returns at once.
+        answered returns at once. Every call is measured (discovery wait, answer time,
+        sends: :data:`sparse_policy_node.ros.services.CALL_LOG`; for a call that stalls,
+        :func:`service_graph` at that moment); the test suite prints the distribution at
+        the end of a run.
         """
         client = self._service_clients.get(name)
         if client is None:
             client = self._service_clients[name] = self.create_client(srv_type, name)
+
+        def diagnose():
+            return service_graph(self, name)
         if probe is None:
-            return call_service(client, request, timeout, discovery_timeout=10.0)
-        if call_service(client, probe, timeout, discovery_timeout=10.0) is None:
+            return call_service(client, request, timeout, discovery_timeout=10.0,
+                                diagnose=diagnose)
+        if call_service(client, probe, timeout, discovery_timeout=10.0,
+                        diagnose=diagnose) is None:
             return None
-        return call_service(client, request, timeout, resend_s=None)
+        return call_service(client, request, timeout, resend_s=None, diagnose=diagnose)
 
     def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
         """Wait for a diagnostics message and return the named status from it."""
