@@ -35,6 +35,7 @@ from sparse_policy_node.ros.execution import MODES as EXECUTION_MODES
 
 
 OUTPUT_MODES = ('chunk', 'pose_target', 'joint_trajectory')
+HOLD_OUTPUTS = ('hold', 'silent')
 BRIDGE_ACTION_MODES = ('chunk', 'pose_target')
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
 
@@ -160,6 +161,9 @@ class NodeSettings:
     safety_workspace_max: Tuple[float, ...] = (1000.0, 1000.0, 1000.0)
     safety_require_enable: bool = False
     safety_watchdog_s: float = 0.0
+    safety_enable_timeout_s: float = 0.0
+    safety_hold_output: str = 'hold'
+    safety_resume_dense_after_s: float = 0.0
     execution_blend_steps: int = 0
     execution_mode: str = 'replace'
     execution_ensemble_decay: float = 0.01
@@ -187,6 +191,9 @@ class NodeSettings:
         if len(lo) != 3 or len(hi) != 3 or not all(a < b for a, b in zip(lo, hi)):
             raise ConfigError(f'safety.workspace_min/max must be [x, y, z] with min < max, '
                               f'got {list(lo)} / {list(hi)}')
+        if self.safety_hold_output not in HOLD_OUTPUTS:
+            raise ConfigError(f'safety.hold_output must be one of {HOLD_OUTPUTS}, got '
+                              f'{self.safety_hold_output!r}')
         if any(v < 0 or v != v for v in self.safety_max_step_change) or \
                 not self.safety_max_step_change:
             raise ConfigError(f'safety.max_step_change must be >= 0 (0: off), got '
@@ -327,9 +334,21 @@ NODE_PARAMS = (
     Param('safety.workspace_max', 'safety_workspace_max', list(_NS.safety_workspace_max),
           'Upper corner [x, y, z] (m, pose_frame) of the box end-effector targets stay in.'),
     Param('safety.require_enable', 'safety_require_enable', _NS.safety_require_enable,
-          'Command the robot only while the last std_msgs/Bool on ~/enable was true; '
-          'otherwise hold (see the README for what hold sends per output mode).',
-          read_only=True),
+          'Command the robot only while the last std_msgs/Bool on ~/enable was true (and, '
+          'with safety.enable_timeout_s, recent); otherwise hold (docs/safety.md). Cleared '
+          'on deactivate and reset: a new true is needed.', read_only=True),
+    Param('safety.enable_timeout_s', 'safety_enable_timeout_s', _NS.safety_enable_timeout_s,
+          'Deadman: with safety.require_enable, an enabling true expires after this long '
+          'unless refreshed (0: the last Bool is latched).', min_value=0.0, max_value=60.0),
+    Param('safety.hold_output', 'safety_hold_output', _NS.safety_hold_output,
+          "What a hold sends: 'hold' (repeat the last commanded target, zero motion for "
+          "deltas, a stop point for joints) or 'silent' (nothing, so that another command "
+          'source can drive).', constraints=f'one of {HOLD_OUTPUTS}'),
+    Param('safety.resume_dense_after_s', 'safety_resume_dense_after_s',
+          _NS.safety_resume_dense_after_s,
+          'After a hold, or an input gap longer than this, the rollout cache and the pending '
+          'chunk are dropped: the first chunk after the pause is dense (0: two chunk '
+          'periods).', min_value=0.0, max_value=3600.0),
     Param('execution.mode', 'execution_mode', _NS.execution_mode,
           "How a new chunk combines with the ones still executing: 'replace' (the new "
           "chunk replaces the old tail), 'blend' (real-time-chunking style: steps that ran "

@@ -54,6 +54,7 @@ from sparse_policy_node.ros import compat
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import params
+from sparse_policy_node.ros import safety as sf
 from sparse_policy_node.ros.diagnostics import Diagnostics
 from sparse_policy_node.ros.launch_args import package_share_dir
 from sparse_policy_node.ros.obs_history import ACCEPTED
@@ -119,6 +120,7 @@ class PolicyNode(LifecycleNode):
         self._error = None       # standing error for diagnostics; cleared by a good chunk
         self._reject_logged = {}  # key -> time.monotonic() of its last rejection log line
         self._lock = threading.Lock()
+        self.safety = None        # the safety layer (ros/safety.py), built at configure
         self.add_on_set_parameters_callback(params.make_validator(self, self._check))
         # Post-set callback where rclpy has one (Iron+), polled by the worker on Humble.
         self._params_watch = compat.ParameterWatch(
@@ -155,6 +157,12 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._activated_before = self._active = True
             self._activated_ns = self.get_clock().now().nanoseconds
+        s, c = self.settings, self.safety.config
+        if s.output_mode != 'chunk' and c.unlimited() and not s.safety_require_enable \
+                and c.watchdog_s <= 0:
+            self.get_logger().warning(
+                f'output.mode {s.output_mode} commands the robot with no motion limit, no '
+                f'enable input and no watchdog (safety.* in docs/safety.md)')
         return super().on_activate(state)  # enables the lifecycle publishers
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
@@ -167,7 +175,10 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._active = False
             self._current = None
-        self.get_logger().info('deactivated: no chunks until activated again')
+            sent = self._send_hold(self.get_clock().now().nanoseconds, first=True,
+                                   stopping=True)
+            self.safety.deadman.clear()
+        self.get_logger().info(f'deactivated: {sent}; no chunks until activated again')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
@@ -225,6 +236,7 @@ class PolicyNode(LifecycleNode):
         self._episode, self._activated_before = 0, False
         self._engine_episode = 0  # the episode whose chunks filled the engine's caches
         self._last = None        # (stamp_ns, n_points) of the last published chunk
+        self._last_chunk_ns = None  # stamp of the last published chunk (pause detection)
         self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
         self._inputs_version = self._sync_failed_version = 0  # accepted inputs / last failure
@@ -297,6 +309,7 @@ class PolicyNode(LifecycleNode):
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        self.safety = None
         for destroy, entity in reversed(self._entities):
             destroy(entity)
         self._entities = []
@@ -348,6 +361,8 @@ class PolicyNode(LifecycleNode):
             conv.action_limits(s.action_lower, s.action_upper, self.action_dim)
         except conv.ConversionError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.safety is not None:  # configured: the safety settings against the model
+            self._safety_config(s)
 
     def _check_sources(self, cfg, sources) -> None:
         by_key = {src.key: src for src in sources}
@@ -420,6 +435,9 @@ class PolicyNode(LifecycleNode):
             self.history.clear(self.get_clock().now().nanoseconds if keep_floor else None)
             self._last = self._current = None
             self._last_target = None
+            if self.safety is not None:
+                self.safety.deadman.clear()
+                self.safety.forget()
         self.stats.count('resets')
         self.get_logger().info(f'new episode ({reason}): caches cleared, next chunk dense')
         self._wake.set()
@@ -432,8 +450,22 @@ class PolicyNode(LifecycleNode):
     def _mark_dirty(self) -> None:
         if self.engine is None:
             return  # configure reads the parameters
+        self._apply_safety()
         self._dirty = True
         self._wake.set()
+
+    def _apply_safety(self) -> None:
+        """Apply the safety.* and action bound parameters from the next tick on."""
+        try:
+            s = params.settings_from_params(self)
+            config = self._safety_config(s)
+        except ConfigError as exc:  # validated on set: only reached by a concurrent change
+            self.get_logger().error(f'safety parameters not applied: {exc}')
+            return
+        with self._lock:
+            self.safety.update(config)
+            self.limits = config.limits()
+            self._eef_limited = self._eef_limits_set(s)
 
     # ==== frame-encoder thread ====
 
@@ -565,8 +597,26 @@ class PolicyNode(LifecycleNode):
                                       throttle_duration_sec=5.0)
         return stale
 
+    def _pause_before(self, stamp_ns: int) -> bool:
+        """Return True after a hold, or an input gap longer than resume_dense_after_s."""
+        if self._last_chunk_ns is None:
+            return False
+        s = self.settings
+        limit = s.safety_resume_dense_after_s or \
+            2 * (s.execution_horizon or self.n_action_steps) * self.dt_ns / 1e9
+        with self._lock:
+            paused = self._paused
+        if paused or stamp_ns - self._last_chunk_ns > limit * 1e9:
+            self.get_logger().info('first chunk after a pause: rollout cache dropped, dense')
+            with self._lock:
+                self._paused = False
+                self._last_chunk_ns = None
+            return True
+        return False
+
     def _maybe_run_chunk(self) -> None:
-        if not self._active or not self._enabled:
+        if not self._active or self.safety.deadman.reason(
+                self.get_clock().now().nanoseconds, self.safety.config.enable_timeout_s):
             return
         s, dt = self.settings, self.dt_ns
         # Read the episode before the window: a reset in between makes the chunk one of the
@@ -597,6 +647,9 @@ class PolicyNode(LifecycleNode):
             # after that look still clears, and a chunk of the old episode never clears.
             self.engine.reset()
             self._engine_episode = episode
+        elif self._pause_before(window.stamp_ns):
+            self.engine.reset()  # after a hold or an input gap: the first chunk is dense
+            self.stats.count('dense_after_pause')
         try:
             out = self.engine.predict_action(obs, frame_ids=frame_ids, **noise)
         except ObservationError as exc:
@@ -609,9 +662,9 @@ class PolicyNode(LifecycleNode):
             return
         horizon = s.execution_horizon or self.n_action_steps
         try:
-            actions = conv.clamp_actions(
+            actions = conv.clamp_actions(  # the action bounds (ros/safety.py)
                 out['action'][0, :horizon].double().cpu().numpy(),
-                *conv.action_limits(s.action_lower, s.action_upper, self.action_dim))
+                self.safety.config.lower, self.safety.config.upper)
         except conv.ConversionError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
@@ -622,21 +675,31 @@ class PolicyNode(LifecycleNode):
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
             return
-        msg = conv.chunk_to_trajectory(actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns))
         # Checked and published under the lock that resets and deactivation take: a chunk
-        # of an old episode, or one finished after deactivation, never goes out.
+        # of an old episode, or one finished after deactivation, never goes out; nor one
+        # that the enable input or the watchdog holds now (checked at publish time).
         with self._lock:
+            now = self.get_clock().now().nanoseconds
             if episode != self._episode:
                 self.stats.count('discarded_after_reset')  # computed for the old episode
                 return
-            if not self._active or not self._enabled:
+            if not self._active:
                 self.stats.count('discarded_inactive')     # deactivated while computing
+                return
+            reason = self._hold_reason(now, covered=True)
+            if reason:
+                self.stats.count('discarded_holding')      # disabled or stalled meanwhile
+                self._hold(reason, now)
+                return
+            if not self._publish_plan(window.stamp_ns, actions, plan):
                 return
             self._exec.commit(self._planned)
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
-            self.chunk_pub.publish(msg)
-            self._publish_plan(window.stamp_ns, actions, plan)
+            self._last_chunk_ns, self._paused = window.stamp_ns, False
+            self.chunk_pub.publish(conv.chunk_to_trajectory(
+                actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
+            self._publish_due_step()
         self._error = None
         st = out['stats']
         self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
@@ -716,30 +779,19 @@ class PolicyNode(LifecycleNode):
                                       'chunks do not overlap, nothing to average')
         gripper = action.get('gripper')
         self.gripper_index = None if gripper is None else int(gripper['index'])
-        self.limits = act.Limits(
-            dt=self.dt_ns / 1e9,
-            max_step_change=np.broadcast_to(np.asarray(s.safety_max_step_change, float),
-                                            (self.action_dim,)).copy()
-            if len(s.safety_max_step_change) in (1, self.action_dim) else None,
-            max_linear_speed=s.safety_max_linear_speed,
-            max_angular_speed=s.safety_max_angular_speed,
-            max_joint_speed=s.safety_max_joint_speed,
-            workspace_min=np.asarray(s.safety_workspace_min, float),
-            workspace_max=np.asarray(s.safety_workspace_max, float))
-        if self.limits.max_step_change is None:
-            raise ConfigError(f'safety.max_step_change needs 1 or {self.action_dim} values, got '
-                              f'{len(s.safety_max_step_change)}')
-        self._eef_limited = bool(s.safety_max_linear_speed or s.safety_max_angular_speed or
-                                 min(s.safety_workspace_min) > -1000.0 or
-                                 max(s.safety_workspace_max) < 1000.0)
-        if s.output_mode == 'chunk' and self._eef_limited and self.space != 'delta_eef':
-            raise ConfigError('end-effector speed and workspace limits on chunk output need a '
-                              'delta_eef model card')
+        self.kind = kind
+        config = self._safety_config(s)
+        self.safety = sf.SafetyLayer(config, s.safety_require_enable)
+        self.limits = config.limits()
+        self._eef_limited = self._eef_limits_set(s)
+        self.get_logger().info(f'action bounds from {config.bounds_source}: '
+                               f'{config.lower.tolist()} .. {config.upper.tolist()}')
         self._poses = deque(maxlen=256)      # measured (stamp_ns, position, quaternion)
         self._joints = None                  # measured joint positions (output order)
+        self._joints_ns = None               # when they arrived (node clock)
+        self._paused = False                 # held or inputs gapped since the last chunk
         self._last_target = None             # (position, quaternion) last sent
         self._last_gripper = None
-        self._enabled = not s.safety_require_enable
         self._holding = None                 # hold reason while holding
         self._covered_ns = None              # last tick an action covered
         self._activated_ns = None
@@ -767,6 +819,31 @@ class PolicyNode(LifecycleNode):
             self._own(self.destroy_subscription, self.create_subscription(
                 Bool, '~/enable', self._on_enable, 10))
 
+    def _eef_limits_set(self, s) -> bool:
+        return bool(s.safety_max_linear_speed or s.safety_max_angular_speed or
+                    min(s.safety_workspace_min) > -1000.0 or
+                    max(s.safety_workspace_max) < 1000.0)
+
+    def _safety_config(self, s) -> sf.SafetyConfig:
+        """Build the safety layer's limits from settings ``s``; ConfigError if they do not fit.
+
+        Absolute action spaces take their bounds from the model card, never from the +-1
+        default of action.lower/upper (applied only when set to other values, inside the
+        card's range).
+        """
+        explicit = {'action.lower', 'action.upper'} & set(
+            getattr(self, '_parameter_overrides', {}) or {}) or \
+            (tuple(s.action_lower), tuple(s.action_upper)) != ((-1.0,), (1.0,))
+        if s.output_mode == 'chunk' and self._eef_limits_set(s) and self.space != 'delta_eef':
+            raise ConfigError('end-effector speed and workspace limits on chunk output need a '
+                              'delta_eef model card')
+        try:
+            bounds = sf.action_bounds(self.space, self.card, s.action_lower, s.action_upper,
+                                      bool(explicit), self.action_dim)
+            return sf.config_from_settings(s, self.dt_ns, self.action_dim, bounds)
+        except sf.SafetyConfigError as exc:
+            raise ConfigError(str(exc)) from exc
+
     def _on_measured_pose(self, msg) -> None:
         frame = self.settings.pose_frame
         if frame and msg.header.frame_id != frame:
@@ -787,15 +864,20 @@ class PolicyNode(LifecycleNode):
             if np.isfinite(values).all():
                 with self._lock:
                     self._joints = values
+                    self._joints_ns = self.get_clock().now().nanoseconds
 
     def _on_enable(self, msg) -> None:
+        now = self.get_clock().now().nanoseconds
         with self._lock:
-            was, self._enabled = self._enabled, bool(msg.data)
-            if not msg.data:
+            timeout = self.safety.config.enable_timeout_s
+            was = not self.safety.deadman.reason(now, timeout)
+            self.safety.deadman.receive(bool(msg.data), now)
+            on = not self.safety.deadman.reason(now, timeout)
+            if not on:
                 self._current = self._last = None   # never resume an old chunk
-        if was != bool(msg.data):
+        if was != on:
             self.get_logger().warning('enable input: ' + (
-                'enabled, commanding again' if msg.data else 'disabled: holding'))
+                'enabled, commanding again' if on else 'disabled: holding'))
             self._wake.set()
 
     def _measured_pose_at(self, stamp_ns: int):
@@ -829,7 +911,10 @@ class PolicyNode(LifecycleNode):
             prev = current[1][min(max(k, 0), len(current[1]) - 1)]
         if not self._combine_targets:
             actions = self._combine(stamp_ns, actions)
-        actions, n_limited = act.limit_step_change(actions, prev, limits)
+        with self._lock:
+            before = self.safety.limited
+            actions = self.safety.chunk(actions, prev)
+            n_limited = self.safety.limited - before
         plan = None
         if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
             if self.space == 'delta_eef':
@@ -892,14 +977,32 @@ class PolicyNode(LifecycleNode):
         o.x, o.y, o.z, o.w = (float(v) for v in quat)
         return msg
 
-    def _publish_plan(self, stamp_ns: int, actions: np.ndarray, plan) -> None:
-        """At chunk time (under the lock): the joint trajectory, or the current step."""
+    def _publish_plan(self, stamp_ns: int, actions: np.ndarray, plan) -> bool:
+        """At chunk time (under the lock): the joint trajectory, or the current step.
+
+        Returns False when the chunk must not go out: joint output with no reference for the
+        joint limits (no trajectory sent, no joint state), or a chunk whose targets elapsed.
+        """
         now = self.get_clock().now().nanoseconds
         if self.settings.output_mode == 'joint_trajectory':
             k0 = act.first_pending_step(stamp_ns, self.dt_ns, now, len(plan))
             if k0 >= len(plan):
                 self.stats.count('late_chunks')  # every target has elapsed
-                return
+                return False
+            nj = len(self.settings.output_joint_names)
+            times = stamp_ns + np.arange(k0, len(plan), dtype=np.int64) * self.dt_ns
+            limited = self.safety.trajectory(times, plan[k0:], now, self._fresh_joints(now),
+                                             slice(0, nj))
+            if limited is None:
+                self.stats.count('held_no_joint_state')
+                self.get_logger().warning('holding: no measured joint state to limit the '
+                                          'joint targets from; chunk not sent',
+                                          throttle_duration_sec=5.0)
+                return False
+            if not np.allclose(limited, plan[k0:]):
+                self.stats.count('safety_limited_steps')
+            plan[k0:] = limited
+            actions[k0:, :nj] = limited
             msg = JointTrajectory(joint_names=list(self.settings.output_joint_names))
             msg.header.stamp = conv.ns_to_stamp(stamp_ns)
             msg.points = conv.chunk_to_trajectory(plan[k0:], msg.joint_names, self.dt_ns,
@@ -908,18 +1011,45 @@ class PolicyNode(LifecycleNode):
                 point.time_from_start = conv.ns_to_duration((k0 + i) * self.dt_ns)
             self.joint_traj_pub.publish(msg)
             self.stats.count('skipped_elapsed_targets', k0)
-        else:  # the step due now goes out at once (a delta only if none went this period)
-            step = self._exec.tick(now) if self._exec.kind == ex.DELTA else (
-                None if self._exec.peek(now) is None else (self._exec.peek(now), 0))
-            if step is not None:
-                self._covered_ns = now
-                self._publish_step(self._current, step[0])
+        return True
+
+    def _publish_due_step(self) -> None:
+        """After a chunk is committed: the step due now goes out at once (not joints)."""
+        if self.settings.output_mode == 'joint_trajectory':
+            return
+        now = self.get_clock().now().nanoseconds
+        step = self._exec.tick(now) if self._exec.kind == ex.DELTA else (
+            None if self._exec.peek(now) is None else (self._exec.peek(now), 0))
+        if step is not None:
+            self._covered_ns = now
+            self._publish_step(self._current, step[0])
+
+    def _fresh_joints(self, now: int):
+        """Return the measured joints (J,) if received within the measured max age."""
+        if self._joints is None or self._joints_ns is None or \
+                now - self._joints_ns > self.safety.config.measured_max_age_s * 1e9:
+            return None
+        return self._joints
+
+    def _fresh_pose(self, now: int):
+        """Return the newest measured pose (p, q) if it is recent enough, else None."""
+        if not self._poses:
+            return None
+        ns, p, q = self._poses[-1]
+        if now - ns > self.safety.config.measured_max_age_s * 1e9:
+            return None
+        return p, q
 
     def _publish_step(self, current, k: int) -> None:
-        """Publish the outputs for step ``k`` of the current chunk (under the lock)."""
+        """Publish the outputs for step ``k`` of the current chunk (under the lock).
+
+        Every value passes the safety layer, measured from what was sent last.
+        """
         stamp_ns, actions, plan = current
         t = stamp_ns + k * self.dt_ns
-        msg = JointState(name=list(self.names), position=actions[k].tolist())
+        before = self.safety.limited
+        value = self.safety.action(actions[k])
+        msg = JointState(name=list(self.names), position=value.tolist())
         msg.header.stamp = conv.ns_to_stamp(t)
         self.next_pub.publish(msg)
         if self.settings.output_mode == 'pose_target':
@@ -928,77 +1058,93 @@ class PolicyNode(LifecycleNode):
                 # The delta is relative to the pose measured now (robosuite's OSC semantics).
                 _, p, q = self._poses[-1]
                 sc = self.card['action']['scaling']
-                p = act.clamp_to_box(p + actions[k][:3] * sc['position_m_per_unit'],
-                                     self.limits)
+                p = p + value[:3] * sc['position_m_per_unit']
                 q = act.quat_mul(act.quat_from_rotvec(
-                    actions[k][3:6] * sc['rotation_rad_per_unit']), q)
+                    value[3:6] * sc['rotation_rad_per_unit']), q)
                 target = (p, q)
-            self._last_target = target
+            now = self.get_clock().now().nanoseconds
+            self._last_target = self.safety.pose(*target, reference=self._fresh_pose(now))
             self.target_pub.publish(self._pose_msg(t, *self._last_target))
         if self.gripper_index is not None:
-            self._last_gripper = float(actions[k][self.gripper_index])
+            self._last_gripper = self.safety.gripper(value[self.gripper_index],
+                                                     self.gripper_index)
             if self.gripper_pub is not None:
                 self.gripper_pub.publish(Float64(data=self._last_gripper))
+        if self.safety.limited > before:
+            self.stats.count('safety_limited_steps', self.safety.limited - before)
 
     def _hold_reason(self, now: int, covered: bool) -> str:
-        s = self.settings
-        if not self._enabled:
-            return 'enable input is off'
-        if s.safety_watchdog_s <= 0:
-            return ''
-        limit = s.safety_watchdog_s
-        ages = self.history.ages(now)
-        if ages and max(ages.values()) > limit:
-            key = max(ages, key=ages.get)
-            return f'watchdog: input {key} is {ages[key]:.2f} s old (> {limit} s)'
+        """Return why the node holds now ('' to command): enable input, then the watchdog."""
+        since = None
         if not covered:
             since = self._covered_ns if self._covered_ns is not None else self._activated_ns
-            if since is not None and now - since > limit * 1e9:
-                return f'watchdog: no action for {(now - since) / 1e9:.2f} s (> {limit} s)'
-        return ''
+        ages = self.history.ages(now) if self.safety.config.watchdog_s > 0 else {}
+        return self.safety.hold_reason(now, ages, since)
 
     def _hold(self, reason: str, now: int) -> None:
-        """Send the output mode's hold command (under the lock); log once per hold.
-
-        chunk: ``~/next_action`` with zero motion and the gripper command unchanged.
-        pose_target: the last target sent (else the newest measured pose) and the gripper
-        unchanged. joint_trajectory: once, a one-point trajectory at the measured joints (else
-        the last command), ``time_from_start`` one control period, stamp 0 (start now).
-        """
+        """Hold (under the lock): log once per hold, drop the chunk, send the hold output."""
         first = self._holding is None
         if first:
             self.stats.count('holds')
             self.get_logger().warning(f'holding: {reason}')
         self._holding = reason
         self._current = None
-        stamp = conv.ns_to_stamp(now)
-        mode = self.settings.output_mode
+        self._paused = True       # the next chunk starts dense (docs/safety.md)
+        self._send_hold(now, first)
+
+    def _send_hold(self, now: int, first: bool, stopping: bool = False) -> str:
+        """Send the output mode's hold command through the safety layer; say what was sent.
+
+        Never a place the arm is not at: chunk output sends zero motion for deltas and the
+        last action sent for absolute actions; pose_target the last target sent (else the
+        measured pose, if recent); joint_trajectory, once, a one-point trajectory at the
+        target in force now (else the measured joints): the arm stops, it is not pulled back.
+        With ``safety.hold_output: silent`` nothing is sent (``stopping``, at deactivation,
+        sends the stop anyway). The gripper command is repeated unchanged.
+        """
+        if self.safety is None:
+            return 'nothing sent (not configured)'
+        if self.safety.config.hold_output == 'silent' and not stopping:
+            if first:
+                self.safety.forget()  # another source may drive: restart from measurements
+            return 'nothing sent (silent hold)'
+        stamp, mode, sent = conv.ns_to_stamp(now), self.settings.output_mode, 'nothing sent'
         if mode == 'chunk':
-            values = [0.0] * self.action_dim
-            if self.gripper_index is not None and self._last_gripper is not None:
-                values[self.gripper_index] = self._last_gripper
-            msg = JointState(name=list(self.names), position=values)
-            msg.header.stamp = stamp
-            self.next_pub.publish(msg)
+            values = None
+            if self.kind == ex.DELTA:
+                values = np.zeros(self.action_dim)
+                if self.gripper_index is not None and self._last_gripper is not None:
+                    values[self.gripper_index] = self._last_gripper
+            elif self.safety.sent.action is not None:
+                values = self.safety.sent.action
+            if values is not None:
+                msg = JointState(name=list(self.names),
+                                 position=self.safety.action(values, hold=True).tolist())
+                msg.header.stamp = stamp
+                self.next_pub.publish(msg)
+                sent = 'sent zero motion' if self.kind == ex.DELTA else \
+                    'repeated the last action'
         elif mode == 'pose_target':
-            target = self._last_target
-            if target is None and self._poses:
-                target = self._poses[-1][1:]
+            target = self.safety.sent.pose or self._fresh_pose(now)
             if target is not None:
-                self.target_pub.publish(self._pose_msg(now, *target))
+                self._last_target = self.safety.pose(*target)
+                self.target_pub.publish(self._pose_msg(now, *self._last_target))
+                sent = 'repeated the last target pose'
         elif first:
-            joints = self._joints
+            joints = self.safety.joint_stop(now, self._fresh_joints(now))
             if joints is None:
-                self.get_logger().warning('no measured joint state to hold at: nothing sent '
-                                          '(the controller keeps its last trajectory)')
+                self.get_logger().warning('no joint target in force and no recent joint state '
+                                          'to stop at: nothing sent')
             else:
                 msg = JointTrajectory(joint_names=list(self.settings.output_joint_names))
                 msg.points = conv.chunk_to_trajectory(
                     joints[None], msg.joint_names, self.dt_ns, stamp).points
                 msg.points[0].time_from_start = conv.ns_to_duration(self.dt_ns)
                 self.joint_traj_pub.publish(msg)
+                sent = 'sent a stop at the joint target in force'
         if self.gripper_pub is not None and self._last_gripper is not None:
             self.gripper_pub.publish(Float64(data=self._last_gripper))
+        return sent
 
     # ==== outputs on timers ====
 
