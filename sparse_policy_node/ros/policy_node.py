@@ -157,6 +157,7 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._activated_before = self._active = True
             self._activated_ns = self.get_clock().now().nanoseconds
+            self._commanded = False   # set by the first action sent (deactivate stops it)
         s, c = self.settings, self.safety.config
         if s.output_mode != 'chunk' and c.unlimited() and not s.safety_require_enable \
                 and c.watchdog_s <= 0:
@@ -175,8 +176,11 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             self._active = False
             self._current = None
-            sent = self._send_hold(self.get_clock().now().nanoseconds, first=True,
-                                   stopping=True)
+            sent = 'nothing had been commanded'
+            if self._commanded:  # stop what runs: the controller would finish its command
+                sent = self._send_hold(self.get_clock().now().nanoseconds, first=True,
+                                       stopping=True)
+                self._commanded = False
             self.safety.deadman.clear()
         self.get_logger().info(f'deactivated: {sent}; no chunks until activated again')
         return super().on_deactivate(state)
@@ -693,6 +697,9 @@ class PolicyNode(LifecycleNode):
                 return
             if not self._publish_plan(window.stamp_ns, actions, plan):
                 return
+            if self._holding:
+                self._holding = None
+                self.get_logger().info('hold released: commanding again')
             self._exec.commit(self._planned)
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
@@ -790,6 +797,7 @@ class PolicyNode(LifecycleNode):
         self._joints = None                  # measured joint positions (output order)
         self._joints_ns = None               # when they arrived (node clock)
         self._paused = False                 # held or inputs gapped since the last chunk
+        self._commanded = False              # an action went out since activation
         self._last_target = None             # (position, quaternion) last sent
         self._last_gripper = None
         self._holding = None                 # hold reason while holding
@@ -1010,6 +1018,7 @@ class PolicyNode(LifecycleNode):
             for i, point in enumerate(msg.points):
                 point.time_from_start = conv.ns_to_duration((k0 + i) * self.dt_ns)
             self.joint_traj_pub.publish(msg)
+            self._commanded = True
             self.stats.count('skipped_elapsed_targets', k0)
         return True
 
@@ -1047,7 +1056,7 @@ class PolicyNode(LifecycleNode):
         """
         stamp_ns, actions, plan = current
         t = stamp_ns + k * self.dt_ns
-        before = self.safety.limited
+        before, self._commanded = self.safety.limited, True
         value = self.safety.action(actions[k])
         msg = JointState(name=list(self.names), position=value.tolist())
         msg.header.stamp = conv.ns_to_stamp(t)

@@ -274,7 +274,7 @@ class SafetyLayer:
 
     def _step(self, value: np.ndarray, prev: np.ndarray) -> np.ndarray:
         m = np.where(self.config.max_step_change > 0, self.config.max_step_change, np.inf)
-        return self._bound(prev + np.clip(value - prev, -m, m))
+        return prev + np.clip(value - prev, -m, m)  # value is bounded: moves towards them
 
     def _count(self, before, after) -> None:
         before = np.asarray(before, float)
@@ -338,7 +338,9 @@ class SafetyLayer:
         The reference is the target in force now (last trajectory sent), else ``measured``;
         point i moves at most ``max_joint_speed * (t_i - t_{i-1})`` from the one before
         (``t_-1 = now``), and at most ``max_step_change`` per point. Bounds are the action
-        bounds of the joint dimensions ``index``.
+        bounds of the joint dimensions ``index``; the targets are bounded first and the caps
+        win: from a reference outside the bounds the targets move back at the capped speed
+        (never a jump).
 
         Returns:
             the limited (n, J) targets, or None when there is no reference (no target sent,
@@ -359,7 +361,7 @@ class SafetyLayer:
             cap = c.max_joint_speed * max(0, int(times_ns[i]) - t_prev) / 1e9 \
                 if c.max_joint_speed > 0 else np.inf
             m = np.minimum(step, cap)
-            out[i] = np.clip(prev + np.clip(out[i] - prev, -m, m), lo, hi)
+            out[i] = prev + np.clip(out[i] - prev, -m, m)
             prev, t_prev = out[i], int(times_ns[i])
         self._count(targets, out)
         self.sent.joints = (np.asarray(times_ns, dtype=np.int64), out.copy())
