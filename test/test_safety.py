@@ -84,3 +84,16 @@ def test_pose_targets_are_capped_from_the_last_target_sent():
 def test_bad_hold_output_is_a_clear_error():
     with pytest.raises(ValueError, match='safety.hold_output'):
         NodeSettings(safety_hold_output='zero')
+
+
+def test_the_safety_layer_is_pure_numpy():
+    import ast
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'sparse_policy_node', 'ros', 'safety.py')
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.startswith('rclpy') or '_msgs' in n], names
+    assert 'sparse_policy_node.ros' in names              # its actions: pure numpy too
