@@ -403,3 +403,16 @@ def test_unlimited_robot_output_warns_at_activation(system, context, delta_model
     finally:
         node.close()
         node.destroy_node()
+
+
+# ==== 7: a live model swap keeps the card's contract ====
+
+def test_live_swap_to_a_model_with_another_action_space_is_refused(system, delta_model,
+                                                                    tmp_path):
+    node, robot = system(delta_model, **{'output.mode': 'pose_target'})
+    absolute = save_tiny_model(str(tmp_path / 'absolute'))     # same inputs, 7-D actions
+    mc.write_card(absolute, mc.build_card(load_policy_config(absolute), 'abs_eef_pose', 20.0,
+                                          'world', gripper_index=6))
+    result = node.set_parameters([Parameter('model_dir', value=absolute)])[0]
+    assert not result.successful and 'model card differs' in result.reason
+    assert node.get_parameter('model_dir').value == delta_model

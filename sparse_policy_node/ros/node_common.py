@@ -1,5 +1,6 @@
 """Helpers shared by the policy node's parts (ros/policy_node.py and its mixins)."""
 
+import json
 import os
 import sys
 
@@ -37,3 +38,16 @@ def model_signature(cfg) -> tuple:
     """Return what a replacement model must share with the running one (inputs, actions)."""
     return (tuple(cfg.obs.vision.cameras), tuple(cfg.obs.vision.image_size),
             tuple(cfg.obs.lowdim), cfg.transformer.n_obs_steps, cfg.transformer.action_dim)
+
+
+def card_contract(card) -> str:
+    """Return what a live model swap must keep of the model card (as canonical JSON).
+
+    The action section (space, scaling, delta reference, range, gripper, joint names) and
+    the camera preprocessing: the outputs, the safety layer and the image intake were set
+    up from them at configure. Rate, source and frames may differ (they are logged).
+    """
+    if card is None:
+        return 'null'
+    return json.dumps({'action': card.get('action'), 'cameras': card.get('cameras')},
+                      sort_keys=True)

@@ -54,6 +54,7 @@ from sparse_policy_node.ros import params
 from sparse_policy_node.ros.adapters import AdaptersMixin
 from sparse_policy_node.ros.diagnostics import Diagnostics
 from sparse_policy_node.ros.intake import IntakeMixin
+from sparse_policy_node.ros.node_common import card_contract
 from sparse_policy_node.ros.node_common import describe
 from sparse_policy_node.ros.node_common import model_signature
 from sparse_policy_node.ros.node_common import resolve_model_dir
@@ -321,6 +322,15 @@ class PolicyNode(IntakeMixin, WorkerMixin, AdaptersMixin, OutputsMixin, Lifecycl
             if model_signature(new) != self.signature:
                 raise ConfigError(f'model_dir {s.model_dir!r} needs other inputs or actions '
                                   f'than the running model; restart the node to switch')
+            try:
+                card = read_card(resolve_model_dir(s.model_dir), new)
+            except ModelCardError as exc:
+                raise ConfigError(f'model_dir: model card: {exc}') from exc
+            if card_contract(card) != card_contract(self.card):
+                raise ConfigError(f'model_dir {s.model_dir!r}: its model card differs from the '
+                                  f"running model's in what the outputs and the safety layer "
+                                  f'depend on (action space, scaling, range, gripper, cameras); '
+                                  f'deactivate, clean up and configure again to switch')
         else:
             self.engine.check_runtime(runtime)
         if s.execution_horizon > self.n_action_steps:
