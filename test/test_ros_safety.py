@@ -64,7 +64,7 @@ def system(context):
     """Start a policy node (sim time) and a fake robot; yield a factory of overrides."""
     started = []
 
-    def start(model, **overrides):
+    def start(model=None, **overrides):
         values = dict(TINY_PARAMS, model_dir=model, max_future_stamp_s=2.0, use_sim_time=True)
         values.update(overrides)
         node = PolicyNode(context=context, parameter_overrides=[
@@ -367,8 +367,9 @@ def test_first_chunk_after_an_input_gap_is_dense(system, measured_delta_model):
 # ==== 9: the watchdog guards the publish path; unlimited activation warns ====
 
 def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
+    # 1 s: the watchdog also counts wall time since arrival; a loaded machine must not trip it.
     node, robot = system(delta_model, **{'output.mode': 'pose_target',
-                                         'safety.watchdog_s': 0.3})
+                                         'safety.watchdog_s': 1.0})
     predict = node.engine.predict_action
     calls = []
 
@@ -376,7 +377,7 @@ def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
         out = predict(*args, **kwargs)
         calls.append(1)
         if len(calls) == 2:              # the inputs stop while this chunk is computed
-            set_clock(node, robot, T0 + 4 * DT + 20 * DT)
+            set_clock(node, robot, T0 + 4 * DT + 40 * DT)
         return out
     node.engine.predict_action = stall
     assert set_clock(node, robot, T0)
@@ -385,7 +386,7 @@ def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
     robot.publish_obs(T0 + 3 * DT)
     assert set_clock(node, robot, T0 + 4 * DT)
     robot.publish_obs(T0 + 4 * DT)
-    assert wait_until(lambda: node.stats.counters.get('discarded_holding', 0) == 1)
+    assert wait_until(lambda: node.stats.counters.get('discarded_holding', 0) >= 1)
     assert robot.wait_chunk(T0 + 4 * DT, timeout=0.5) is None
 
 
@@ -407,8 +408,7 @@ def test_unlimited_robot_output_warns_at_activation(system, context, delta_model
 
 # ==== 7: a live model swap keeps the card's contract ====
 
-def test_live_swap_to_a_model_with_another_action_space_is_refused(system, delta_model,
-                                                                    tmp_path):
+def test_live_swap_to_another_action_space_is_refused(system, delta_model, tmp_path):
     node, robot = system(delta_model, **{'output.mode': 'pose_target'})
     absolute = save_tiny_model(str(tmp_path / 'absolute'))     # same inputs, 7-D actions
     mc.write_card(absolute, mc.build_card(load_policy_config(absolute), 'abs_eef_pose', 20.0,
@@ -416,3 +416,94 @@ def test_live_swap_to_a_model_with_another_action_space_is_refused(system, delta
     result = node.set_parameters([Parameter('model_dir', value=absolute)])[0]
     assert not result.successful and 'model card differs' in result.reason
     assert node.get_parameter('model_dir').value == delta_model
+
+
+# ==== the arm profile ====
+
+def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deactivate(
+        system, delta_model, tmp_path):
+    import os
+    import yaml
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'config', 'real_arm_example.yaml')) as f:
+        values = yaml.safe_load(f)['/**']['ros__parameters']
+    for key in ('lowdim_map', 'device'):       # FakeRobot's topics and finger names
+        values.pop(key)
+    # The model is the test's; inputs in FakeRobot's frame; input ages also count wall time
+    # since arrival, so the age limits are relaxed for a loaded test machine.
+    values.update(model_dir=delta_model, pose_frame='world', max_obs_age_s=5.0,
+                  **{'safety.watchdog_s': 2.0})
+    node, robot = system(**values)
+    c = node.safety.config
+    lo, hi = c.workspace_min, c.workspace_max
+    p_in = (0.5, 0.0, 0.4)
+
+    def obs(t):
+        robot.publish_image(t)
+        robot.publish_joints(t)
+        robot.publish_pose(t, position=p_in)
+
+    def step(t, refresh=True):
+        if refresh:
+            robot.publish_enable(True)
+        assert set_clock(node, robot, t)
+        obs(t)
+
+    assert set_clock(node, robot, T0)
+    assert enable(robot, node)
+    # Late chunks: the clock is 2.4 steps past the stamp when each chunk arrives.
+    obs(T0)
+    assert set_clock(node, robot, T0 + 12 * DT // 5)
+    assert robot.wait_chunk(T0) is not None
+    t = T0 + 3 * DT
+    for _ in range(8):
+        step(t)
+        t += DT
+    assert robot.wait_for(lambda: len(robot.targets) >= 4)
+    n_fast = len(robot.targets)
+    # A live cap change applies from the next tick.
+    assert node.set_parameters([Parameter('safety.max_linear_speed', value=0.05)])[0].successful
+    n_capped = len(robot.targets)
+    for _ in range(6):
+        step(t)
+        t += DT
+    assert robot.wait_for(lambda: len(robot.targets) >= n_capped + 3)
+    poses = [pose_of(m) for m in robot.targets]
+    for i, ((p0, q0), (p1, q1)) in enumerate(zip(poses, poses[1:])):
+        cap = 0.25 if i + 1 < n_capped else 0.05
+        assert np.linalg.norm(p1 - p0) <= cap * DT / 1e9 + 1e-9, (i, n_fast, n_capped)
+        assert np.all(p1 >= lo - 1e-9) and np.all(p1 <= hi + 1e-9)
+    assert node.stats.counters['safety_limited_steps'] > 0       # the caps were needed
+    # The deadman publisher dies: the enable expires (logged once), only the last target
+    # is repeated, no chunk goes out.
+    holds = node.stats.counters['holds']
+    for _ in range(6):
+        step(t, refresh=False)
+        t += DT
+    assert wait_until(lambda: 'expired' in (node._holding or ''))
+    assert node.stats.counters['holds'] == holds + 1
+    n_held, chunks = len(robot.targets), len(robot.chunks)
+    step(t, refresh=False)
+    t += DT
+    assert robot.wait_for(lambda: len(robot.targets) > n_held)
+    last = pose_of(robot.targets[n_held - 1])
+    assert all(np.allclose(pose_of(m)[0], last[0]) for m in robot.targets[n_held:])
+    assert len(robot.chunks) == chunks
+    # After the pause the first chunk is dense.
+    assert enable(robot, node)
+    for _ in range(3):
+        step(t)
+        t += DT
+    assert robot.wait_for(lambda: len(robot.chunks) > chunks)
+    assert node.stats.counters['dense_after_pause'] >= 1
+    # A model swap to another action space is refused.
+    other = save_tiny_model(str(tmp_path / 'absolute'))
+    mc.write_card(other, mc.build_card(load_policy_config(other), 'abs_eef_pose', 20.0,
+                                       'world', gripper_index=6))
+    assert not node.set_parameters([Parameter('model_dir', value=other)])[0].successful
+    # Deactivate: a stop at the last target, and the enable is cleared.
+    n = len(robot.targets)
+    node.trigger_deactivate()
+    assert robot.wait_for(lambda: len(robot.targets) > n)
+    assert np.allclose(pose_of(robot.targets[-1])[0], pose_of(robot.targets[n - 1])[0])
+    assert node.safety.deadman.reason(t, 0.0) == 'enable input is off'
