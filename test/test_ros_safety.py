@@ -19,6 +19,7 @@ from sparse_policy_node.ros.testing import FakeRobot
 from sparse_policy_node.ros.testing import save_tiny_model
 from sparse_policy_node.ros.testing import Spinner
 from sparse_policy_node.ros.testing import TINY_PARAMS
+from std_msgs.msg import Float64MultiArray
 import torch
 
 DT = 50_000_000  # 20 Hz
@@ -69,7 +70,9 @@ def system(context):
         values.update(overrides)
         node = PolicyNode(context=context, parameter_overrides=[
             Parameter(k, value=v) for k, v in values.items()])
-        robot = FakeRobot(context=context, sim_clock=True)
+        multi = values.get('output.gripper_msg') == 'multi_array'
+        robot = FakeRobot(context=context, sim_clock=True,
+                          gripper_msg=Float64MultiArray if multi else None)
         robot.arm_pub = robot.create_publisher(JointState, 'arm_joint_states',
                                                qos_profile_sensor_data)
         started.append((Spinner(context, node, robot).__enter__(), node, robot))
@@ -474,6 +477,8 @@ def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deacti
         assert np.linalg.norm(p1 - p0) <= cap * DT / 1e9 + 1e-9, (i, n_fast, n_capped)
         assert np.all(p1 >= lo - 1e-9) and np.all(p1 <= hi + 1e-9)
     assert node.stats.counters['safety_limited_steps'] > 0       # the caps were needed
+    assert robot.wait_for(lambda: robot.grippers)               # a width for ros2_control
+    assert all(0.0 <= m.data[0] <= 0.08 for m in robot.grippers)
     # The deadman publisher dies: the enable expires (logged once), only the last target
     # is repeated, no chunk goes out.
     holds = node.stats.counters['holds']
@@ -507,3 +512,23 @@ def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deacti
     assert robot.wait_for(lambda: len(robot.targets) > n)
     assert np.allclose(pose_of(robot.targets[-1])[0], pose_of(robot.targets[n - 1])[0])
     assert node.safety.deadman.reason(t, 0.0) == 'enable input is off'
+
+
+# ==== 10: gripper commands for ros2_control ====
+
+def test_gripper_command_as_a_float64_multi_array_with_a_linear_width(system, delta_model):
+    node, robot = system(delta_model, **{'output.mode': 'pose_target',
+                                         'output.gripper_msg': 'multi_array',
+                                         'output.gripper_mapping': 'linear',
+                                         'output.gripper_open': 0.08,
+                                         'output.gripper_closed': 0.0})
+    got = robot.grippers
+    assert wait_until(lambda: node.gripper_pub.get_subscription_count() >= 1)
+    force_actions(node, np.array([0.0] * 6 + [0.5]))     # 0.5: three quarters closed
+    assert set_clock(node, robot, T0)
+    assert robot.drive(T0) is not None
+    assert robot.wait_for(lambda: got)
+    assert list(got[0].data) == pytest.approx([0.08 + 0.75 * (0.0 - 0.08)])
+    with pytest.raises(ValueError, match='output.gripper_mapping'):
+        from sparse_policy_node.ros.params import NodeSettings
+        NodeSettings(output_gripper_mapping='bang')

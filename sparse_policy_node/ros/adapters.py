@@ -18,6 +18,7 @@ from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import safety as sf
 from std_msgs.msg import Bool
 from std_msgs.msg import Float64
+from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 
@@ -126,9 +127,10 @@ class AdaptersMixin:
                                             self.create_lifecycle_publisher(
                                                 JointTrajectory, '~/joint_trajectory', 10))
         if s.output_mode != 'chunk' and self.gripper_index is not None:
+            msg_type = Float64MultiArray if s.output_gripper_msg == 'multi_array' else Float64
             self.gripper_pub = self._own(self.destroy_lifecycle_publisher,
                                          self.create_lifecycle_publisher(
-                                             Float64, '~/gripper_command', 10))
+                                             msg_type, '~/gripper_command', 10))
         if s.safety_require_enable:
             self._own(self.destroy_subscription, self.create_subscription(
                 Bool, '~/enable', self._on_enable, 10))

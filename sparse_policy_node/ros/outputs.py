@@ -14,7 +14,9 @@ from sensor_msgs.msg import JointState
 from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import execution as ex
+from sparse_policy_node.ros import gripper
 from std_msgs.msg import Float64
+from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
 
 
@@ -158,10 +160,20 @@ class OutputsMixin:
         if self.gripper_index is not None:
             self._last_gripper = self.safety.gripper(value[self.gripper_index],
                                                      self.gripper_index)
-            if self.gripper_pub is not None:
-                self.gripper_pub.publish(Float64(data=self._last_gripper))
+            self._publish_gripper()
         if self.safety.limited > before:
             self.stats.count('safety_limited_steps', self.safety.limited - before)
+
+    def _publish_gripper(self) -> None:
+        """Publish the last gripper value sent, mapped as output.gripper_* say (ros/gripper.py)."""
+        if self.gripper_pub is None:
+            return
+        s = self.settings
+        value = gripper.command(self._last_gripper, s.output_gripper_mapping,
+                                s.output_gripper_open, s.output_gripper_closed,
+                                s.output_gripper_threshold)
+        self.gripper_pub.publish(Float64MultiArray(data=[value])
+                                 if s.output_gripper_msg == 'multi_array' else Float64(data=value))
 
     def _hold_reason(self, now: int, covered: bool) -> str:
         """Return why the node holds now ('' to command): enable input, then the watchdog."""
@@ -232,8 +244,8 @@ class OutputsMixin:
                 msg.points[0].time_from_start = conv.ns_to_duration(self.dt_ns)
                 self.joint_traj_pub.publish(msg)
                 sent = 'sent a stop at the joint target in force'
-        if self.gripper_pub is not None and self._last_gripper is not None:
-            self.gripper_pub.publish(Float64(data=self._last_gripper))
+        if self._last_gripper is not None:
+            self._publish_gripper()
         return sent
 
     def _on_control_tick(self) -> None:

@@ -32,6 +32,9 @@ from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
 from sparse_policy_node.ros.execution import check_mode as check_execution_mode
 from sparse_policy_node.ros.execution import MODES as EXECUTION_MODES
+from sparse_policy_node.ros.gripper import check as check_gripper
+from sparse_policy_node.ros.gripper import MAPPINGS as GRIPPER_MAPPINGS
+from sparse_policy_node.ros.gripper import MESSAGES as GRIPPER_MESSAGES
 
 
 OUTPUT_MODES = ('chunk', 'pose_target', 'joint_trajectory')
@@ -153,6 +156,11 @@ class NodeSettings:
     output_joint_names: Tuple[str, ...] = ('',)
     output_pose_topic: str = 'ee_pose'
     output_joint_state_topic: str = 'joint_states'
+    output_gripper_msg: str = 'float64'
+    output_gripper_mapping: str = 'none'
+    output_gripper_open: float = 0.08
+    output_gripper_closed: float = 0.0
+    output_gripper_threshold: float = 0.0
     safety_max_step_change: Tuple[float, ...] = (0.0,)
     safety_max_linear_speed: float = 0.0
     safety_max_angular_speed: float = 0.0
@@ -191,6 +199,12 @@ class NodeSettings:
         if len(lo) != 3 or len(hi) != 3 or not all(a < b for a, b in zip(lo, hi)):
             raise ConfigError(f'safety.workspace_min/max must be [x, y, z] with min < max, '
                               f'got {list(lo)} / {list(hi)}')
+        try:
+            check_gripper(self.output_gripper_mapping, self.output_gripper_msg,
+                          float(self.output_gripper_open), float(self.output_gripper_closed),
+                          float(self.output_gripper_threshold))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.safety_hold_output not in HOLD_OUTPUTS:
             raise ConfigError(f'safety.hold_output must be one of {HOLD_OUTPUTS}, got '
                               f'{self.safety_hold_output!r}')
@@ -315,6 +329,23 @@ NODE_PARAMS = (
           _NS.output_joint_state_topic,
           'Measured joint states (joint_trajectory mode: the hold position and the start of '
           'the joint speed cap).', read_only=True),
+    Param('output.gripper_msg', 'output_gripper_msg', _NS.output_gripper_msg,
+          "~/gripper_command type: 'float64' (std_msgs/Float64) or 'multi_array' "
+          "(std_msgs/Float64MultiArray, one value: ros2_control's forward command and "
+          'position controllers).', read_only=True, constraints=f'one of {GRIPPER_MESSAGES}'),
+    Param('output.gripper_mapping', 'output_gripper_mapping', _NS.output_gripper_mapping,
+          "From the model's gripper value (-1 open, +1 closed) to the command: 'none' (as "
+          "is), 'threshold' (output.gripper_closed above output.gripper_threshold, else "
+          "output.gripper_open) or 'linear' (-1 -> open, +1 -> closed).", read_only=True,
+          constraints=f'one of {GRIPPER_MAPPINGS}'),
+    Param('output.gripper_open', 'output_gripper_open', _NS.output_gripper_open,
+          'Gripper command for open (e.g. a finger width in m).', read_only=True),
+    Param('output.gripper_closed', 'output_gripper_closed', _NS.output_gripper_closed,
+          'Gripper command for closed.', read_only=True),
+    Param('output.gripper_threshold', 'output_gripper_threshold',
+          _NS.output_gripper_threshold,
+          'threshold mapping: model values above this close the gripper.', read_only=True,
+          min_value=-1.0, max_value=1.0),
     Param('safety.max_step_change', 'safety_max_step_change',
           list(_NS.safety_max_step_change),
           'Largest change between consecutive actions, per action dimension (one value for '
