@@ -97,3 +97,17 @@ def test_the_safety_layer_is_pure_numpy():
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if n.startswith('rclpy') or '_msgs' in n], names
     assert 'sparse_policy_node.ros' in names              # its actions: pure numpy too
+
+
+def test_parameter_table_says_when_each_applies_and_what_a_change_rebuilds():
+    from sparse_policy_node.ros import params
+    table = {p.name: p for p in params.NODE_PARAMS}
+    assert table['safety.max_joint_speed'].applies.startswith('live')
+    assert table['safety.require_enable'].applies.startswith('at configure')
+    assert table['model_dir'].applies == 'between chunks'
+    assert 'Applies live' in table['safety.enable_timeout_s'].descriptor().description
+    old = NodeSettings()
+    assert params.what_to_rebuild(old, NodeSettings(safety_max_joint_speed=0.5)) == {'safety'}
+    assert params.what_to_rebuild(old, NodeSettings(model_dir='x', num_threads=2)) == {
+        'engine', 'threads'}
+    assert params.what_to_rebuild(old, NodeSettings()) == set()

@@ -72,9 +72,19 @@ class Param:
     max_value: Optional[float] = None
     constraints: str = ''
 
+    @property
+    def applies(self) -> str:
+        """When a change applies: at configure (read-only), live or between chunks."""
+        if self.read_only:
+            return 'at configure (read-only)'
+        if self.name in LIVE_PARAMS:
+            return 'live, from the next control tick'
+        return 'between chunks'
+
     def descriptor(self) -> ParameterDescriptor:
-        """Return the ROS descriptor: description, range and read-only flag."""
-        d = ParameterDescriptor(description=self.description, read_only=self.read_only,
+        """Return the ROS descriptor: description (with when it applies), range, read-only."""
+        d = ParameterDescriptor(description=f'{self.description} Applies {self.applies}.',
+                                read_only=self.read_only,
                                 additional_constraints=self.constraints)
         if self.min_value is not None and isinstance(self.default, int):
             d.integer_range = [IntegerRange(from_value=int(self.min_value),
@@ -83,6 +93,36 @@ class Param:
             d.floating_point_range = [FloatingPointRange(from_value=float(self.min_value),
                                                          to_value=float(self.max_value))]
         return d
+
+
+# Applied by the node's post-set callback, so from the next control tick (ros/intake.py).
+LIVE_PARAMS = frozenset((
+    'action.lower', 'action.upper', 'safety.max_step_change', 'safety.max_linear_speed',
+    'safety.max_angular_speed', 'safety.max_joint_speed', 'safety.workspace_min',
+    'safety.workspace_max', 'safety.enable_timeout_s', 'safety.hold_output',
+    'safety.watchdog_s', 'safety.resume_dense_after_s'))
+REBUILDS = ('engine', 'threads', 'timing', 'safety')
+
+
+def what_to_rebuild(old: 'NodeSettings', new: 'NodeSettings') -> set:
+    """Return what a settings change requires the policy node to rebuild (of REBUILDS).
+
+    ``engine``: load the model (model_dir, device); ``threads``: torch's thread count;
+    ``timing``: the observation history's tolerances; ``safety``: the safety layer's limits
+    (live parameters). The runtime knobs are set on the engine at every change.
+    """
+    out = set()
+    if (new.model_dir, new.device) != (old.model_dir, old.device):
+        out.add('engine')
+    if new.num_threads and new.num_threads != old.num_threads:
+        out.add('threads')
+    timing = ('sync_tolerance_s', 'time_jump_reset_s')
+    if any(getattr(new, a) != getattr(old, a) for a in timing):
+        out.add('timing')
+    attrs = [p.attr for p in NODE_PARAMS if p.name in LIVE_PARAMS]
+    if any(getattr(new, a) != getattr(old, a) for a in attrs):
+        out.add('safety')
+    return out
 
 
 _RT = RuntimeConfig()

@@ -82,7 +82,8 @@ class WorkerMixin:
             return
         s, old = params.settings_from_params(self), self.settings
         runtime = params.config_from_params(self)
-        if (s.model_dir, s.device) != (old.model_dir, old.device):
+        rebuild = params.what_to_rebuild(old, s)  # the safety layer: _apply_safety, at once
+        if 'engine' in rebuild:
             try:
                 new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
             except Exception as exc:  # noqa: B902 - any load failure keeps the old model
@@ -93,9 +94,10 @@ class WorkerMixin:
                 new.reset()
                 self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
         self.engine.set_runtime(runtime)
-        if s.num_threads and s.num_threads != old.num_threads:
+        if 'threads' in rebuild:
             torch.set_num_threads(s.num_threads)
-        self.history.set_timing(*self._timing_ns(s))
+        if 'timing' in rebuild:
+            self.history.set_timing(*self._timing_ns(s))
         self.settings = s
 
     def _keep_running_model(self, s, old, exc) -> None:
