@@ -33,6 +33,16 @@ HOLD_OUTPUTS = ('hold', 'silent')
 ABSOLUTE_SPACES = ('abs_eef_pose', 'joint_pos')
 
 
+def _move(prev: np.ndarray, value: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """Return ``value``, or ``prev`` moved towards it by at most ``limit`` per dimension.
+
+    Dimensions within the limit keep ``value`` exactly (no rounding through ``prev``).
+    """
+    d = value - prev
+    c = np.clip(d, -limit, limit)
+    return np.where(c == d, value, prev + c)
+
+
 class SafetyConfigError(ValueError):
     """A safety setting that contradicts the model (e.g. a limit outside the card's)."""
 
@@ -274,7 +284,7 @@ class SafetyLayer:
 
     def _step(self, value: np.ndarray, prev: np.ndarray) -> np.ndarray:
         m = np.where(self.config.max_step_change > 0, self.config.max_step_change, np.inf)
-        return prev + np.clip(value - prev, -m, m)  # value is bounded: moves towards them
+        return _move(prev, value, m)
 
     def _count(self, before, after) -> None:
         before = np.asarray(before, float)
@@ -361,7 +371,7 @@ class SafetyLayer:
             cap = c.max_joint_speed * max(0, int(times_ns[i]) - t_prev) / 1e9 \
                 if c.max_joint_speed > 0 else np.inf
             m = np.minimum(step, cap)
-            out[i] = prev + np.clip(out[i] - prev, -m, m)
+            out[i] = _move(prev, out[i], m)
             prev, t_prev = out[i], int(times_ns[i])
         self._count(targets, out)
         self.sent.joints = (np.asarray(times_ns, dtype=np.int64), out.copy())
