@@ -172,7 +172,9 @@ def pose_of(msg):
 # ==== 1: absolute limits from the card ====
 
 def test_joint_targets_use_the_card_range_not_plus_minus_one(system, joint_model, context):
-    node, robot = system(joint_model, **JOINT_OUT)
+    # The +-1 default, given explicitly as config/policy.yaml does, is not a limit here.
+    node, robot = system(joint_model, **JOINT_OUT,
+                         **{'action.lower': [-1.0], 'action.upper': [1.0]})
     target = np.array([0.0, 0.0, 0.0, -2.0, 0.0, 1.5, 0.0])
     force_actions(node, target)
     assert set_clock(node, robot, T0)

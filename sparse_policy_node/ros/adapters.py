@@ -147,15 +147,15 @@ class AdaptersMixin:
         default of action.lower/upper (applied only when set to other values, inside the
         card's range).
         """
-        explicit = {'action.lower', 'action.upper'} & set(
-            getattr(self, '_parameter_overrides', {}) or {}) or \
-            (tuple(s.action_lower), tuple(s.action_upper)) != ((-1.0,), (1.0,))
+        # The +-1 default counts as not set, also when a parameter file repeats it
+        # (config/policy.yaml does).
+        explicit = (tuple(s.action_lower), tuple(s.action_upper)) != ((-1.0,), (1.0,))
         if s.output_mode == 'chunk' and self._eef_limits_set(s) and self.space != 'delta_eef':
             raise ConfigError('end-effector speed and workspace limits on chunk output need a '
                               'delta_eef model card')
         try:
             bounds = sf.action_bounds(self.space, self.card, s.action_lower, s.action_upper,
-                                      bool(explicit), self.action_dim)
+                                      explicit, self.action_dim)
             return sf.config_from_settings(s, self.dt_ns, self.action_dim, bounds)
         except sf.SafetyConfigError as exc:
             raise ConfigError(str(exc)) from exc
