@@ -439,6 +439,8 @@ def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deacti
     values.update(model_dir=delta_model, pose_frame='world', max_obs_age_s=5.0,
                   **{'safety.watchdog_s': 2.0})
     node, robot = system(**values)
+    sent, publish = [], node.target_pub.publish       # the targets sent, counted at the node
+    node.target_pub.publish = lambda msg: (sent.append(msg), publish(msg))[1]
     c = node.safety.config
     lo, hi = c.workspace_min, c.workspace_max
     p_in = (0.5, 0.0, 0.4)
@@ -466,9 +468,10 @@ def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deacti
         t += DT
     assert robot.wait_for(lambda: len(robot.targets) >= 4)
     n_fast = len(robot.targets)
-    # A live cap change applies from the next tick.
+    # A live cap change applies from the next tick: every target the node sends after the
+    # change (counted at the node; delivery keeps the order) is under the new cap.
     assert node.set_parameters([Parameter('safety.max_linear_speed', value=0.05)])[0].successful
-    n_capped = len(robot.targets)
+    n_capped = len(sent)
     for _ in range(6):
         step(t)
         t += DT
