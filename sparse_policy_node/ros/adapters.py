@@ -98,8 +98,10 @@ class AdaptersMixin:
         self.safety = sf.SafetyLayer(config, s.safety_require_enable)
         self.limits = config.limits()
         self._eef_limited = self._eef_limits_set(s)
-        self.get_logger().info(f'action bounds from {config.bounds_source}: '
-                               f'{config.lower.tolist()} .. {config.upper.tolist()}')
+        log = self.get_logger().warning if np.isinf(config.lower).all() else \
+            self.get_logger().info   # an absolute model whose card has no action.range
+        log(f'action bounds from {config.bounds_source}: {config.lower.tolist()} .. '
+            f'{config.upper.tolist()}')
         self._poses = deque(maxlen=256)      # measured (stamp_ns, position, quaternion)
         self._joints = None                  # measured joint positions (output order)
         self._joints_ns = None               # when they arrived (node clock)
