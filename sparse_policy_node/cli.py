@@ -3,11 +3,19 @@
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``
 (returning an exit code); modules are imported only when their command runs, so
 ``sparse-policy --help`` stays fast and works without the simulator or ROS installed.
+
+Errors: a mistake of the user (a bad path or file, a bad value, a missing pruner: the
+project's own exception types, :class:`~sparse_policy_node.tools.args.CommandError` among
+them, and missing or unreadable files) is printed as one line,
+``sparse-policy <command>: error: <what is wrong>; <what to do>``, with exit status 2; the
+subcommands check their inputs before they start a simulator, a node or a training run.
+Ctrl-C ends quietly with status 130. Any other exception is a bug and keeps its traceback.
 """
 
 import argparse
 import importlib
 import sys
+import textwrap
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -57,20 +65,134 @@ COMMANDS = {
 }
 
 
+# name -> one example command line, shown at the end of the command's --help
+EXAMPLES = {
+    'info': 'sparse-policy info --model models/lift',
+    'bench': 'sparse-policy bench --model models/lift --reps 20 --baselines',
+    'precision': 'sparse-policy precision --model models/lift --rollouts '
+                 'data/lift_rollouts.hdf5 --device cuda --cuda-graphs',
+    'export': 'sparse-policy export --model models/lift --format onnx',
+    'import-dp': 'sparse-policy import-dp ema.safetensors models/dp_lift --config '
+                 'dp_config.json',
+    'demos': 'sparse-policy demos --task lift --num 100 --out data/lift_demos.hdf5 --workers 2',
+    'train-policy': 'sparse-policy train-policy --config config/train/lift_small.yaml',
+    'eval': 'sparse-policy eval --model models/lift --episodes 50 --variants dense sparse '
+            'ddim-10',
+    'frontier': 'sparse-policy frontier --model models/lift --episodes 50 --out runs/frontier '
+                '--install',
+    'rollouts': 'sparse-policy rollouts --model models/lift --out data/lift_rollouts.hdf5 '
+                '--num 32 --seed-start 50000',
+    'train-pruner': 'sparse-policy train-pruner --model models/lift --rollouts '
+                    'data/lift_rollouts.hdf5 --out runs/lift_pruner --install',
+    'masks': 'sparse-policy masks --model models/lift --rollouts data/lift_rollouts.hdf5 '
+             '--out masks.png',
+    'bench-node': 'sparse-policy bench-node --model models/lift --variants learned off '
+                  '--episodes 3',
+    'record-bag': 'sparse-policy record-bag bags/run1 --duration 60',
+    'replay-bag': 'sparse-policy replay-bag bags/run1 --against-recorded --json-out '
+                  'report.json',
+    'dataset-from-bag': 'sparse-policy dataset-from-bag bags/demo_* --out demos.hdf5 '
+                        '--camera agentview=agentview/image_raw --action-topic /teleop/command',
+    'model-card': 'sparse-policy model-card --model models/lift --write',
+    'launch': 'sparse-policy launch sim:=robosuite task:=lift sparsity:=learned episodes:=5',
+}
+
+# Advice for an error message that carries none, by exception type name.
+HINTS = {
+    'CheckpointError': 'give a model directory with a valid config.json and '
+                       'model.safetensors (as train-policy or import-dp write them, e.g. '
+                       'models/lift)',
+    'BagError': 'pass a rosbag2 directory (sparse-policy record-bag writes one)',
+}
+# Standard exceptions that are the user's mistake: a path that is missing, not a file, ...
+USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                    argparse.RawDescriptionHelpFormatter):
+    """Show each option's default (unless its help already says it, or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        default = action.default
+        if '(default' in text or 'default:' in text or default is argparse.SUPPRESS \
+                or default is None or default is False \
+                or (isinstance(default, (str, list, tuple)) and not default) \
+                or not (action.option_strings or action.nargs in ('?', '*')):
+            return text
+        shown = ' '.join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f'{text} (default: {str(shown).replace("%", "%%")})'.strip()
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a mistake in the arguments is one line and exit status 2."""
+
+    def error(self, message):
+        """Print ``<prog>: error: <message>; see <prog> --help`` and exit 2."""
+        self.exit(2, f'{self.prog}: error: {message}; see {self.prog} --help\n')
+
+
+class ReportedError(SystemExit):
+    """Exit status 2 after the one-line message was printed; ``str()`` is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Create the top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
         prog='sparse-policy',
         description='Diffusion policy with test-time sparsity: train, evaluate, benchmark, '
-                    'serve.')
+                    'serve.',
+        epilog='Run sparse-policy COMMAND --help for the options of a command, their defaults '
+               'and an example.')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text, add_help=False)
     return parser
 
 
+def command_parser(name: str, module=None) -> argparse.ArgumentParser:
+    """Return the parser of subcommand ``name`` (imports its module unless given)."""
+    module_name, help_text = COMMANDS[name]
+    module = module or importlib.import_module(module_name)
+    parser = CommandParser(prog=f'sparse-policy {name}',
+                           description=textwrap.fill(help_text, 79),
+                           epilog=f'example:\n  {EXAMPLES[name]}',
+                           formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    return parser
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Tell the user's mistakes (the project's exception types, bad paths) from bugs."""
+    if isinstance(exc, USER_ERRORS):
+        return True
+    return any(cls.__module__.startswith('sparse_policy_node.')
+               for cls in type(exc).__mro__ if cls not in (BaseException, object))
+
+
+def error_line(name: str, message, hint: str = '') -> str:
+    """``sparse-policy <name>: error: <message>; <advice>`` on one line."""
+    text = ' '.join(str(message).split()) or type(message).__name__
+    for prefix in (f'sparse-policy {name}: ', f'{name}: ', 'error: '):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if ';' not in text:
+        text = f'{text.rstrip(".")}; {hint or f"see sparse-policy {name} --help"}'
+    return f'sparse-policy {name}: error: {text}'
+
+
 def main(argv=None) -> int:
-    """Entry point of the ``sparse-policy`` console script."""
+    """Entry point of the ``sparse-policy`` console script.
+
+    Returns the command's exit status (2 after a reported error, 130 after Ctrl-C). Like
+    argparse's own errors, a subcommand's ``SystemExit('message')`` is reported as one line
+    and raised again as ``SystemExit`` with status 2 (``str()``: the message).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv or argv[0] in ('-h', '--help') or argv[0] not in COMMANDS:
@@ -82,12 +204,23 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     name = argv[0]
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f'sparse-policy {name}', description=help_text)
-    module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])  # torch: seconds, Ctrl-C welcome
+        args = command_parser(name, module).parse_args(argv[1:])
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        line = error_line(name, exc.code)
+        print(line, file=sys.stderr)
+        raise ReportedError(line.split(': error: ', 1)[1]) from None
+    except Exception as exc:  # noqa: B902 - only the user's mistakes are reported, see below
+        if not is_user_error(exc):
+            raise
+        print(error_line(name, exc, HINTS.get(type(exc).__name__, '')), file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -5,10 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+from sparse_policy_node.cli import command_parser
 from sparse_policy_node.cli import COMMANDS
 from sparse_policy_node.cli import main
 
 VENV_BIN = os.path.dirname(sys.executable)
+LIFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models',
+                    'lift')
 
 
 def test_help_lists_every_command(capsys):
@@ -93,3 +97,72 @@ def test_bench_node_plots_the_latency_distribution_per_variant(tmp_path):
 def test_bench_node_refuses_a_missing_model(capsys):
     assert main(['bench-node', '--model', '/does/not/exist']) == 2
     assert 'does not exist' in capsys.readouterr().err
+
+
+def test_every_command_help_shows_defaults_and_an_example(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, '--help'])
+        assert exit_info.value.code == 0, name
+        text = capsys.readouterr().out
+        assert 'default' in text, name
+        assert 'example:' in text and f'sparse-policy {name}' in text.split('example:')[1], name
+    # An option without a stated default gets one, e.g. eval --episodes.
+    text = command_parser('eval').format_help()
+    assert 'episodes per variant' in text and '(default: 50)' in text
+
+
+def test_list_options_take_spaces_or_commas():
+    args = command_parser('eval').parse_args(['--variants', 'dense,sparse', 'ddim-10'])
+    assert args.variants == ['dense', 'sparse', 'ddim-10']
+    args = command_parser('bench-node').parse_args(['--variants', 'learned', '0.5,off'])
+    assert args.variants == ['learned', '0.5', 'off']
+    assert command_parser('bench-node').parse_args([]).variants == ['learned', 'off']
+    args = command_parser('bench').parse_args(['--directions', 'forward', 'rollout'])
+    assert args.directions == ['forward', 'rollout']
+    args = command_parser('precision').parse_args(['--precisions', 'float16,bfloat16'])
+    assert args.precisions == ['float16', 'bfloat16']
+
+
+def test_model_is_an_option_everywhere_and_the_positional_is_deprecated(capsys):
+    for name in ('info', 'bench', 'precision', 'export', 'model-card', 'eval', 'frontier',
+                 'rollouts', 'train-pruner', 'masks', 'bench-node'):
+        actions = {s for a in command_parser(name)._actions for s in a.option_strings}
+        assert '--model' in actions, name
+    assert main(['model-card', '--model', LIFT]) == 0
+    card, err = capsys.readouterr()
+    assert 'deprecated' not in err
+    assert main(['model-card', LIFT]) == 0
+    old_card, err = capsys.readouterr()
+    assert old_card == card
+    assert err.count('\n') == 1 and 'deprecated' in err and f'--model {LIFT}' in err
+
+
+def test_replay_bag_json_out_and_its_old_spelling(tmp_path, capsys):
+    from sparse_policy_node.bags.rosbag_io import BagWriter
+    from sparse_policy_node.tools import replay_bag
+    with BagWriter(str(tmp_path / 'bag'), {'/a': 'std_msgs/msg/String'}):
+        pass
+    parser = command_parser('replay-bag')
+    args = parser.parse_args([str(tmp_path / 'bag'), '--json-out', 'r.json'])
+    assert replay_bag.check_args(args) == {} and args.json_out == 'r.json'
+    assert capsys.readouterr().err == ''
+    args = parser.parse_args([str(tmp_path / 'bag'), '--json', 'old.json'])
+    replay_bag.check_args(args)
+    assert args.json_out == 'old.json' and 'deprecated' in capsys.readouterr().err
+
+
+def test_precision_says_what_it_does_before_the_long_work(monkeypatch, capsys):
+    from sparse_policy_node.tools import precision
+    seen = []
+
+    def fake_check(args):
+        seen.append(capsys.readouterr().err)  # what the user saw before the work began
+        return {'model': args.model, 'device': 'cpu', 'sampler': 'ddim', 'steps': 2,
+                'source': 'random', 'sparse_gates': 'no pruner', 'rows': []}
+
+    monkeypatch.setattr(precision, 'run_check', fake_check)
+    assert main(['precision', '--model', '', '--preset', 'tiny', '--device', 'cpu',
+                 '--windows', '3', '--json']) == 0
+    assert seen[0].startswith('precision: comparing float32, float16, bfloat16')
+    assert '3 windows' in seen[0]

@@ -217,10 +217,27 @@ def test_bringup_forwards_signals_and_children_exit(tmp_path, env, sig):
 
 
 def test_bringup_fails_cleanly_on_missing_model(tmp_path, env):
+    # Checked before any node starts: one line, exit status 2, no node output.
     proc = launch(tmp_path, env, 'sim:=none', f'model:={tmp_path}/nope')
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert 'cannot start' in out and 'does not exist' in out
+    assert proc.returncode == 2
+    assert out.startswith('sparse-policy launch: error: ') and 'does not exist' in out
+    assert len(out.strip().splitlines()) == 1 and 'started' not in out
+
+
+def test_a_policy_node_that_cannot_configure_stops_the_bridge_at_once(tmp_path, env):
+    """A failure only the node sees (pose_target needs a model card) ends the whole launch."""
+    pytest.importorskip('robosuite')
+    model = save_tiny_model(str(tmp_path / 'model'))
+    proc = launch(tmp_path, env, f'model:={model}', 'action_interface:=pose_target',
+                  'episodes:=2')
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    assert 'needs the model card' in out and 'policy_node exited with code 1' in out
+    assert 'episode 0' not in out, out[-3000:]         # the bridge ran no episode
+    bridge = json.loads((tmp_path / 'sim_bridge.json').read_text()) \
+        if (tmp_path / 'sim_bridge.json').exists() else {'episodes': 0}
+    assert bridge['episodes'] == 0
 
 
 def test_bringup_runs_sim_episodes_and_ends_by_itself(tmp_path, env):

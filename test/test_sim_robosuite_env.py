@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sparse_policy_node.sim.robosuite_env import HARMLESS_ROBOSUITE_MESSAGES
 from sparse_policy_node.sim.robosuite_env import obs_from_robosuite
 from sparse_policy_node.sim.robosuite_env import TASKS
 
@@ -81,3 +82,20 @@ def test_real_reset_seed_is_reproducible_and_step_reports_success(lift_env):
     obs, reward, done, info = lift_env.step(np.zeros(7))
     assert info['success'] is False and done is False and lift_env.steps == 1
     assert obs['agentview_image'].shape == (3, 32, 32)
+
+
+@pytest.mark.sim
+def test_robosuite_start_up_prints_none_of_its_known_harmless_messages():
+    import subprocess
+    import sys
+    pytest.importorskip('robosuite')
+    code = ('from sparse_policy_node.sim.robosuite_env import make_env\n'
+            "make_env('lift', cameras=(), seed=0).close()\n"
+            'import logging\n'
+            "logging.getLogger('robosuite_logs').warning('a real warning still shows')\n")
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert 'a real warning still shows' in out
+    assert not [m for m in HARMLESS_ROBOSUITE_MESSAGES if m in out], out[-2000:]

@@ -32,6 +32,19 @@ def test_eval_json_report_and_plot(tiny_model_dir, tmp_path, capsys):
     assert [e['steps'] for e in report['episodes_dense']] == [6, 6]
     assert json.loads((out / 'report.json').read_text())['task'] == 'lift'
     assert (out / 'success.png').stat().st_size > 0
+    assert report['runs_dense'] == 'ddim-2 dense'
+
+
+def test_eval_table_names_what_each_row_runs(tiny_model_dir, capsys):
+    pytest.importorskip('robosuite')
+    from sparse_policy_node.cli import main
+    code = main(['eval', '--model', tiny_model_dir, '--episodes', '1', '--max-steps', '2',
+                 '--sampler', 'ddim', '--steps', '2', '--variants', 'dense', 'ddim-3',
+                 'static-50', '--no-deviation'])
+    assert code == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert 'ddim-2 dense' in rows['dense'] and 'ddim-3 dense' in rows['ddim-3']
+    assert 'ddim-2 static 0.50' in rows['static-50']
 
 
 class ScriptedLift:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import fields
 from dataclasses import is_dataclass
+from dataclasses import replace
 import typing
 from typing import Optional
 from typing import Tuple
@@ -353,6 +354,18 @@ class RuntimeConfig:
                  'RuntimeConfig.target_sparsity must be set (>= 0) for gate_source=static')
         _require(self.gate_source != 'random' or s >= 0,
                  'RuntimeConfig.target_sparsity must be set (>= 0) for gate_source=random')
+
+    def replace(self, **changes) -> 'RuntimeConfig':
+        """Return a copy with ``changes`` applied and the other knobs kept (validated).
+
+        Start from what an engine serves, e.g. ``engine.runtime.replace(target_sparsity=0.8)``:
+        a fresh ``RuntimeConfig(...)`` starts from the library defaults (DDPM-100) instead.
+        """
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f'RuntimeConfig has no field {unknown[0]!r}; fields: '
+                              f'{[f.name for f in fields(self)]}')
+        return replace(self, **changes)
 
 
 # ==== presets ====

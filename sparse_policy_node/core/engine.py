@@ -57,6 +57,7 @@ from sparse_policy_node.core.gates import dial_gates
 from sparse_policy_node.core.gates import gate_counts
 from sparse_policy_node.core.gates import random_gates
 from sparse_policy_node.core.gates import static_gates
+from sparse_policy_node.core.observation import observation_window
 from sparse_policy_node.core.policy import ObservationError
 from sparse_policy_node.core.sampler import chunk_noise
 from sparse_policy_node.core.sampler import device_generator
@@ -179,7 +180,11 @@ class SparseEngine:
                     f'sparsity off, or train a pruner on rollouts of that schedule')
 
     def set_runtime(self, cfg: RuntimeConfig) -> None:
-        """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs)."""
+        """Validate ``cfg`` and apply it from the next chunk (safe while a chunk runs).
+
+        ``cfg`` replaces every knob: to change some and keep the model's serving default
+        for the rest, pass ``engine.runtime.replace(...)``.
+        """
         self.check_runtime(cfg)
         self.transformer_for(cfg.precision)  # a reduced-precision copy is made here, not later
         self.backend_for(cfg)  # graphs are exported and loaded here, never inside a chunk
@@ -318,6 +323,13 @@ class SparseEngine:
     # ==== frame features ====
 
     @torch.no_grad()
+    def observation(self, steps) -> Dict[str, torch.Tensor]:
+        """Batch-1 window ``{key: (1, T_o, ...)}`` from per-step arrays (oldest first).
+
+        See :func:`sparse_policy_node.core.observation.observation_window`.
+        """
+        return observation_window(self.policy, steps)
+
     def encode_frame(self, image_key: str, frame_id: Hashable, image: torch.Tensor) -> None:
         """Encode one camera frame ahead of the chunk that will use it (any thread).
 

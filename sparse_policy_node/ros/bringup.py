@@ -20,6 +20,8 @@ from sparse_policy_node.ros.launch_args import NodePlan
 from sparse_policy_node.ros.launch_args import parse_launch_args
 from sparse_policy_node.ros.launch_args import plan_nodes
 from sparse_policy_node.ros.launch_args import show_args
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import CommandError
 import yaml
 
 STOP_TIMEOUT_S = 10.0
@@ -116,11 +118,21 @@ def run(args) -> int:
         values = parse_launch_args(args.launch_args)
         work = tempfile.mkdtemp(prefix='sparse_policy_launch_')
         values['summary_dir'] = values['summary_dir'] or work
-        os.makedirs(values['summary_dir'], exist_ok=True)
         plan = plan_nodes(values)
-    except (ValueError, OSError) as exc:
-        print(f'sparse-policy launch: {exc}', file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise CommandError(f'{exc}; see sparse-policy launch --show-args') from exc
+    # Checked before any node starts; a bad model raises CheckpointError (one line, exit 2).
+    if values['model']:
+        check_model_dir(values['model'], pruners=True)
+    for path in (p for node in plan for p in node.params_files):
+        if not os.path.isfile(path):
+            raise CommandError(f'parameter file {path} does not exist; pass params_file:= / '
+                               f'bridge_params_file:= with an existing file')
+    try:
+        os.makedirs(values['summary_dir'], exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f'summary_dir:={values["summary_dir"]} cannot be created ({exc}); '
+                           f'pass another directory') from exc
     received = []
 
     def on_signal(signum, _frame):

@@ -7,6 +7,7 @@ Rendering is offscreen; on CPU-only machines set ``MUJOCO_GL=egl`` before import
 """
 
 from dataclasses import dataclass
+import logging
 import os
 from typing import Dict
 from typing import Optional
@@ -77,6 +78,26 @@ def obs_from_robosuite(raw: Dict[str, np.ndarray], cameras: Sequence[str],
     return obs
 
 
+# robosuite's start-up messages that say nothing about this project's use of it: a private
+# macro file is optional, and robosuite_models / mink serve robots and IK this project does
+# not use. The controller configuration it loads is always the default Panda OSC.
+HARMLESS_ROBOSUITE_MESSAGES = (
+    'No private macro file found', 'It is recommended to use a private macro file',
+    'To setup, run:', 'Could not import robosuite_models', 'Could not load the mink-based',
+    'Loading controller configuration from')
+
+
+def _not_harmless(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(HARMLESS_ROBOSUITE_MESSAGES)
+
+
+def quiet_robosuite() -> None:
+    """Drop robosuite's known harmless start-up messages (call before importing it)."""
+    logger = logging.getLogger('robosuite_logs')
+    if _not_harmless not in logger.filters:
+        logger.addFilter(_not_harmless)  # a callable filter (Python >= 3.2)
+
+
 class RobosuiteEnv:
     """A robosuite environment with seeded resets and policy-layout observations."""
 
@@ -85,6 +106,7 @@ class RobosuiteEnv:
                  max_steps: Optional[int] = None):
         if task not in TASKS:
             raise ValueError(f'unknown task {task!r}; valid tasks: {sorted(TASKS)}')
+        quiet_robosuite()
         import robosuite
         self.task = task
         self.spec = TASKS[task]

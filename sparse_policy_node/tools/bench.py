@@ -34,6 +34,13 @@ import statistics
 import sys
 import time
 
+from sparse_policy_node.core.config import REUSE_DIRECTIONS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
+from sparse_policy_node.tools.args import reuse_direction
 from sparse_policy_node.tools.common import build_model
 from sparse_policy_node.tools.common import random_obs
 from sparse_policy_node.tools.common import set_threads
@@ -42,8 +49,9 @@ import torch
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('--model', default=None,
-                        help='model directory (default: random-weight --preset with a pruner)')
+    add_model_argument(parser,
+                       help_text='model directory (default: random-weight --preset with a '
+                                 'pruner)')
     parser.add_argument('--preset', default='paper', help='preset when --model is not given')
     parser.add_argument('--gates', default=None, choices=('pruner', 'random', 'static'),
                         help='sparsity source: the pruner (with the dial when --sparsity is '
@@ -55,12 +63,14 @@ def add_arguments(parser):
     parser.add_argument('--rollout-max-age', type=int, default=None,
                         help='cache aging in chunks, 0: never (default: serving default, '
                              'else 0)')
-    parser.add_argument('--directions', default='forward,timestep,rollout',
-                        help='allowed reuse directions, comma separated')
+    parser.add_argument('--directions', action=ListAction, default=list(REUSE_DIRECTIONS),
+                        check=reuse_direction,
+                        help='allowed reuse directions, space or comma separated')
     parser.add_argument('--steps', type=int, default=None,
                         help='inference steps K (default: the model config)')
-    parser.add_argument('--sampler', default=None, choices=('ddpm', 'ddim'))
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--sampler', default=None, choices=('ddpm', 'ddim'),
+                        help="sampler (default: the model's serving default, else its config)")
+    parser.add_argument('--device', default='cpu', help='torch device')
     parser.add_argument('--backend', nargs='+', default=['torch'],
                         choices=('torch', 'onnxruntime', 'tensorrt'),
                         help='one or more backends, timed side by side in this process (the '
@@ -68,7 +78,8 @@ def add_arguments(parser):
     parser.add_argument('--threads', type=int, default=2, help='torch threads (0: default)')
     parser.add_argument('--reps', type=int, default=10, help='timed repetitions')
     parser.add_argument('--warmup', type=int, default=2, help='untimed repetitions')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the random frames, noise and random-weight model')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
     parser.add_argument('--mask-png', default=None,
                         help='save the gate maps of the timed sparse chunks as a PNG')
@@ -76,6 +87,23 @@ def add_arguments(parser):
                         help='also time the baselines in the same harness: dense DDIM with '
                              'fewer steps, a static (FORA-style) schedule and random gates at '
                              'the same sparsity')
+
+
+def check_args(args) -> None:
+    """Check the values and the model (or preset) before anything is built or timed."""
+    check_range(args.sparsity, '--sparsity', high=0.99,
+                hint='give a fraction in [0, 0.99], or a negative value for the pruner argmax')
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.reps, '--reps', low=1)
+    check_range(args.warmup, '--warmup', low=0)
+    if args.rollout_max_age is not None and args.rollout_max_age < 0:
+        raise CommandError(f'--rollout-max-age must be >= 0, got {args.rollout_max_age}; '
+                           f'0 never expires the cache')
+    if args.model:
+        check_model_dir(args.model, weights=False)
+    else:
+        from sparse_policy_node.core.config import make_preset
+        make_preset(args.preset)
 
 
 def _device_name(device) -> str:
@@ -99,7 +127,9 @@ def _timed(engine, obs, noise, step_noise, device, gates=None, frame_ids=None):
 
 
 def _p90(values) -> float:
-    return round(sorted(values)[int(0.9 * (len(values) - 1))], 2)
+    """90th percentile, linear between samples (never below the median, even for 2)."""
+    return round(statistics.quantiles(values, n=10, method='inclusive')[-1], 2) \
+        if len(values) > 1 else round(values[0], 2)
 
 
 class FrameStream:
@@ -149,7 +179,7 @@ def run_benchmark(args) -> dict:
     cfg = policy.config
     steps = args.steps or cfg.scheduler.num_inference_steps
     sampler = args.sampler or cfg.scheduler.sampler
-    directions = tuple(d for d in args.directions.split(',') if d)
+    directions = tuple(args.directions)
     dense_rt = RuntimeConfig(sparsity_enabled=False, gate_source='dense', sampler=sampler,
                              num_inference_steps=steps)
     sparse_rt = RuntimeConfig(gate_source=args.gates, target_sparsity=args.sparsity,
@@ -377,6 +407,7 @@ def run_baselines(policy, pruner, args, obs, directions, steps, sampler, dense_m
 
 def run(args) -> int:
     """Run the benchmark and print JSON or a short table."""
+    check_args(args)
     result = run_benchmark(args)
     if args.json:
         print(json.dumps(result))

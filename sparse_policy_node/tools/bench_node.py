@@ -27,6 +27,12 @@ import subprocess
 import sys
 import tempfile
 
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_task
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
 import yaml
 
 COLUMNS = (('variant', '{}'), ('success', '{}'), ('chunks', '{}'),
@@ -37,16 +43,20 @@ COLUMNS = (('variant', '{}'), ('success', '{}'), ('chunks', '{}'),
 
 def add_arguments(parser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory')
-    parser.add_argument('--task', default='lift')
+    add_model_argument(parser, default='models/lift')
+    parser.add_argument('--task', default='lift', help='robosuite task of the bridge')
     parser.add_argument('--episodes', type=int, default=3, help='episodes per variant')
     parser.add_argument('--seed', type=int, default=100000, help='seed of the first episode')
-    parser.add_argument('--variants', default='learned,off',
-                        help='comma-separated values of the sparsity launch argument: learned, '
-                             'off (dense) or a target in [0, 0.99]; the first "off" is the '
-                             'reference of the ratios')
-    parser.add_argument('--steps', default='', help="denoising steps (default: the model's)")
-    parser.add_argument('--mode', default='realtime', choices=('realtime', 'lockstep'))
+    parser.add_argument('--variants', action=ListAction, default=['learned', 'off'],
+                        check=_variant,
+                        help='values of the sparsity launch argument, space or comma '
+                             'separated: learned, off (dense) or a target in [0, 0.99]; the '
+                             'first "off" is the reference of the ratios')
+    parser.add_argument('--steps', type=int, default=None,
+                        help="denoising steps (default: the model's)")
+    parser.add_argument('--mode', default='realtime', choices=('realtime', 'lockstep'),
+                        help='realtime: the bridge runs on the wall clock and holds still on '
+                             'underruns; lockstep: it waits for every chunk')
     parser.add_argument('--replan-lead', type=int, default=0,
                         help='replan_lead_steps of the policy node: start the next chunk that '
                              'many steps before the current one runs out (hides latency in '
@@ -60,6 +70,27 @@ def add_arguments(parser) -> None:
     parser.add_argument('--out', default='', help='directory for the per-variant summaries '
                         '(default: a temporary directory)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
+
+
+def _variant(value: str) -> str:
+    from sparse_policy_node.ros.launch_args import sparsity_overrides
+    sparsity_overrides(value)  # ValueError names the forms
+    return value
+
+
+def check_args(args) -> None:
+    """Check the values, the model and the task before any bring-up starts."""
+    check_range(args.episodes, '--episodes', low=1)
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.replan_lead, '--replan-lead', low=0)
+    check_range(args.max_episode_steps, '--max-episode-steps', low=1)
+    check_model_dir(args.model, pruners=True)
+    check_task(args.task)
+    for path, option in ((args.params_file, '--params-file'),
+                         (args.bridge_params_file, '--bridge-params-file')):
+        if path and not os.path.isfile(path):
+            raise CommandError(f'{option} {path!r} does not exist; pass a parameter file such '
+                               f'as config/policy.yaml, or leave it out for the default')
 
 
 def _load_params(path: str, name: str) -> dict:
@@ -95,7 +126,7 @@ def run_variant(args, variant: str, directory: str, policy_file: str, bridge_fil
               f'lockstep:={"true" if args.mode == "lockstep" else "false"}',
               f'params_file:={policy_file}', f'bridge_params_file:={bridge_file}',
               f'summary_dir:={directory}', 'log_level:=warn']
-    if args.steps:
+    if args.steps is not None:
         tokens.append(f'steps:={args.steps}')
     cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', *tokens]
     print(f'[bench-node] {variant}: {" ".join(cmd)}', file=sys.stderr, flush=True)
@@ -201,20 +232,17 @@ def format_table(rows: list) -> str:
 
 def run(args) -> int:
     """Run every variant, then print the table (or JSON)."""
-    if not os.path.isdir(args.model):
-        print(f'bench-node: model directory {args.model!r} does not exist', file=sys.stderr)
-        return 2
+    check_args(args)
     args.model = os.path.abspath(args.model)
     out = args.out or tempfile.mkdtemp(prefix='sparse_policy_bench_node_')
     os.makedirs(out, exist_ok=True)
     try:
         policy_file, bridge_file, rate_hz = write_params(args, out)
     except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
-        print(f'bench-node: cannot read a parameter file: {exc!r}', file=sys.stderr)
-        return 2
-    variants = [v for v in args.variants.split(',') if v]
+        raise CommandError(f'cannot read a parameter file ({exc!r}); pass --params-file / '
+                           f'--bridge-params-file in the layout of config/*.yaml') from exc
     rows = [run_variant(args, v, os.path.join(out, v.replace('.', '_')), policy_file,
-                        bridge_file) for v in variants]
+                        bridge_file) for v in args.variants]
     add_ratios(rows, control_period_ms=1e3 / rate_hz)
     plot = os.path.join(out, 'bench_node.png')
     plot_latency_cdf(rows, plot, 1e3 / rate_hz,

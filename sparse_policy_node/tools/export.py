@@ -10,13 +10,17 @@ for them (``<model>/.backend_cache/``), so a node started with ``backend: onnxru
 """
 
 import json
-import sys
+
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import resolve_model
 
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('model', help='model directory (config.json + model.safetensors)')
-    parser.add_argument('--format', default='onnx', choices=('onnx', 'tensorrt'))
+    add_model_argument(parser, positional=True)
+    parser.add_argument('--format', default='onnx', choices=('onnx', 'tensorrt'),
+                        help='ONNX graphs, or TensorRT engines built from them')
     parser.add_argument('--out', default=None,
                         help="folder for the ONNX graphs (default: the model's backend cache, "
                              'where backend onnxruntime / tensorrt looks)')
@@ -26,29 +30,28 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    """Export the graphs (and build engines); print where they are."""
+    """Export the graphs (and build engines); print where they are.
+
+    A missing or corrupt model, a missing TensorRT and a failed export raise the project's
+    errors (``CheckpointError``, ``ConfigError``, ``ExportError``), which ``sparse-policy``
+    reports in one line with exit status 2.
+    """
     from sparse_policy_node.core.backends import ensure_onnx
-    from sparse_policy_node.core.checkpoint import CheckpointError
     from sparse_policy_node.core.checkpoint import load_policy
     from sparse_policy_node.core.checkpoint import load_pruners
-    from sparse_policy_node.core.config import ConfigError
-    from sparse_policy_node.core.onnx_export import ExportError
-    try:
-        if args.format == 'tensorrt':
-            from sparse_policy_node.core.tensorrt_backend import check_tensorrt
-            check_tensorrt(args.device)  # fail before the export, not after
-        policy = load_policy(args.model, 'cpu')
-        pruners = load_pruners(args.model, 'cpu')
-        directory, manifest = ensure_onnx(policy, pruners, args.model, args.out)
-        result = {'format': args.format, 'onnx_dir': directory, 'opset': manifest['opset'],
-                  'graphs': len(manifest['graphs']),
-                  'policy_sha256': manifest['policy_sha256']}
-        if args.format == 'tensorrt':
-            from sparse_policy_node.core.tensorrt_backend import load_trt_graphs
-            result['engine_dir'], _ = load_trt_graphs(directory, manifest, args.device,
-                                                      args.precision)
-    except (CheckpointError, ConfigError, ExportError) as exc:
-        print(f'export: {exc}', file=sys.stderr)
-        return 2
+    resolve_model(args, 'export')
+    if args.format == 'tensorrt':
+        from sparse_policy_node.core.tensorrt_backend import check_tensorrt
+        check_tensorrt(args.device)  # fail before the export, not after
+    check_model_dir(args.model, weights=False)
+    policy = load_policy(args.model, 'cpu')
+    pruners = load_pruners(args.model, 'cpu')
+    directory, manifest = ensure_onnx(policy, pruners, args.model, args.out)
+    result = {'format': args.format, 'onnx_dir': directory, 'opset': manifest['opset'],
+              'graphs': len(manifest['graphs']), 'policy_sha256': manifest['policy_sha256']}
+    if args.format == 'tensorrt':
+        from sparse_policy_node.core.tensorrt_backend import load_trt_graphs
+        result['engine_dir'], _ = load_trt_graphs(directory, manifest, args.device,
+                                                  args.precision)
     print(json.dumps(result, indent=1))
     return 0

@@ -13,9 +13,13 @@ The policy config (observation order, sizes, crop, sampler and K, n_action_steps
 or, with ``--trust-pickle``, from the checkpoint itself. Without either it is guessed.
 """
 
+import argparse
 import json
 import os
 import sys
+import zipfile
+
+from sparse_policy_node.tools.args import CommandError
 
 EXPORT_ONE_LINER = (
     'python -c "import sys,json,torch,dill;from omegaconf import OmegaConf as O;'
@@ -50,10 +54,46 @@ def add_arguments(parser):
     parser.add_argument('--lowdim-order', default='robot0_eef_pos,robot0_eef_quat,'
                         'robot0_gripper_qpos',
                         help='order of low-dim keys (without --config only)')
-    parser.add_argument('--image-size', default='84,84',
+    parser.add_argument('--image-size', default=(84, 84), type=_size, metavar='H,W',
                         help='H,W of the camera images (without --config only)')
-    parser.add_argument('--crop', default=None,
+    parser.add_argument('--crop', default=None, type=_size, metavar='H,W',
                         help='H,W crop, default 76,76 for 84x84 (without --config only)')
+
+
+def _size(text: str):
+    """``'84,84'`` -> ``(84, 84)`` (argparse type of --image-size and --crop)."""
+    try:
+        size = tuple(int(v) for v in text.split(','))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not H,W (two positive integers, e.g. '
+                                         f'84,84)')
+    return size
+
+
+def checkpoint_kind(path: str) -> str:
+    """Tell a weights file's kind from its first bytes (nothing is unpickled).
+
+    Returns:
+        ``'safetensors'``, ``'torch-zip'`` (``torch.save``'s zip archive: the zip magic
+        ``PK 03 04`` and a ``data.pkl`` inside), ``'pickle'`` (protocol 2+: first byte
+        ``0x80``, also the legacy ``torch.save`` format) or ``''``: not a checkpoint.
+    """
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if head.startswith(b'PK\x03\x04'):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return ''
+        return 'torch-zip' if any(n.rpartition('/')[2] == 'data.pkl' for n in names) else ''
+    if head[:1] == b'\x80':
+        return 'pickle'
+    if len(head) > 8 and head[8:9] == b'{':  # u64 header length, then the JSON header
+        return 'safetensors'
+    return ''
 
 
 def _unpickle(path: str):
@@ -80,10 +120,22 @@ def load_checkpoint(path: str, use_raw: bool, trust_pickle: bool = False):
     """
     import torch
     if not os.path.isfile(path):
-        raise SystemExit(f'import-dp: {path} does not exist')
-    if path.endswith('.safetensors'):
+        raise CommandError(f'checkpoint {path!r} does not exist; pass the Diffusion Policy '
+                           f'.ckpt or its exported .safetensors')
+    kind = checkpoint_kind(path)
+    if path.endswith('.safetensors') or kind == 'safetensors':
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(path), None
+        try:
+            return load_file(path), None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CommandError(f'{path} is not a readable safetensors file ({exc}); pass the '
+                               f'ema.safetensors exported from a Diffusion Policy .ckpt, or the '
+                               f'.ckpt itself') from exc
+    if not kind:
+        raise CommandError(f'{path} is not a checkpoint (neither a safetensors file, a torch '
+                           f'zip archive nor a pickle); pass the Diffusion Policy .ckpt or its '
+                           f'exported .safetensors')
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: B902 - torch raises several unpickling error types
@@ -162,6 +214,8 @@ def run(args) -> int:
     from sparse_policy_node.core.model_card import write_card
     from sparse_policy_node.core.policy import DiffusionPolicy
 
+    if os.path.isfile(args.out):
+        raise CommandError(f'output {args.out!r} is a file; give a directory for the model')
     state, cfg = load_checkpoint(args.checkpoint, args.use_raw, args.trust_pickle)
     if args.config:
         cfg = read_config_file(args.config)
@@ -170,11 +224,9 @@ def run(args) -> int:
         if spec is None:
             print('import-dp: no policy config (--config): observation order, sampler and '
                   'n_action_steps are guessed; ' + EXPORT_HINT, file=sys.stderr)
-            image_size = tuple(int(v) for v in args.image_size.split(','))
-            crop = tuple(int(v) for v in args.crop.split(',')) if args.crop else None
             config = infer_config(state, n_head=args.n_head,
                                   lowdim_order=tuple(args.lowdim_order.split(',')),
-                                  crop_size=crop, image_size=image_size)
+                                  crop_size=args.crop, image_size=tuple(args.image_size))
         else:
             config = infer_config(state, spec)
         check_image_normalizer(state)

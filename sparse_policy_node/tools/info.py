@@ -3,6 +3,8 @@
 import json
 import time
 
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.common import build_model
 from sparse_policy_node.tools.common import random_obs
 from sparse_policy_node.tools.common import set_threads
@@ -10,11 +12,11 @@ from sparse_policy_node.tools.common import set_threads
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('--model', default=None, help='model directory')
+    add_model_argument(parser, help_text='model directory (default: a random-weight --preset)')
     parser.add_argument('--preset', default='small',
                         help='preset to describe when --model is not given')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu', help='torch device of the smoke chunk')
+    parser.add_argument('--threads', type=int, default=2, help='torch threads (0: default)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
 
 
@@ -57,6 +59,8 @@ def describe(args) -> dict:
         if isinstance(pruner, dict) else [],
         'serving_default': serving_point(args.model),
         'gflops_dense_chunk': round(macs['total'] / 1e9, 4),
+        'dense_chunk_schedule': f'{cfg.scheduler.sampler}-{cfg.scheduler.num_inference_steps}'
+                                ' (the config schedule; the serving default may differ)',
         'dense_chunk_ms': round(ms, 2),
         'threads': threads,
         'action_chunk_shape': list(out['action'].shape),
@@ -65,8 +69,18 @@ def describe(args) -> dict:
     }
 
 
+def check_args(args) -> None:
+    """Check the model directory or preset before building anything."""
+    if args.model:
+        check_model_dir(args.model, weights=False)
+    else:
+        from sparse_policy_node.core.config import make_preset
+        make_preset(args.preset)
+
+
 def run(args) -> int:
     """Print the model summary."""
+    check_args(args)
     info = describe(args)
     if args.json:
         print(json.dumps(info))

@@ -12,23 +12,50 @@ import argparse
 import json
 
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_out_path
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_rollouts
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
+from sparse_policy_node.tools.args import reuse_direction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory with a pruner')
+    add_model_argument(parser, default='models/lift', help_text='model directory with a pruner')
     parser.add_argument('--rollouts', required=True, help='rollout file (sparse-policy rollouts)')
     parser.add_argument('--episode', type=int, default=0, help='episode index in the file')
     parser.add_argument('--out', required=True, help='output PNG path')
     parser.add_argument('--max-chunks', type=int, default=8, help='panels to draw at most')
     parser.add_argument('--target-sparsity', type=float, default=-1.0,
                         help='dial value; negative uses the learned argmax gates')
-    parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
-                        choices=REUSE_DIRECTIONS)
+    parser.add_argument('--directions', action=ListAction, default=list(REUSE_DIRECTIONS),
+                        check=reuse_direction,
+                        help='reuse directions allowed, space or comma separated')
     parser.add_argument('--rollout-max-age', type=int, default=None,
                         help='cache aging (0: never; default: the max age the pruner of the '
                              "rollouts' schedule was trained with)")
-    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads')
+
+
+def check_args(args: argparse.Namespace) -> dict:
+    """Check the values, the model, the rollout file and the episode; return the file's attrs."""
+    check_range(args.max_chunks, '--max-chunks', low=1)
+    check_range(args.target_sparsity, '--target-sparsity', high=0.99,
+                hint='give a fraction in [0, 0.99], or a negative value for the learned gates')
+    check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
+    check_model_dir(args.model, pruners=True)
+    attrs = check_rollouts(args.rollouts)
+    import h5py
+    with h5py.File(args.rollouts, 'r') as f:
+        episodes = len(f['episodes']) if 'episodes' in f else 0
+    if not 0 <= args.episode < episodes:
+        raise CommandError(f'--episode must be in [0, {episodes}) for {args.rollouts}, got '
+                           f'{args.episode}')
+    check_out_path(args.out, '--out')
+    return attrs
 
 
 def replay_gates(engine, episode, max_chunks: int):
@@ -70,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_policy_node.core.transformer import UNIT_KINDS
     from sparse_policy_node.tools.mask_plot import plot_gate_maps
     from sparse_policy_node.training.rollouts import load_rollouts
-    from sparse_policy_node.training.rollouts import read_rollout_attrs
+    attrs = check_args(args)
     torch.set_num_threads(args.threads)
-    attrs = read_rollout_attrs(args.rollouts)
     schedule = (str(attrs['sampler']), int(attrs['num_inference_steps']))
     max_age = args.rollout_max_age
     if max_age is None:
@@ -81,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
                             directions=tuple(args.directions), sampler=schedule[0],
                             num_inference_steps=schedule[1], rollout_max_age=max_age)
     engine = load_engine(args.model, runtime=runtime)
-    episodes = load_rollouts(args.rollouts)
-    if not 0 <= args.episode < len(episodes):
-        print(f'--episode must be in [0, {len(episodes)}), got {args.episode}')
-        return 2
-    episode = episodes[args.episode]
+    episode = load_rollouts(args.rollouts)[args.episode]
     maps, rows = replay_gates(engine, episode, args.max_chunks)
     engine.close()
     units = [f'l{b // 3}.{UNIT_KINDS[b % 3]}' for b in range(maps[0].shape[1])]

@@ -8,30 +8,33 @@ where the policy node reads it.
 import json
 import sys
 
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import resolve_model
+
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('model', help='model directory')
+    add_model_argument(parser, positional=True)
     parser.add_argument('--write', action='store_true',
-                        help='write model_card.json (derived from config.json) into the model')
+                        help='write model_card.json (derived from config.json) into the model '
+                             '(default: only print the card)')
 
 
 def run(args) -> int:
-    """Print the card (derived, or the stored one); write it with ``--write``."""
-    from sparse_policy_node.core.checkpoint import CheckpointError
-    from sparse_policy_node.core.checkpoint import load_policy_config
+    """Print the card (derived, or the stored one); write it with ``--write``.
+
+    A missing or corrupt model directory or card raises ``CheckpointError`` /
+    ``ModelCardError``: one line from ``sparse-policy``, exit status 2.
+    """
     from sparse_policy_node.core.checkpoint import read_metadata
     from sparse_policy_node.core.model_card import default_card
-    from sparse_policy_node.core.model_card import ModelCardError
     from sparse_policy_node.core.model_card import read_card
     from sparse_policy_node.core.model_card import write_card
-    try:
-        config = load_policy_config(args.model)
-        card = default_card(config, read_metadata(args.model))
-        stored = read_card(args.model, config)
-    except (CheckpointError, ModelCardError) as exc:
-        print(f'model-card: {exc}', file=sys.stderr)
-        return 1
+    resolve_model(args, 'model-card')
+    config = check_model_dir(args.model, weights=False)
+    card = default_card(config, read_metadata(args.model))
+    stored = read_card(args.model, config)
     if card is None and stored is None:
         print(f'model-card: {args.model} has no card and its metadata does not say how its '
               f'actions were recorded; write model_card.json by hand (see '

@@ -24,23 +24,33 @@ import statistics
 import sys
 import time
 
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_rollouts
+from sparse_policy_node.tools.args import ListAction
 import torch
+
+PRECISIONS = ('float32', 'float16', 'bfloat16')
 
 
 def add_arguments(parser):
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift',
-                        help="model directory ('' for a random-weight --preset with a random "
-                             'pruner: latency only)')
+    add_model_argument(parser, default='models/lift',
+                       help_text="model directory ('' for a random-weight --preset with a "
+                                 'random pruner: latency only)')
     parser.add_argument('--preset', default='paper', help="preset when --model is ''")
     parser.add_argument('--rollouts', default=None,
                         help='rollout file of this model (observation windows and noise); '
                              'default: random windows')
     parser.add_argument('--windows', type=int, default=64,
                         help='observation windows (chunks) per variant, whole episodes first')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--precisions', default='float16,bfloat16',
-                        help='reduced precisions to compare with float32, comma separated')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='torch device')
+    parser.add_argument('--precisions', action=ListAction, default=['float16', 'bfloat16'],
+                        check=_precision,
+                        help='reduced precisions to compare with float32, space or comma '
+                             'separated')
     parser.add_argument('--cuda-graphs', action='store_true',
                         help='also run float32 (and each precision) with CUDA graphs')
     parser.add_argument('--sampler', default=None, choices=('ddpm', 'ddim'),
@@ -49,8 +59,30 @@ def add_arguments(parser):
     parser.add_argument('--sparsity', type=float, default=-1.0,
                         help='sparse rows: dial (negative: learned gates as trained)')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the random windows and noise (without --rollouts)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
+
+
+def _precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f'unknown precision {name!r}; choose from {", ".join(PRECISIONS[1:])}')
+    return name
+
+
+def check_args(args) -> None:
+    """Check the values, the model and the rollout file before anything is loaded or run."""
+    check_range(args.windows, '--windows', low=1)
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.sparsity, '--sparsity', high=0.99,
+                hint='give a fraction in [0, 0.99], or a negative value for the learned gates')
+    if args.model:
+        check_model_dir(args.model, pruners=True)
+    else:
+        from sparse_policy_node.core.config import make_preset
+        make_preset(args.preset)
+    if args.rollouts:
+        check_rollouts(args.rollouts)
 
 
 def _windows(args, policy, sampler: str, steps: int):
@@ -136,7 +168,7 @@ def run_check(args) -> dict:
     modes = {'dense': {'sparsity_enabled': False}}
     if has_pruner:
         modes['sparse'] = {'gate_source': 'pruner', 'target_sparsity': args.sparsity}
-    precisions = ['float32'] + [p for p in args.precisions.split(',') if p and p != 'float32']
+    precisions = ['float32'] + [p for p in dict.fromkeys(args.precisions) if p != 'float32']
     variants = [(p, False) for p in precisions]
     if args.cuda_graphs:
         variants += [(p, True) for p in precisions]
@@ -197,6 +229,12 @@ def format_table(result: dict) -> str:
 
 def run(args) -> int:
     """Run the check and print a table (and its JSON line), or JSON only."""
+    check_args(args)
+    precisions = ['float32'] + [p for p in dict.fromkeys(args.precisions) if p != 'float32']
+    print(f'precision: comparing {", ".join(precisions)}'
+          f'{" with and without CUDA graphs" if args.cuda_graphs else ""} on {args.windows} '
+          f'windows of {args.model or "preset " + args.preset} on {args.device} (dense, and '
+          f'sparse when a pruner fits); this takes a while...', file=sys.stderr, flush=True)
     result = run_check(args)
     if not args.json:
         print(format_table(result))

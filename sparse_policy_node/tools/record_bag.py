@@ -7,7 +7,11 @@ given ``TOPIC:TYPE`` pairs (``/wrist/image_raw:sensor_msgs/msg/Image``). Stops a
 ``--duration`` seconds or on Ctrl-C, and always closes the bag properly.
 """
 
+import os
 import time
+
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import CommandError
 
 
 def add_arguments(parser):
@@ -16,7 +20,8 @@ def add_arguments(parser):
     parser.add_argument('--topic', action='append', default=[], metavar='TOPIC:TYPE',
                         help='topic and message type to record (repeatable; default: the '
                              'policy node interface)')
-    parser.add_argument('--storage', default='mcap', choices=['mcap', 'sqlite3'])
+    parser.add_argument('--storage', default='mcap', choices=['mcap', 'sqlite3'],
+                        help='rosbag2 storage format')
     parser.add_argument('--duration', type=float, default=0.0,
                         help='seconds to record (0: until Ctrl-C)')
     parser.add_argument('--use-sim-time', action='store_true',
@@ -29,13 +34,26 @@ def parse_topics(entries):
     for entry in entries:
         topic, sep, msgtype = entry.partition(':')
         if not sep or not topic or not msgtype:
-            raise SystemExit(f'record-bag: --topic {entry!r} must look like TOPIC:TYPE')
+            raise CommandError(f'--topic {entry!r} must look like TOPIC:TYPE, e.g. '
+                               f'/wrist/image_raw:sensor_msgs/msg/Image')
         topics[topic] = msgtype
     return topics
 
 
 def run(args) -> int:
     """Record until the duration is over or Ctrl-C."""
+    from sparse_policy_node.bags.rosbag_io import BagError
+    from sparse_policy_node.bags.rosbag_io import full_type
+    check_range(args.duration, '--duration', low=0.0, hint='0 records until Ctrl-C')
+    if os.path.exists(args.out):
+        raise CommandError(f'{args.out} already exists; rosbag2 writes a new directory, so '
+                           f'give a path that does not exist yet')
+    for msgtype in parse_topics(args.topic).values():
+        try:
+            full_type(msgtype)
+        except BagError as exc:
+            raise CommandError(f'--topic: {exc}; give a ROS 2 message type such as '
+                               f'sensor_msgs/msg/Image') from exc
     import rclpy
     from rclpy.parameter import Parameter
     from sparse_policy_node.bags.recorder import BagRecorder

@@ -8,7 +8,9 @@ Start the node without a simulator and with a noise seed, e.g.::
 The command reads the node's parameters, plays the node's input topics from the bag at the
 recorded timing, collects the chunks it publishes and recomputes each one with the offline
 engine on the same observation window and noise. It prints the largest |difference| per
-chunk and exits 1 when one exceeds ``--tolerance`` (2 when the replay cannot run).
+chunk and exits 1 when one exceeds ``--tolerance`` (2 when the replay cannot run: the bag
+and the values are checked before the node is contacted). ``--json-out PATH`` also writes
+the report as JSON (``--json PATH`` is its deprecated spelling).
 ``--against-recorded`` also compares the node's chunks with those recorded in the bag (same
 stamps), which needs the recording to have used the same model, parameters and seed.
 ``--offline`` needs no node: it recomputes the recorded chunks themselves, with the node
@@ -17,6 +19,12 @@ parameters of the recording given as ``--params-file`` / ``--param``.
 
 import json
 import sys
+
+from sparse_policy_node.tools.args import check_bag
+from sparse_policy_node.tools.args import check_file
+from sparse_policy_node.tools.args import check_positive
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import CommandError
 
 
 def add_arguments(parser):
@@ -38,7 +46,10 @@ def add_arguments(parser):
                         help='seconds to wait for the node at each recorded chunk')
     parser.add_argument('--no-reset', action='store_true',
                         help="do not call the node's ~/reset before playing")
-    parser.add_argument('--json', default='', help='also write the report to this file')
+    parser.add_argument('--json-out', default='', metavar='PATH',
+                        help='also write the report to this JSON file')
+    parser.add_argument('--json', default='', metavar='PATH', dest='json_legacy',
+                        help='deprecated spelling of --json-out')
     parser.add_argument('--offline', action='store_true',
                         help="no node: recompute the bag's recorded chunks with the offline "
                              'engine, the node parameters taken from --params-file / --param')
@@ -83,62 +94,65 @@ def verdict(report: dict, tolerance: float) -> bool:
     return ok
 
 
+def check_args(args) -> dict:
+    """Check the values and the bag before any node is contacted; return --param's values.
+
+    Errors (a bad value, a missing or unreadable bag, a missing parameter file) raise
+    ``CommandError`` / ``BagError``: one line from ``sparse-policy``, exit status 2.
+    """
+    import yaml
+    if args.json_legacy:
+        print(f'sparse-policy replay-bag: note: --json PATH is deprecated; use --json-out '
+              f'{args.json_legacy}', file=sys.stderr)
+        args.json_out = args.json_out or args.json_legacy
+    check_positive(args.rate, '--rate', '1 plays at the recorded speed')
+    check_range(args.tolerance, '--tolerance', low=0.0)
+    check_positive(args.chunk_timeout, '--chunk-timeout')
+    overrides = {}
+    for entry in args.param:
+        name, sep, value = entry.partition('=')
+        if not sep or not name:
+            raise CommandError(f'--param {entry!r} must look like NAME=VALUE')
+        overrides[name] = yaml.safe_load(value)
+    check_bag(args.bag)  # BagError: missing, or not a rosbag2 bag
+    for path in args.params_file:
+        check_file(path, '--params-file', "pass the recording node's parameter file")
+    return overrides
+
+
 def run(args) -> int:
     """Replay, compare, print; exit 0 (match), 1 (above tolerance) or 2 (cannot replay)."""
-    import rclpy
-    from sparse_policy_node.bags.offline import ReplayError
-    from sparse_policy_node.bags.replay import replay_bag
-    from sparse_policy_node.bags.rosbag_io import BagError
-    from sparse_policy_node.core.checkpoint import CheckpointError
-    from sparse_policy_node.core.config import ConfigError
+    overrides = check_args(args)
     if args.offline:
-        return run_offline(args)
+        return run_offline(args, overrides)
+    import rclpy
+    from sparse_policy_node.bags.replay import replay_bag
     context = rclpy.Context()
     rclpy.init(context=context)
     try:
         report = replay_bag(context, args.bag, args.node, args.rate, args.against_recorded,
                             args.device, args.clock, not args.no_reset, args.chunk_timeout,
                             tolerance=args.tolerance)
-    except (ReplayError, BagError, CheckpointError, ConfigError) as exc:
-        print(f'replay-bag: {exc}', file=sys.stderr)
-        return 2
     finally:
         context.try_shutdown()
     return finish(report, args, format_report(report, args.tolerance), 'chunks match')
 
 
-def run_offline(args) -> int:
+def run_offline(args, overrides: dict) -> int:
     """``--offline``: compare the recorded chunks with the offline engine (no ROS graph)."""
-    import yaml
-    from sparse_policy_node.bags.offline import ReplayError
     from sparse_policy_node.bags.replay import check_recorded
     from sparse_policy_node.bags.replay import node_values
-    from sparse_policy_node.bags.rosbag_io import BagError
-    from sparse_policy_node.core.checkpoint import CheckpointError
-    from sparse_policy_node.core.config import ConfigError
-    overrides = {}
-    for entry in args.param:
-        name, sep, value = entry.partition('=')
-        if not sep or not name:
-            print(f'replay-bag: --param {entry!r} must look like NAME=VALUE', file=sys.stderr)
-            return 2
-        overrides[name] = yaml.safe_load(value)
-    try:
-        values = node_values(args.params_file, overrides, args.node)
-        report = check_recorded(args.bag, values, args.node, args.device,
-                                tolerance=args.tolerance)
-    except (ReplayError, BagError, CheckpointError, ConfigError, OSError) as exc:
-        print(f'replay-bag: {exc}', file=sys.stderr)
-        return 2
+    values = node_values(args.params_file, overrides, args.node)
+    report = check_recorded(args.bag, values, args.node, args.device, tolerance=args.tolerance)
     table = format_report(report, args.tolerance).replace('node - offline', 'recorded - offline')
     return finish(report, args, table, 'recorded chunks match')
 
 
 def finish(report: dict, args, table: str, match_text: str) -> int:
-    """Print the table, write ``--json``, print the verdict; return the exit status."""
+    """Print the table, write ``--json-out``, print the verdict; return the exit status."""
     print(table)
-    if args.json:
-        with open(args.json, 'w') as f:
+    if args.json_out:
+        with open(args.json_out, 'w') as f:
             json.dump(report, f, indent=2)
     ok = verdict(report, args.tolerance)
     print('replay-bag: ' + (match_text if ok else 'MISMATCH above tolerance'))

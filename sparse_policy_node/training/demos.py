@@ -10,6 +10,9 @@ import os
 import time
 
 from sparse_policy_node.sim.experts import EXPERTS
+from sparse_policy_node.tools.args import check_out_path
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import ListAction
 from sparse_policy_node.training.parallel import episode_results
 from tqdm import tqdm
 
@@ -18,16 +21,19 @@ _WORKER = {}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--task', default='lift', choices=sorted(EXPERTS))
+    parser.add_argument('--task', default='lift', choices=sorted(EXPERTS),
+                        help='robosuite task with a scripted expert')
     parser.add_argument('--num', type=int, default=100, help='successful demos to keep')
     parser.add_argument('--out', required=True, help='output .hdf5 path')
     parser.add_argument('--seed-start', type=int, default=0, help='first reset seed')
     parser.add_argument('--max-attempts', type=int, default=None,
                         help='give up after this many seeds (default 2 * num)')
     parser.add_argument('--workers', type=int, default=1, help='collector processes')
-    parser.add_argument('--cameras', nargs='*', default=['agentview'])
+    parser.add_argument('--cameras', action=ListAction, nargs='*', default=['agentview'],
+                        help='cameras to record, space or comma separated (none: '
+                             'state-only demos)')
     parser.add_argument('--image-size', type=int, nargs=2, default=[84, 84],
-                        metavar=('H', 'W'))
+                        metavar=('H', 'W'), help='camera image height and width')
     parser.add_argument('--include-object', action='store_true',
                         help='also store the object state vector')
 
@@ -81,6 +87,11 @@ def collect(task, num, out, seed_start=0, max_attempts=None, workers=1,
 
 def run(args: argparse.Namespace) -> int:
     """Collect demonstrations as the arguments say."""
+    check_range(args.num, '--num', low=1)
+    check_range(args.max_attempts, '--max-attempts', low=1)
+    check_range(args.workers, '--workers', low=1)
+    check_range(min(args.image_size), '--image-size', low=1)
+    check_out_path(args.out, '--out')
     summary = collect(args.task, args.num, args.out, args.seed_start, args.max_attempts,
                       args.workers, args.cameras, args.image_size, args.include_object)
     print(f'kept {summary["kept"]}/{summary["attempts"]} episodes '

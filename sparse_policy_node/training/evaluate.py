@@ -31,6 +31,7 @@ import time
 from typing import Callable
 from typing import Dict
 from typing import List
+from typing import Optional
 
 import numpy as np
 from sparse_policy_node.core import keys
@@ -38,6 +39,11 @@ from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_task
+from sparse_policy_node.tools.args import ListAction
 from sparse_policy_node.training.parallel import episode_results
 from sparse_policy_node.training.sparse_eval import check_variant
 from sparse_policy_node.training.sparse_eval import make_sparse_variant
@@ -156,19 +162,21 @@ def _variant_arg(name: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory')
-    parser.add_argument('--episodes', type=int, default=50)
+    add_model_argument(parser, default='models/lift')
+    parser.add_argument('--episodes', type=int, default=50,
+                        help='episodes per variant (seeds --seed-start onwards)')
     parser.add_argument('--seed-start', type=int, default=100000,
                         help='first reset seed; keep it disjoint from the training seeds')
     parser.add_argument('--task', help='task (default: the one the model was trained on)')
     parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
     parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--variants', nargs='+', default=['dense'], type=_variant_arg,
-                        help='default (serving.json), dense, sparse (learned gates), dial-P '
-                             '(P %% or a fraction < 1), omni, only-forward, only-timestep, '
-                             'only-rollout, static[-P], random[-P], ddim-K; any but default '
-                             'and ddim-K take a schedule suffix @ddim-K / @ddpm-K')
+    parser.add_argument('--variants', action=ListAction, default=['dense'], check=_variant_arg,
+                        help='space or comma separated: default (serving.json), dense, sparse '
+                             '(learned gates), dial-P (P %% or a fraction < 1), omni, '
+                             'only-forward, only-timestep, only-rollout, static[-P], '
+                             'random[-P], ddim-K; any but default and ddim-K take a schedule '
+                             'suffix @ddim-K / @ddpm-K')
     parser.add_argument('--rollout-max-age', type=int, default=None,
                         help='cache aging of the learned-gate variants (0: never expire; '
                              "default: the max age each schedule's pruner was trained with; "
@@ -181,6 +189,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
+
+
+def describe_variant(variant) -> str:
+    """Say what a built variant runs: its schedule and gates (``ddim-5 pruner``)."""
+    engine = getattr(variant, 'engine', None)
+    if engine is None:
+        return f'{variant.sampler}-{variant.steps} dense'
+    rt = engine.runtime
+    if not rt.sparsity_enabled or rt.gate_source == 'dense':
+        gates = 'dense'
+    elif rt.target_sparsity < 0:
+        gates = rt.gate_source
+    else:
+        gates = f'{rt.gate_source} {rt.target_sparsity:.2f}'
+    if len(rt.directions) < 3 and gates != 'dense':
+        gates += ' ' + '+'.join(rt.directions)
+    return f'{rt.sampler}-{rt.num_inference_steps} {gates}'
+
+
+def check_variants(model_dir: str, variants: List[str], options: dict) -> Dict[str, str]:
+    """Build every variant once on the CPU, without a simulator, and close it again.
+
+    A variant that cannot run (learned gates on a schedule without a pruner, a K above the
+    model's training timesteps, a missing serving default...) raises its error here, before
+    any episode starts.
+
+    Returns:
+        ``{variant: what it runs}`` (:func:`describe_variant`).
+    """
+    policy = load_policy(model_dir)
+    runs = {}
+    for name in variants:
+        variant = make_variant(name, policy, dict(options, model=model_dir))
+        runs[name] = describe_variant(variant)
+        if hasattr(variant, 'close'):
+            variant.close()
+    return runs
+
+
+def check_args(args: argparse.Namespace) -> Dict[str, str]:
+    """Check the values, the model, its pruners, the task and every variant up front.
+
+    Returns:
+        ``{variant: what it runs}`` (schedule and gates).
+    """
+    check_range(args.episodes, '--episodes', low=1)
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.workers, '--workers', low=1)
+    check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
+    check_range(args.ablation_sparsity, '--ablation-sparsity', low=0.0, high=0.99)
+    check_model_dir(args.model, pruners=True)
+    check_task(args.task or model_task(args.model))
+    return check_variants(args.model, args.variants, eval_options(args))
+
+
+def eval_options(args: argparse.Namespace) -> dict:
+    """Return the variant options given on the command line."""
+    return {'sampler': args.sampler, 'steps': args.steps,
+            'ablation_sparsity': args.ablation_sparsity,
+            'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
 
 
 def model_task(model_dir: str) -> str:
@@ -279,13 +348,20 @@ def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str =
     return results
 
 
-def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]]) -> dict:
-    """Build the JSON report: ``success_<variant>`` rates plus per-episode details."""
+def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]],
+              runs: Optional[Dict[str, str]] = None) -> dict:
+    """Build the JSON report: ``success_<variant>`` rates plus per-episode details.
+
+    ``sampler`` / ``num_inference_steps`` are the schedule of the variants that take the
+    command line's (or the model config's); ``runs_<variant>`` says what each one ran.
+    """
     config = load_policy_config(model_dir).scheduler
     report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
               'sampler': options.get('sampler') or config.sampler,
               'num_inference_steps': options.get('steps') or config.num_inference_steps}
     for name, results in per_variant.items():
+        if runs and name in runs:
+            report[f'runs_{name}'] = runs[name]
         report[f'success_{name}'] = float(np.mean([r['success'] for r in results]))
         report[f'chunk_ms_{name}'] = float(np.mean([r['chunk_ms'] for r in results]))
         wins = [r['steps'] for r in results if r['success']]
@@ -303,11 +379,12 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
 
 def print_table(report: dict, variants: List[str]) -> None:
     """Print one row per variant."""
-    print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}, '
-          f'{report["sampler"]}-{report["num_inference_steps"]}')
-    print(f'{"variant":<18} {"success":>9} {"rate":>6} {"chunk ms":>9} {"steps/succ.":>11} '
-          f'{"action dev":>10} {"sparsity":>9} {"episode sp.":>11} {"GMAC":>7}')
+    print(f'{report["task"]}: {report["episodes"]} episodes from seed {report["seed_start"]}')
+    print(f'{"variant":<18} {"runs":<22} {"success":>9} {"rate":>6} {"chunk ms":>9} '
+          f'{"steps/succ.":>11} {"action dev":>10} {"sparsity":>9} {"episode sp.":>11} '
+          f'{"GMAC":>7}')
     for name in variants:
+        runs = report.get(f'runs_{name}', '?')
         results = report[f'episodes_{name}']
         wins = sum(r['success'] for r in results)
         steps = report.get(f'steps_success_{name}')
@@ -317,7 +394,8 @@ def print_table(report: dict, variants: List[str]) -> None:
                                         (f'realized_sparsity_{name}', 9, 3),
                                         (f'episode_sparsity_{name}', 11, 3),
                                         (f'gmacs_{name}', 7, 3)))
-        print(f'{name:<18} {f"{wins}/{len(results)}":>9} {report[f"success_{name}"]:>6.0%} '
+        print(f'{name:<18} {runs:<22} {f"{wins}/{len(results)}":>9} '
+              f'{report[f"success_{name}"]:>6.0%} '
               f'{report[f"chunk_ms_{name}"]:>9.1f} '
               f'{steps if steps is not None else float("nan"):>11.1f}{extra}')
 
@@ -345,15 +423,14 @@ def plot_report(report: dict, variants: List[str], path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the arguments say."""
+    runs = check_args(args)
     task = args.task or model_task(args.model)
     seeds = list(range(args.seed_start, args.seed_start + args.episodes))
-    options = {'sampler': args.sampler, 'steps': args.steps,
-               'ablation_sparsity': args.ablation_sparsity,
-               'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
+    options = eval_options(args)
     per_variant = {name: evaluate_variant(args.model, seeds, task, name, options, args.max_steps,
                                           args.workers, args.threads)
                    for name in args.variants}
-    report = summarize(args.model, task, seeds, options, per_variant)
+    report = summarize(args.model, task, seeds, options, per_variant, runs)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, 'report.json'), 'w') as f:

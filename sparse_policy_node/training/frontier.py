@@ -36,6 +36,12 @@ from typing import Optional
 from typing import Sequence
 
 import numpy as np
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_task
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
 from sparse_policy_node.training.parallel import episode_results
 from tqdm import tqdm
 
@@ -308,21 +314,26 @@ def install(report: dict, model_dir: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory')
-    parser.add_argument('--episodes', type=int, default=50)
+    add_model_argument(parser, default='models/lift')
+    parser.add_argument('--episodes', type=int, default=50,
+                        help='episodes per point (seeds --seed-start onwards)')
     parser.add_argument('--seed-start', type=int, default=300000,
                         help='first reset seed; keep it apart from training, rollout and '
                              'validation seeds')
     parser.add_argument('--task', help='task (default: the one the model was trained on)')
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--ddim-steps', type=int, nargs='*', default=[5, 10, 16],
-                        help='K of the dense DDIM points')
-    parser.add_argument('--dials', type=float, nargs='*', default=[0.5, 0.6, 0.7],
-                        help='dial sparsities of the learned-gate points (fractions)')
+    parser.add_argument('--ddim-steps', action=ListAction, nargs='*', check=int,
+                        default=[5, 10, 16],
+                        help='K of the dense DDIM points, space or comma separated')
+    parser.add_argument('--dials', action=ListAction, nargs='*', check=float,
+                        default=[0.5, 0.6, 0.7],
+                        help='dial sparsities of the learned-gate points (fractions), space or '
+                             'comma separated')
     parser.add_argument('--schedule-dials', nargs='*', default=[],
                         help='per-schedule dials replacing --dials, e.g. ddpm-100=0.9,0.93')
-    parser.add_argument('--extra-points', nargs='*', default=[],
-                        help='further eval variants to place on the frontier')
+    parser.add_argument('--extra-points', action=ListAction, nargs='*', default=[],
+                        help='further eval variants to place on the frontier, space or comma '
+                             'separated')
     parser.add_argument('--no-sparse', action='store_true',
                         help='skip the learned gates as trained (argmax) points')
     parser.add_argument('--rollout-max-age', type=int, default=None,
@@ -343,25 +354,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure the frontier as the arguments say."""
+def check_args(args: argparse.Namespace) -> List[str]:
+    """Check the values, the model, the task and every point up front; return the points."""
+    from sparse_policy_node.training.evaluate import check_variants
     from sparse_policy_node.training.evaluate import model_task
     from sparse_policy_node.training.sparse_eval import check_variant
     for p in args.dials:
-        if not 0.0 <= p <= 0.99:
-            raise SystemExit(f'--dials takes fractions in [0, 0.99], got {p}')
-    if any(k < 1 for k in args.ddim_steps):
-        raise SystemExit(f'--ddim-steps must be >= 1, got {args.ddim_steps}')
-    args.task = args.task or model_task(args.model)
-    args.seeds = list(range(args.seed_start, args.seed_start + args.episodes))
+        check_range(p, '--dials', low=0.0, high=0.99, hint='give fractions, e.g. 0.5 0.6')
+    for k in args.ddim_steps:
+        check_range(k, '--ddim-steps', low=1)
+    check_range(args.episodes, '--episodes', low=1)
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.workers, '--workers', low=1)
+    check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
     try:
         schedule_dials = parse_schedule_dials(args.schedule_dials)
         for name in args.extra_points:
             check_variant(name)
     except ValueError as exc:
-        raise SystemExit(f'frontier: {exc}') from exc
+        raise CommandError(str(exc)) from exc
+    check_model_dir(args.model, pruners=True)
+    check_task(args.task or model_task(args.model))
     points = frontier_points(args.model, args.ddim_steps, args.dials, not args.no_sparse,
                              schedule_dials, args.extra_points)
+    check_variants(args.model, points, {'rollout_max_age': args.rollout_max_age})
+    return points
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure the frontier as the arguments say."""
+    from sparse_policy_node.training.evaluate import model_task
+    points = check_args(args)
+    args.task = args.task or model_task(args.model)
+    args.seeds = list(range(args.seed_start, args.seed_start + args.episodes))
     options = {'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
     results = run_points(args.model, points, args.seeds, args.task, options, args.max_steps,
                          args.workers, args.threads)

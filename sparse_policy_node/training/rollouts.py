@@ -37,6 +37,11 @@ from typing import Sequence
 import h5py
 import numpy as np
 from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_out_path
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_task
 from sparse_policy_node.training.dataset import write_obs_array
 from sparse_policy_node.training.parallel import episode_results
 import torch
@@ -260,7 +265,7 @@ def record_rollouts(model_dir: str, out: str, num: int, seed_start: int,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
-    parser.add_argument('--model', default='models/lift', help='model directory')
+    add_model_argument(parser, default='models/lift')
     parser.add_argument('--out', required=True, help='output .hdf5 path')
     parser.add_argument('--num', type=int, default=32, help='episodes to keep')
     parser.add_argument('--seed-start', type=int, default=50000,
@@ -277,8 +282,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Check the values, the model, its schedule and the task before any episode starts."""
+    from sparse_policy_node.training.evaluate import model_task
+    check_range(args.num, '--num', low=1)
+    check_range(args.max_attempts, '--max-attempts', low=1)
+    check_range(args.steps, '--steps', low=1)
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.workers, '--workers', low=1)
+    config = check_model_dir(args.model)
+    check_range(args.steps, '--steps', high=config.scheduler.num_train_timesteps,
+                hint="K cannot exceed the model's training timesteps")
+    check_task(args.task or model_task(args.model))
+    check_out_path(args.out, '--out')
+
+
 def run(args: argparse.Namespace) -> int:
     """Record rollouts as the arguments say."""
+    check_args(args)
     summary = record_rollouts(args.model, args.out, args.num, args.seed_start, args.task,
                               args.max_attempts, args.sampler, args.steps, args.max_steps,
                               args.keep_failures, args.workers, args.threads)

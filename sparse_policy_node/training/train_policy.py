@@ -22,6 +22,9 @@ import time
 
 from sparse_policy_node.core.checkpoint import save_policy
 from sparse_policy_node.core.policy import DiffusionPolicy
+from sparse_policy_node.tools.args import check_file
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import CommandError
 from sparse_policy_node.training.config import load_train_config
 from sparse_policy_node.training.config import TrainConfig
 from sparse_policy_node.training.dataset import fit_normalizer
@@ -44,10 +47,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', required=True, help='training YAML (config/train/*.yaml)')
     parser.add_argument('--resume', action='store_true',
                         help='continue from <out_dir>/state.pt')
-    parser.add_argument('--dataset', help='override TrainConfig.dataset')
-    parser.add_argument('--out-dir', help='override TrainConfig.out_dir')
-    parser.add_argument('--max-steps', type=int, help='override TrainConfig.max_steps')
-    parser.add_argument('--device', help='override TrainConfig.device')
+    parser.add_argument('--dataset', help='demonstrations HDF5 (default: dataset of --config)')
+    parser.add_argument('--out-dir', help='run directory (default: out_dir of --config)')
+    parser.add_argument('--max-steps', type=int,
+                        help='optimiser steps (default: max_steps of --config)')
+    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'),
+                        help='auto: CUDA when torch sees one (default: device of --config)')
+
+
+def check_args(args) -> TrainConfig:
+    """Read and check the config, its dataset and the resume state before training starts."""
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_file(args.config, '--config', 'pass a training YAML such as '
+               'config/train/lift_small.yaml')
+    try:
+        cfg = load_train_config(args.config, dataset=args.dataset, out_dir=args.out_dir,
+                                max_steps=args.max_steps, device=args.device)
+    except yaml.YAMLError as exc:
+        raise CommandError(f'--config {args.config!r} is not valid YAML ({exc}); fix the '
+                           f'file (see config/train/*.yaml)') from exc
+    check_range(cfg.max_steps, f'max_steps of {args.config}', low=1)
+    check_range(cfg.batch_size, f'batch_size of {args.config}', low=1)
+    if cfg.device not in ('auto', 'cpu', 'cuda'):
+        raise CommandError(f'device {cfg.device!r} of {args.config} is not auto, cpu or cuda; '
+                           f'fix the file or pass --device')
+    if cfg.device == 'cuda' and not torch.cuda.is_available():
+        raise CommandError('device cuda was asked for but torch sees no CUDA device; pass '
+                           '--device cpu (or auto)')
+    cfg.policy_config()  # the preset and its overrides
+    check_file(cfg.dataset, 'dataset', 'pass --dataset FILE (sparse-policy demos or '
+               'dataset-from-bag writes one) or fix dataset in the config')
+    try:
+        read_env_args(cfg.dataset)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CommandError(f'dataset {cfg.dataset!r} is not a robomimic-layout HDF5 file '
+                           f'({exc}); pass the output of sparse-policy demos or '
+                           f'dataset-from-bag') from exc
+    state = os.path.join(cfg.out_dir, STATE_FILE)
+    if args.resume and not os.path.isfile(state):
+        raise CommandError(f'--resume: {state} does not exist; start without --resume, or '
+                           f'pass the --out-dir of the run to continue')
+    return cfg
 
 
 class LossModule(nn.Module):
@@ -238,8 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def run(args: argparse.Namespace) -> int:
     """Train as the YAML file and the command-line overrides say."""
-    cfg = load_train_config(args.config, dataset=args.dataset, out_dir=args.out_dir,
-                            max_steps=args.max_steps, device=args.device)
+    cfg = check_args(args)
     summary = train(cfg, resume=args.resume)
     if int(os.environ.get('RANK', '0')) == 0:
         print(f'trained {summary["steps"]} steps in {summary["minutes"]:.1f} min, '

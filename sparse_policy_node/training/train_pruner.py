@@ -17,6 +17,14 @@ import os
 
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_file
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_rollouts
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
+from sparse_policy_node.tools.args import reuse_direction
 from sparse_policy_node.training.pruner_training import FIDELITY_LOSSES
 from sparse_policy_node.training.pruner_training import install_pruner
 from sparse_policy_node.training.pruner_training import PrunerTrainConfig
@@ -27,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
     d = PrunerTrainConfig()
     p = PrunerConfig()
-    parser.add_argument('--model', default='models/lift',
-                        help='model directory (its EMA weights are the frozen policy)')
+    add_model_argument(parser, default='models/lift',
+                       help_text='model directory (its EMA weights are the frozen policy)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--rollouts', help='rollout file of this model')
     source.add_argument('--demos', help='demonstrations (robomimic HDF5): targets are the '
@@ -42,20 +50,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-demos', type=int,
                         help='with --demos: use only the first demonstrations of the file')
     parser.add_argument('--out', required=True, help='run directory (log, best/, last/)')
-    parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity)
-    parser.add_argument('--directions', nargs='+', default=list(REUSE_DIRECTIONS),
-                        choices=REUSE_DIRECTIONS)
-    parser.add_argument('--lambda-sparse', type=float, default=d.lambda_sparse)
-    parser.add_argument('--fidelity', choices=FIDELITY_LOSSES, default=d.fidelity)
-    parser.add_argument('--epochs', type=int, default=d.epochs)
-    parser.add_argument('--batch-episodes', type=int, default=d.batch_episodes)
-    parser.add_argument('--val-episodes', type=int, default=d.val_episodes)
-    parser.add_argument('--lr', type=float, default=d.lr)
-    parser.add_argument('--weight-decay', type=float, default=d.weight_decay)
-    parser.add_argument('--warmup-steps', type=int, default=d.warmup_steps)
+    parser.add_argument('--target-sparsity', type=float, default=d.target_sparsity,
+                        help='share of (step, unit) entries the pruner learns to reuse')
+    parser.add_argument('--directions', action=ListAction, default=list(REUSE_DIRECTIONS),
+                        check=reuse_direction,
+                        help='reuse directions the pruner may choose, space or comma separated')
+    parser.add_argument('--lambda-sparse', type=float, default=d.lambda_sparse,
+                        help='weight of the sparsity loss')
+    parser.add_argument('--fidelity', choices=FIDELITY_LOSSES, default=d.fidelity,
+                        help='fidelity loss: normalized_l1 (action dims mapped to [-1, 1]) or '
+                             'l1 (raw units)')
+    parser.add_argument('--epochs', type=int, default=d.epochs, help='training epochs')
+    parser.add_argument('--batch-episodes', type=int, default=d.batch_episodes,
+                        help='episodes per batch')
+    parser.add_argument('--val-episodes', type=int, default=d.val_episodes,
+                        help='episodes held out for validation')
+    parser.add_argument('--lr', type=float, default=d.lr, help='peak AdamW learning rate')
+    parser.add_argument('--weight-decay', type=float, default=d.weight_decay,
+                        help='AdamW weight decay')
+    parser.add_argument('--warmup-steps', type=int, default=d.warmup_steps,
+                        help='linear learning-rate warm-up steps')
     parser.add_argument('--max-minutes', type=float, default=d.max_minutes,
                         help='stop after the epoch that crosses this time (0: no limit)')
-    parser.add_argument('--seed', type=int, default=d.seed)
+    parser.add_argument('--seed', type=int, default=d.seed,
+                        help='seed of the pruner initialisation and the episode order')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
                         help='where the frozen policy, the pruner and the batches live '
@@ -63,10 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--rollout-max-age', type=int, default=d.rollout_max_age,
                         help='cache aging as deployed: rollout slots older than this many '
                              'control steps are recomputed (0: never)')
-    parser.add_argument('--hidden-dim', type=int, default=p.hidden_dim)
-    parser.add_argument('--n-head', type=int, default=p.n_head)
-    parser.add_argument('--dim-feedforward', type=int, default=p.dim_feedforward)
-    parser.add_argument('--dropout', type=float, default=p.dropout)
+    parser.add_argument('--hidden-dim', type=int, default=p.hidden_dim,
+                        help='pruner transformer width')
+    parser.add_argument('--n-head', type=int, default=p.n_head, help='pruner attention heads')
+    parser.add_argument('--dim-feedforward', type=int, default=p.dim_feedforward,
+                        help='pruner feed-forward width')
+    parser.add_argument('--dropout', type=float, default=p.dropout, help='pruner dropout')
     parser.add_argument('--install', action='store_true',
                         help='save the chosen pruner into --model (pruners/<sampler>-<K>/ '
                              'when the top-level pruner serves another schedule)')
@@ -83,8 +103,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='accept rollouts recorded with other weights (not recommended)')
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Check the values, the model and the rollouts (or demos) before training starts."""
+    from sparse_policy_node.training.pruner_training import check_rollouts as same_policy
+    from sparse_policy_node.training.pruner_training import resolve_device
+    check_range(args.target_sparsity, '--target-sparsity', low=0.0, high=0.99,
+                hint='give a fraction, e.g. 0.93')
+    for option in ('epochs', 'batch_episodes'):
+        check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=1)
+    for option in ('val_episodes', 'warmup_steps', 'frame_stride', 'rollout_max_age',
+                   'closed_loop_episodes', 'max_minutes'):
+        check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=0)
+    check_range(args.dropout, '--dropout', low=0.0, high=1.0)
+    check_range(args.demo_steps, '--demo-steps', low=1)
+    resolve_device(args.device)
+    check_model_dir(args.model, pruners=True)
+    if args.demos:
+        check_file(args.demos, '--demos', 'pass a robomimic-layout HDF5 file (sparse-policy '
+                   'demos or dataset-from-bag writes one)')
+    else:
+        attrs = check_rollouts(args.rollouts)
+        try:
+            same_policy(attrs, args.model, args.allow_other_policy)
+        except ValueError as exc:
+            message = str(exc).replace('(or pass allow_other_policy)',
+                                       '(or pass --allow-other-policy)')
+            raise CommandError(message) from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Train as the arguments say; print a one-line summary."""
+    check_args(args)
     cfg = PrunerTrainConfig(
         target_sparsity=args.target_sparsity, directions=tuple(args.directions),
         lambda_sparse=args.lambda_sparse, fidelity=args.fidelity, epochs=args.epochs,
