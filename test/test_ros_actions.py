@@ -194,8 +194,10 @@ def test_joint_trajectory_is_accepted_by_a_joint_trajectory_controller(system, j
         (k0 + i) * DT for i in range(len(traj.points))]
     targets = np.array([p.positions for p in traj.points])
     assert np.allclose(targets, chunk_actions(chunk)[k0:])
-    # The joint speed cap (0.4 rad/s = 0.02 rad per step) from the measured joints.
-    steps = np.diff(np.vstack([measured, chunk_actions(chunk)]), axis=0)
+    # The joint speed cap (0.4 rad/s = 0.02 rad per step) from what executes: the first
+    # target sent moves at most 0.4 * (its time - now) <= 0.02 from the measured joints,
+    # each next one 0.02 (the elapsed steps of ~/action_chunk before k0 never run).
+    steps = np.diff(np.vstack([measured, targets]), axis=0)
     assert np.abs(steps).max() <= 0.02 + 1e-9
     assert node.stats.counters['safety_limited_steps'] > 0
 

@@ -32,9 +32,13 @@ from sparse_policy_node.ros.conversions import ConversionError
 from sparse_policy_node.ros.conversions import parse_lowdim_map
 from sparse_policy_node.ros.execution import check_mode as check_execution_mode
 from sparse_policy_node.ros.execution import MODES as EXECUTION_MODES
+from sparse_policy_node.ros.gripper import check as check_gripper
+from sparse_policy_node.ros.gripper import MAPPINGS as GRIPPER_MAPPINGS
+from sparse_policy_node.ros.gripper import MESSAGES as GRIPPER_MESSAGES
 
 
 OUTPUT_MODES = ('chunk', 'pose_target', 'joint_trajectory')
+HOLD_OUTPUTS = ('hold', 'silent')
 BRIDGE_ACTION_MODES = ('chunk', 'pose_target')
 _DEVICE = re.compile(r'^(cpu|cuda(:\d+)?|mps)$')
 
@@ -68,9 +72,19 @@ class Param:
     max_value: Optional[float] = None
     constraints: str = ''
 
+    @property
+    def applies(self) -> str:
+        """When a change applies: at configure (read-only), live or between chunks."""
+        if self.read_only:
+            return 'at configure (read-only)'
+        if self.name in LIVE_PARAMS:
+            return 'live, from the next control tick'
+        return 'between chunks'
+
     def descriptor(self) -> ParameterDescriptor:
-        """Return the ROS descriptor: description, range and read-only flag."""
-        d = ParameterDescriptor(description=self.description, read_only=self.read_only,
+        """Return the ROS descriptor: description (with when it applies), range, read-only."""
+        d = ParameterDescriptor(description=f'{self.description} Applies {self.applies}.',
+                                read_only=self.read_only,
                                 additional_constraints=self.constraints)
         if self.min_value is not None and isinstance(self.default, int):
             d.integer_range = [IntegerRange(from_value=int(self.min_value),
@@ -79,6 +93,36 @@ class Param:
             d.floating_point_range = [FloatingPointRange(from_value=float(self.min_value),
                                                          to_value=float(self.max_value))]
         return d
+
+
+# Applied by the node's post-set callback, so from the next control tick (ros/intake.py).
+LIVE_PARAMS = frozenset((
+    'action.lower', 'action.upper', 'safety.max_step_change', 'safety.max_linear_speed',
+    'safety.max_angular_speed', 'safety.max_joint_speed', 'safety.workspace_min',
+    'safety.workspace_max', 'safety.enable_timeout_s', 'safety.hold_output',
+    'safety.watchdog_s', 'safety.resume_dense_after_s'))
+REBUILDS = ('engine', 'threads', 'timing', 'safety')
+
+
+def what_to_rebuild(old: 'NodeSettings', new: 'NodeSettings') -> set:
+    """Return what a settings change requires the policy node to rebuild (of REBUILDS).
+
+    ``engine``: load the model (model_dir, device); ``threads``: torch's thread count;
+    ``timing``: the observation history's tolerances; ``safety``: the safety layer's limits
+    (live parameters). The runtime knobs are set on the engine at every change.
+    """
+    out = set()
+    if (new.model_dir, new.device) != (old.model_dir, old.device):
+        out.add('engine')
+    if new.num_threads and new.num_threads != old.num_threads:
+        out.add('threads')
+    timing = ('sync_tolerance_s', 'time_jump_reset_s')
+    if any(getattr(new, a) != getattr(old, a) for a in timing):
+        out.add('timing')
+    attrs = [p.attr for p in NODE_PARAMS if p.name in LIVE_PARAMS]
+    if any(getattr(new, a) != getattr(old, a) for a in attrs):
+        out.add('safety')
+    return out
 
 
 _RT = RuntimeConfig()
@@ -152,6 +196,11 @@ class NodeSettings:
     output_joint_names: Tuple[str, ...] = ('',)
     output_pose_topic: str = 'ee_pose'
     output_joint_state_topic: str = 'joint_states'
+    output_gripper_msg: str = 'float64'
+    output_gripper_mapping: str = 'none'
+    output_gripper_open: float = 0.08
+    output_gripper_closed: float = 0.0
+    output_gripper_threshold: float = 0.0
     safety_max_step_change: Tuple[float, ...] = (0.0,)
     safety_max_linear_speed: float = 0.0
     safety_max_angular_speed: float = 0.0
@@ -160,6 +209,9 @@ class NodeSettings:
     safety_workspace_max: Tuple[float, ...] = (1000.0, 1000.0, 1000.0)
     safety_require_enable: bool = False
     safety_watchdog_s: float = 0.0
+    safety_enable_timeout_s: float = 0.0
+    safety_hold_output: str = 'hold'
+    safety_resume_dense_after_s: float = 0.0
     execution_blend_steps: int = 0
     execution_mode: str = 'replace'
     execution_ensemble_decay: float = 0.01
@@ -187,6 +239,15 @@ class NodeSettings:
         if len(lo) != 3 or len(hi) != 3 or not all(a < b for a, b in zip(lo, hi)):
             raise ConfigError(f'safety.workspace_min/max must be [x, y, z] with min < max, '
                               f'got {list(lo)} / {list(hi)}')
+        try:
+            check_gripper(self.output_gripper_mapping, self.output_gripper_msg,
+                          float(self.output_gripper_open), float(self.output_gripper_closed),
+                          float(self.output_gripper_threshold))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.safety_hold_output not in HOLD_OUTPUTS:
+            raise ConfigError(f'safety.hold_output must be one of {HOLD_OUTPUTS}, got '
+                              f'{self.safety_hold_output!r}')
         if any(v < 0 or v != v for v in self.safety_max_step_change) or \
                 not self.safety_max_step_change:
             raise ConfigError(f'safety.max_step_change must be >= 0 (0: off), got '
@@ -308,6 +369,23 @@ NODE_PARAMS = (
           _NS.output_joint_state_topic,
           'Measured joint states (joint_trajectory mode: the hold position and the start of '
           'the joint speed cap).', read_only=True),
+    Param('output.gripper_msg', 'output_gripper_msg', _NS.output_gripper_msg,
+          "~/gripper_command type: 'float64' (std_msgs/Float64) or 'multi_array' "
+          "(std_msgs/Float64MultiArray, one value: ros2_control's forward command and "
+          'position controllers).', read_only=True, constraints=f'one of {GRIPPER_MESSAGES}'),
+    Param('output.gripper_mapping', 'output_gripper_mapping', _NS.output_gripper_mapping,
+          "From the model's gripper value (-1 open, +1 closed) to the command: 'none' (as "
+          "is), 'threshold' (output.gripper_closed above output.gripper_threshold, else "
+          "output.gripper_open) or 'linear' (-1 -> open, +1 -> closed).", read_only=True,
+          constraints=f'one of {GRIPPER_MAPPINGS}'),
+    Param('output.gripper_open', 'output_gripper_open', _NS.output_gripper_open,
+          'Gripper command for open (e.g. a finger width in m).', read_only=True),
+    Param('output.gripper_closed', 'output_gripper_closed', _NS.output_gripper_closed,
+          'Gripper command for closed.', read_only=True),
+    Param('output.gripper_threshold', 'output_gripper_threshold',
+          _NS.output_gripper_threshold,
+          'threshold mapping: model values above this close the gripper.', read_only=True,
+          min_value=-1.0, max_value=1.0),
     Param('safety.max_step_change', 'safety_max_step_change',
           list(_NS.safety_max_step_change),
           'Largest change between consecutive actions, per action dimension (one value for '
@@ -327,9 +405,21 @@ NODE_PARAMS = (
     Param('safety.workspace_max', 'safety_workspace_max', list(_NS.safety_workspace_max),
           'Upper corner [x, y, z] (m, pose_frame) of the box end-effector targets stay in.'),
     Param('safety.require_enable', 'safety_require_enable', _NS.safety_require_enable,
-          'Command the robot only while the last std_msgs/Bool on ~/enable was true; '
-          'otherwise hold (see the README for what hold sends per output mode).',
-          read_only=True),
+          'Command the robot only while the last std_msgs/Bool on ~/enable was true (and, '
+          'with safety.enable_timeout_s, recent); otherwise hold (docs/safety.md). Cleared '
+          'on deactivate and reset: a new true is needed.', read_only=True),
+    Param('safety.enable_timeout_s', 'safety_enable_timeout_s', _NS.safety_enable_timeout_s,
+          'Deadman: with safety.require_enable, an enabling true expires after this long '
+          'unless refreshed (0: the last Bool is latched).', min_value=0.0, max_value=60.0),
+    Param('safety.hold_output', 'safety_hold_output', _NS.safety_hold_output,
+          "What a hold sends: 'hold' (repeat the last commanded target, zero motion for "
+          "deltas, a stop point for joints) or 'silent' (nothing, so that another command "
+          'source can drive).', constraints=f'one of {HOLD_OUTPUTS}'),
+    Param('safety.resume_dense_after_s', 'safety_resume_dense_after_s',
+          _NS.safety_resume_dense_after_s,
+          'After a hold, or an input gap longer than this, the rollout cache and the pending '
+          'chunk are dropped: the first chunk after the pause is dense (0: two chunk '
+          'periods).', min_value=0.0, max_value=3600.0),
     Param('execution.mode', 'execution_mode', _NS.execution_mode,
           "How a new chunk combines with the ones still executing: 'replace' (the new "
           "chunk replaces the old tail), 'blend' (real-time-chunking style: steps that ran "

@@ -134,7 +134,7 @@ class FakeRobot(Node):
     """Publish synthetic observations; record chunks, next actions and diagnostics."""
 
     def __init__(self, camera='agentview', image_size=(32, 32), policy='policy_node',
-                 sim_clock=False, **kwargs):
+                 sim_clock=False, gripper_msg=None, **kwargs):
         super().__init__('fake_robot', **kwargs)
         self.clock_pub = self.create_publisher(Clock, '/clock', 10) if sim_clock else None
         self.image_size = image_size
@@ -155,7 +155,8 @@ class FakeRobot(Node):
         self.targets, self.grippers, self.joint_trajectories = [], [], []
         self.create_subscription(PoseStamped, f'{policy}/target_pose',
                                  lambda m: self._keep(self.targets, m), 10)
-        self.create_subscription(Float64, f'{policy}/gripper_command',
+        # gripper_msg: the type of ~/gripper_command (output.gripper_msg; Float64 if None).
+        self.create_subscription(gripper_msg or Float64, f'{policy}/gripper_command',
                                  lambda m: self._keep(self.grippers, m), 10)
         self.create_subscription(JointTrajectory, f'{policy}/joint_trajectory',
                                  lambda m: self._keep(self.joint_trajectories, m), 10)

@@ -1,0 +1,266 @@
+"""Policy node, worker threads: the frame encoder and one chunk at a time.
+
+Heavy parameter changes (model, device) and resets are applied between chunks. A chunk
+leaves the worker only through :meth:`OutputsMixin._publish_plan` and ``~/action_chunk``
+under the node's lock, after the safety layer's hold check (ros/outputs.py).
+"""
+
+import time
+
+from rclpy.parameter import Parameter
+from sparse_policy_node.core.engine import load_engine
+from sparse_policy_node.core.engine import NonFiniteActionError
+from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.core.seeded_noise import engine_chunk_noise
+from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros import params
+from sparse_policy_node.ros.node_common import describe
+from sparse_policy_node.ros.node_common import resolve_model_dir
+import torch
+
+
+class WorkerMixin:
+    """Inference and frame-encoder threads of :class:`PolicyNode` (a mixin)."""
+
+    def _encode_frames(self) -> None:
+        while not self._stop.is_set():
+            self._frames_ready.wait(0.05)
+            self._frames_ready.clear()
+            while self._frames and not self._stop.is_set():
+                try:  # newest first: the next window needs the newest frames soonest
+                    key, frame_id, image = self._frames.pop()
+                except IndexError:
+                    break
+                if not self._frame_wanted(key, frame_id):
+                    self.stats.count('frames_skipped_off_grid')
+                    continue
+                try:
+                    self.engine.encode_frame(key, frame_id, torch.from_numpy(image))
+                    self.stats.count('frames_encoded_ahead')
+                except ObservationError as exc:
+                    self._reject(key, exc)
+                except Exception as exc:  # noqa: B902 - the chunk encodes the frame instead
+                    self.stats.count('frame_encoder_errors')
+                    self.get_logger().error(f'frame encoder failed: {exc!r}',
+                                            throttle_duration_sec=5.0)
+
+    def _frame_wanted(self, key, frame_id) -> bool:
+        """Return False for a frame no future window picks (off the control grid).
+
+        The next window is due at the last (or running) chunk's stamp plus the executed
+        horizon; frames before its first step, less the sync tolerance, are never picked.
+        A chunk still encodes any frame it needs that was skipped here.
+        """
+        episode, ns = frame_id
+        if episode != self._episode:
+            return False
+        s, dt, due = self.settings, self.dt_ns, None
+        last, running = self._last, self._running
+        if last is not None:
+            due = last[0] + (last[1] - s.replan_lead_steps) * dt - dt // 2
+        if running is not None and running[0] == episode:
+            due = running[1] if due is None else max(due, running[1])
+        return self.history.may_pick(key, ns, due)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            try:
+                self._params_watch.poll()  # Humble: no post-set callback
+                self._apply_changes()
+                self._maybe_run_chunk()
+            except Exception as exc:  # noqa: B902 - keep serving; the error is diagnosed
+                self.stats.count('worker_errors')
+                self._error = f'inference failed: {describe(exc)}'
+                self.get_logger().error(self._error, throttle_duration_sec=5.0)
+
+    def _apply_changes(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, False
+        if not dirty:
+            return
+        s, old = params.settings_from_params(self), self.settings
+        runtime = params.config_from_params(self)
+        rebuild = params.what_to_rebuild(old, s)  # the safety layer: _apply_safety, at once
+        if 'engine' in rebuild:
+            try:
+                new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
+            except Exception as exc:  # noqa: B902 - any load failure keeps the old model
+                self._keep_running_model(s, old, exc)
+            else:
+                self.engine.close()
+                self.engine = new
+                new.reset()
+                self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
+        self.engine.set_runtime(runtime)
+        if 'threads' in rebuild:
+            torch.set_num_threads(s.num_threads)
+        if 'timing' in rebuild:
+            self.history.set_timing(*self._timing_ns(s))
+        self.settings = s
+
+    def _keep_running_model(self, s, old, exc) -> None:
+        """Keep the running model and revert the parameters after a failed model change.
+
+        The reverted parameters show what is actually served, later unrelated changes do not
+        retry the load, and the error stands in the diagnostics until the next good chunk.
+        """
+        self.stats.count('model_load_failures')
+        self._error = (f'model change to {s.model_dir} on {s.device} failed, kept '
+                       f'{old.model_dir} on {old.device}: {describe(exc)}')
+        self.get_logger().error(self._error)
+        s.model_dir, s.device = old.model_dir, old.device
+        result = self.set_parameters([Parameter('model_dir', value=old.model_dir),
+                                      Parameter('device', value=old.device)])
+        if not all(r.successful for r in result):
+            self.get_logger().error(f'could not revert model_dir/device: {result}')
+
+    def _watch_inputs(self, window_reason: str) -> list:
+        """Apply the staleness rule to every input; log each gap once; count sync failures.
+
+        Returns:
+            the stale or missing observation keys.
+        """
+        s = self.settings
+        ages = self.history.ages(self.get_clock().now().nanoseconds)
+        stale = [k for k, a in ages.items() if a > s.max_obs_age_s]
+        if stale and not self._gap and not self._inputs_seen:
+            self._gap = True  # start-up: the inputs' publishers may not run yet
+            self.get_logger().info(f'waiting for the first inputs: {", ".join(stale)}; '
+                                   f'chunks start when every input has arrived')
+        elif stale and not self._gap:
+            self._gap = True
+            self.stats.count('input_gaps')
+            self.get_logger().warning(
+                'no chunks: stale or missing inputs ' + ', '.join(
+                    f'{k} ({ages[k]:.2f} s)' for k in stale) + f' (max_obs_age_s='
+                f'{s.max_obs_age_s}); chunks resume when they are fresh again')
+        elif not stale and self._gap:
+            self._gap = False
+            self.get_logger().info('all inputs fresh again: chunks resume' if self._inputs_seen
+                                   else 'all inputs arrived: chunks start')
+        if not stale and not self.history.missing():
+            self._inputs_seen = True
+        if window_reason and not window_reason.startswith('waiting for') \
+                and self._inputs_version != self._sync_failed_version:
+            self._sync_failed_version = self._inputs_version  # once per new input
+            self.stats.count('sync_failures')
+            self.get_logger().warning(f'no synchronized window: {window_reason}',
+                                      throttle_duration_sec=5.0)
+        return stale
+
+    def _pause_before(self, stamp_ns: int) -> bool:
+        """Return True after a hold, or an input gap longer than resume_dense_after_s."""
+        if self._last_chunk_ns is None:
+            return False
+        s = self.settings
+        limit = s.safety_resume_dense_after_s or \
+            2 * (s.execution_horizon or self.n_action_steps) * self.dt_ns / 1e9
+        with self._lock:
+            paused = self._paused
+        if paused or stamp_ns - self._last_chunk_ns > limit * 1e9:
+            self.get_logger().info('first chunk after a pause: rollout cache dropped, dense')
+            with self._lock:
+                self._paused = False
+                self._last_chunk_ns = None
+            return True
+        return False
+
+    def _maybe_run_chunk(self) -> None:
+        if not self._active or self.safety.deadman.reason(
+                self.get_clock().now().nanoseconds, self.safety.config.enable_timeout_s):
+            return
+        s, dt = self.settings, self.dt_ns
+        # Read the episode before the window: a reset in between makes the chunk one of the
+        # old episode (discarded below), never a new-episode chunk of old observations.
+        episode = self._episode
+        window, why = self.history.window()
+        stale = self._watch_inputs(why)
+        if window is None or window.stamp_ns == self._skip_stamp:
+            return
+        if self._last is not None and window.stamp_ns < self._last[0] + (
+                self._last[1] - s.replan_lead_steps) * dt - dt // 2:
+            return  # the previous chunk is still being executed
+        if stale:
+            self._skip_stamp = window.stamp_ns
+            self.stats.count('stale_skips')
+            return
+        device = self.engine.device
+        # While this chunk runs, the frame encoder skips frames before the next window.
+        self._running = (episode, window.stamp_ns + ((s.execution_horizon or self.n_action_steps)
+                                                     - s.replan_lead_steps) * dt - dt // 2)
+        obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
+        frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
+        # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
+        noise = engine_chunk_noise(self.engine, s.noise_seed, window.stamp_ns)
+        if episode != self._engine_episode:
+            # The episode's first chunk: dense, from empty caches. Tied to the chunk's own
+            # episode, not to when the worker last looked for changes: a reset that lands
+            # after that look still clears, and a chunk of the old episode never clears.
+            self.engine.reset()
+            self._engine_episode = episode
+        elif self._pause_before(window.stamp_ns):
+            self.engine.reset()  # after a hold or an input gap: the first chunk is dense
+            self.stats.count('dense_after_pause')
+        try:
+            out = self.engine.predict_action(obs, frame_ids=frame_ids, **noise)
+        except ObservationError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('observation', exc)
+            return
+        except NonFiniteActionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
+            return
+        horizon = s.execution_horizon or self.n_action_steps
+        try:
+            actions = conv.clamp_actions(  # the action bounds (ros/safety.py)
+                out['action'][0, :horizon].double().cpu().numpy(),
+                self.safety.config.lower, self.safety.config.upper)
+        except conv.ConversionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
+            return
+        try:
+            actions, plan = self._plan(window.stamp_ns, actions)
+        except conv.ConversionError as exc:
+            self._skip_stamp = window.stamp_ns
+            self._reject('action', exc)
+            return
+        # Checked and published under the lock that resets and deactivation take: a chunk
+        # of an old episode, or one finished after deactivation, never goes out; nor one
+        # that the enable input or the watchdog holds now (checked at publish time).
+        with self._lock:
+            now = self.get_clock().now().nanoseconds
+            if episode != self._episode:
+                self.stats.count('discarded_after_reset')  # computed for the old episode
+                return
+            if not self._active:
+                self.stats.count('discarded_inactive')     # deactivated while computing
+                return
+            reason = self._hold_reason(now, covered=True)
+            if reason:
+                self.stats.count('discarded_holding')      # disabled or stalled meanwhile
+                self._hold(reason, now)
+                return
+            if not self._publish_plan(window.stamp_ns, actions, plan):
+                return
+            if self._holding:
+                self._holding = None
+                self.get_logger().info('hold released: commanding again')
+            self._exec.commit(self._planned)
+            self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
+                                                                          actions, plan)
+            self._last_chunk_ns, self._paused = window.stamp_ns, False
+            self.chunk_pub.publish(conv.chunk_to_trajectory(
+                actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
+            self._publish_due_step()
+        self._error = None
+        st = out['stats']
+        self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
+                         st['realized_sparsity'], st['dense'])
+        self.stats.count('frames_encoded_in_chunks', st['frames_encoded'])
+        self.get_logger().debug(f'chunk at {window.stamp_ns / 1e9:.3f} s: '
+                                f'{st["latency_ms"]:.1f} ms, sparsity '
+                                f'{st["realized_sparsity"]:.2f}')
