@@ -20,6 +20,7 @@ from sparse_policy_node.ros.testing import save_tiny_model
 from sparse_policy_node.ros.testing import Spinner
 from sparse_policy_node.ros.testing import TINY_PARAMS
 from std_msgs.msg import Float64MultiArray
+from test_ros_actions import delta_card_model
 import torch
 
 DT = 50_000_000  # 20 Hz
@@ -40,24 +41,16 @@ def joint_model(tmp_path_factory):
     return model
 
 
-def delta_model_with(directory, reference):
-    model = save_tiny_model(str(directory))
-    card = mc.robosuite_card(load_policy_config(model), {'env_kwargs': {}})
-    card['action']['delta_reference'] = reference
-    mc.write_card(model, card)
-    return model
-
-
 @pytest.fixture(scope='module')
 def delta_model(tmp_path_factory):
     """Robosuite deltas integrated into pose targets."""
-    return delta_model_with(tmp_path_factory.mktemp('delta'), 'integrated')
+    return delta_card_model(tmp_path_factory.mktemp('delta'), 'integrated')
 
 
 @pytest.fixture(scope='module')
 def measured_delta_model(tmp_path_factory):
     """Robosuite deltas relative to the measured pose (one ~/next_action per tick)."""
-    return delta_model_with(tmp_path_factory.mktemp('measured'), 'measured')
+    return delta_card_model(tmp_path_factory.mktemp('measured'), 'measured')
 
 
 @pytest.fixture
