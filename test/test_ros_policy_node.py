@@ -748,6 +748,41 @@ def test_runtime_comes_from_the_serving_default_unless_given_explicitly(context,
             node.destroy_node()
 
 
+def test_a_graph_backend_is_built_beside_the_running_engine_while_chunks_go_on(
+        system, monkeypatch):
+    """Exporting and loading graphs takes seconds: the old engine serves meanwhile."""
+    pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    from sparse_policy_node.core import engine
+    node, robot = system(**{'inference.backend': 'torch'})
+    release, real_make = threading.Event(), engine.make_backend
+
+    def slow_export(*args, **kwargs):  # the export waits until the test saw chunks go on
+        release.wait(30.0)
+        return real_make(*args, **kwargs)
+    monkeypatch.setattr(engine, 'make_backend', slow_export)
+    try:
+        assert node.set_parameters([Parameter('inference.backend',
+                                              value='onnxruntime')])[0].successful
+        t0 = now_ns()
+        assert robot.drive(t0) is not None
+        steps(robot, t0 + DT, 8)
+        assert robot.wait_chunk(t0 + 4 * DT) is not None   # served while preparing
+        assert robot.wait_chunk(t0 + 8 * DT) is not None
+        assert node._preparer.busy()
+        assert node.engine.backend_for(node.engine.runtime).name == 'torch'
+    finally:
+        release.set()
+    deadline = time.monotonic() + 60.0
+    while node.stats.counters.get('engine_swaps', 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.stats.counters.get('engine_swaps', 0) == 1
+    assert node.engine.backend_for(node.engine.runtime).name == 'onnxruntime'
+    assert node.get_parameter('inference.backend').value == 'onnxruntime'
+    steps(robot, t0 + 9 * DT, 4)  # the swapped-in engine serves the next chunk
+    assert robot.wait_chunk(t0 + 12 * DT, timeout=10.0) is not None
+
+
 def test_backend_switches_between_chunks_and_a_missing_one_is_rejected(system, monkeypatch):
     pytest.importorskip('onnxruntime')
     node, robot = system()

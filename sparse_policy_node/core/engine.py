@@ -221,6 +221,15 @@ class SparseEngine:
             self._models[precision] = copy.deepcopy(self.policy.transformer).to(dtype).eval()
         return self._models[precision]
 
+    def needs_build(self, runtime: RuntimeConfig) -> bool:
+        """True when serving ``runtime`` first needs seconds of work: graphs to export and load.
+
+        The torch backend is built in milliseconds (at most a reduced-precision copy); the
+        graph backends (onnxruntime, tensorrt) are exported and loaded on first use.
+        """
+        name = resolve_backend(runtime.backend, self.device, runtime.precision)
+        return name != 'torch' and (name, runtime.precision) not in self._backends
+
     def backend_for(self, runtime: RuntimeConfig) -> Backend:
         """Return the pieces that run ``runtime`` (:mod:`backends`); built on first use."""
         name = resolve_backend(runtime.backend, self.device, runtime.precision)

@@ -157,7 +157,8 @@ RUNTIME_PARAMS = (
           'Who runs the model pieces: torch (eager), onnxruntime (exported graphs, CPU), '
           'tensorrt (engines from the same graphs, CUDA) or auto (onnxruntime on the CPU when '
           'installed, else torch). Graphs are exported into <model_dir>/.backend_cache (or a '
-          'temp folder) when the backend is set, between chunks; a backend that is not '
+          'temp folder) when the backend is set, beside the running engine (which serves '
+          'meanwhile), then swapped in between chunks; a backend that is not '
           'installed is rejected with the reason. Not part of the serving default.',
           constraints=f'one of {BACKENDS}'),
 )
@@ -288,9 +289,10 @@ NODE_PARAMS = (
     Param('model_dir', 'model_dir', _NS.model_dir,
           'Model directory (config.json + model.safetensors [+ pruner.json]); relative paths '
           'resolve against the working directory, then the package share directory. A change '
-          'reloads the model between chunks.'),
-    Param('device', 'device', _NS.device, 'Torch device; a change moves the model between '
-          'chunks.', constraints='cpu, cuda, cuda:N or mps (must be available)'),
+          'loads the new model beside the running one (which serves meanwhile) and swaps it in '
+          'between chunks; its card must keep the action space, range and cameras.'),
+    Param('device', 'device', _NS.device, 'Torch device; a change loads the model there beside '
+          'the running one and swaps it in between chunks.', constraints='cpu, cuda, cuda:N or mps (must be available)'),
     Param('num_threads', 'num_threads', _NS.num_threads,
           'Torch intra-op threads for inference (0: torch default).', min_value=0,
           max_value=256),

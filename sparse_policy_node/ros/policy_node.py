@@ -61,6 +61,7 @@ from sparse_policy_node.ros.node_common import resolve_model_dir
 from sparse_policy_node.ros.node_common import torch_origin
 from sparse_policy_node.ros.obs_history import ObservationHistory
 from sparse_policy_node.ros.outputs import OutputsMixin
+from sparse_policy_node.ros.preparer import EnginePreparer
 from sparse_policy_node.ros.stats import RunStats
 from sparse_policy_node.ros.worker import WorkerMixin
 from std_srvs.srv import Trigger
@@ -91,6 +92,7 @@ class PolicyNode(IntakeMixin, WorkerMixin, AdaptersMixin, OutputsMixin, Lifecycl
         self._reject_logged = {}  # key -> time.monotonic() of its last rejection log line
         self._lock = threading.Lock()
         self.safety = None        # the safety layer (ros/safety.py), built at configure
+        self._preparer = None     # builds engines off the control path (ros/preparer.py)
         self.add_on_set_parameters_callback(params.make_validator(self, self._check))
         # Post-set callback where rclpy has one (Iron+), polled by the worker on Humble.
         self._params_watch = compat.ParameterWatch(
@@ -174,6 +176,7 @@ class PolicyNode(IntakeMixin, WorkerMixin, AdaptersMixin, OutputsMixin, Lifecycl
         if s.serving_default:
             self._apply_serving_default(model_dir)
         self.engine = load_engine(model_dir, s.device, params.config_from_params(self))
+        self._preparer = EnginePreparer(discard=lambda built: built[0].close())
         cfg = self.engine.policy.config
         self.signature = model_signature(cfg)
         self.dt_ns = int(round(1e9 / s.control_rate_hz))
@@ -280,6 +283,9 @@ class PolicyNode(IntakeMixin, WorkerMixin, AdaptersMixin, OutputsMixin, Lifecycl
             for thread in self._threads:
                 thread.join(timeout=10.0)
             self._threads = []
+        if self._preparer is not None:
+            self._preparer.cancel()  # a build still running is closed when it ends
+            self._preparer = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -1,6 +1,7 @@
 """Policy node, worker threads: the frame encoder and one chunk at a time.
 
-Heavy parameter changes (model, device) and resets are applied between chunks. A chunk
+Resets and runtime changes are applied between chunks; a new model, device or graph backend
+is prepared off the control path (ros/preparer.py) and swapped in between chunks. A chunk
 leaves the worker only through :meth:`OutputsMixin._publish_plan` and ``~/action_chunk``
 under the node's lock, after the safety layer's hold check (ros/outputs.py).
 """
@@ -10,6 +11,7 @@ import time
 from rclpy.parameter import Parameter
 from sparse_policy_node.core.engine import load_engine
 from sparse_policy_node.core.engine import NonFiniteActionError
+from sparse_policy_node.core.model_card import read_card
 from sparse_policy_node.core.policy import ObservationError
 from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import conversions as conv
@@ -76,6 +78,7 @@ class WorkerMixin:
                 self.get_logger().error(self._error, throttle_duration_sec=5.0)
 
     def _apply_changes(self) -> None:
+        self._swap_prepared()
         with self._lock:
             dirty, self._dirty = self._dirty, False
         if not dirty:
@@ -83,38 +86,85 @@ class WorkerMixin:
         s, old = params.settings_from_params(self), self.settings
         runtime = params.config_from_params(self)
         rebuild = params.what_to_rebuild(old, s)  # the safety layer: _apply_safety, at once
-        if 'engine' in rebuild:
-            try:
-                new = load_engine(resolve_model_dir(s.model_dir), s.device, runtime)
-            except Exception as exc:  # noqa: B902 - any load failure keeps the old model
-                self._keep_running_model(s, old, exc)
-            else:
-                self.engine.close()
-                self.engine = new
-                new.reset()
-                self.get_logger().info(f'now serving {s.model_dir} on {s.device}')
-        self.engine.set_runtime(runtime)
+        if 'engine' in rebuild or self._preparer.busy() or self.engine.needs_build(runtime):
+            # Seconds of loading or exporting: built beside the running engine, swapped in
+            # between two chunks; the runtime knobs changed meanwhile come with it.
+            self._prepare(s.model_dir, s.device, runtime)
+            s.model_dir, s.device = old.model_dir, old.device  # served until the swap
+        else:
+            self.engine.set_runtime(runtime)
         if 'threads' in rebuild:
             torch.set_num_threads(s.num_threads)
         if 'timing' in rebuild:
             self.history.set_timing(*self._timing_ns(s))
         self.settings = s
 
-    def _keep_running_model(self, s, old, exc) -> None:
-        """Keep the running model and revert the parameters after a failed model change.
+    def _prepare(self, model_dir: str, device: str, runtime) -> None:
+        """Build the engine for (model_dir, device, runtime) off the control path."""
+        if self._preparer.busy():
+            return  # what it builds is compared with what is wanted when it is done
+
+        def build():
+            path = resolve_model_dir(model_dir)
+            engine = load_engine(path, device, runtime)
+            engine.backend_for(runtime)  # export and load the graphs here, not in a chunk
+            return engine, read_card(path, engine.policy.config)
+
+        self._preparer.start((model_dir, device, runtime), build)
+        backend = runtime.backend
+        self.get_logger().info(f'preparing {model_dir} on {device} (backend {backend}) off '
+                               f'the control path; {self.settings.model_dir} serves meanwhile')
+
+    def _swap_prepared(self) -> None:
+        """Swap a prepared engine in with its card (between chunks), or report its failure.
+
+        A build that no longer matches the parameters (they changed while it ran) is dropped
+        and the newest wish prepared instead. The swapped-in engine starts dense.
+        """
+        done = self._preparer.take()
+        if done is None:
+            return
+        if done.error is not None:
+            self._keep_running_model(done)
+            return
+        engine, card = done.value
+        s = params.settings_from_params(self)
+        if (s.model_dir, s.device, params.config_from_params(self)) != done.target:
+            engine.close()
+            with self._lock:
+                self._dirty = True
+            return
+        with self._lock:
+            old, self.engine, self.card = self.engine, engine, card
+            self.settings.model_dir, self.settings.device = s.model_dir, s.device
+        engine.reset()
+        old.close()
+        self.stats.count('engine_swaps')
+        self.get_logger().info(
+            f'now serving {s.model_dir} on {s.device} (backend '
+            f'{engine.backend_for(engine.runtime).name}), prepared in {done.seconds:.1f} s '
+            f'while the previous engine served; its first chunk is dense')
+
+    def _keep_running_model(self, done) -> None:
+        """Keep the running engine and revert the parameters after a failed preparation.
 
         The reverted parameters show what is actually served, later unrelated changes do not
-        retry the load, and the error stands in the diagnostics until the next good chunk.
+        retry the build, and the error stands in the diagnostics until the next good chunk.
         """
+        model_dir, device, runtime = done.target
+        s, served = self.settings, self.engine.runtime
         self.stats.count('model_load_failures')
-        self._error = (f'model change to {s.model_dir} on {s.device} failed, kept '
-                       f'{old.model_dir} on {old.device}: {describe(exc)}')
+        self._error = (f'model change to {model_dir} on {device} (backend {runtime.backend}) '
+                       f'failed, kept {s.model_dir} on {s.device} (backend {served.backend}): '
+                       f'{describe(done.error)}')
         self.get_logger().error(self._error)
-        s.model_dir, s.device = old.model_dir, old.device
-        result = self.set_parameters([Parameter('model_dir', value=old.model_dir),
-                                      Parameter('device', value=old.device)])
+        revert = [Parameter(name, value=value) for name, value, wanted in (
+            ('model_dir', s.model_dir, model_dir), ('device', s.device, device),
+            ('inference.backend', served.backend, runtime.backend),
+            ('inference.precision', served.precision, runtime.precision)) if value != wanted]
+        result = self.set_parameters(revert)
         if not all(r.successful for r in result):
-            self.get_logger().error(f'could not revert model_dir/device: {result}')
+            self.get_logger().error(f'could not revert {[p.name for p in revert]}: {result}')
 
     def _watch_inputs(self, window_reason: str) -> list:
         """Apply the staleness rule to every input; log each gap once; count sync failures.
