@@ -31,6 +31,16 @@ def test_absolute_bounds_come_from_the_card_never_the_default():
     assert lo.tolist() == [-2.0, -3.0, -0.5]                    # narrower: applied
 
 
+def test_model_bounds_read_the_space_from_the_card_and_the_default_as_unset():
+    # The node's chunks and replay-bag's offline chunks both take their bounds from here.
+    lo, hi, _ = sf.model_bounds(JOINT_CARD, [-1.0], [1.0], 3)
+    assert lo.tolist() == [-2.9, -3.07, -1.0] and hi.tolist() == [2.9, -0.07, 1.0]
+    lo, hi, _ = sf.model_bounds(None, [-1.0], [1.0], 3)          # no card: robosuite deltas
+    assert lo.tolist() == [-1.0] * 3 and hi.tolist() == [1.0] * 3
+    lo, _, src = sf.model_bounds(JOINT_CARD, [-2.0, -3.0, -0.5], [2.0, -0.1, 0.5], 3)
+    assert lo.tolist() == [-2.0, -3.0, -0.5] and 'configured' in src   # narrower: applied
+
+
 def test_step_change_is_measured_from_the_last_action_sent():
     s = layer(safety_max_step_change=(0.1,))
     assert np.allclose(s.action(np.zeros(3)), 0)

@@ -29,6 +29,7 @@ from sparse_policy_node.core import keys
 from sparse_policy_node.core.model_card import read_card
 from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import conversions as conv
+from sparse_policy_node.ros.safety import model_bounds
 import torch
 
 
@@ -179,7 +180,9 @@ def offline_chunks(engine, inputs: NodeInputs, samples, stamps: Sequence[int], s
     episodes = split_episodes(samples, int(settings.time_jump_reset_s * 1e9))
     tolerance_ns = int(settings.sync_tolerance_s * 1e9)
     action_dim = engine.policy.config.transformer.action_dim
-    limits = conv.action_limits(settings.action_lower, settings.action_upper, action_dim)
+    card = read_card(engine.model_dir, engine.policy.config) if engine.model_dir else None
+    lower, upper, _ = model_bounds(card, settings.action_lower, settings.action_upper,
+                                   action_dim)  # the node's bounds (absolute: the card's)
     horizon = settings.execution_horizon or engine.policy.config.n_action_steps
     episode_stamps = [{t for stream in ep.values() for t, _ in stream} for ep in episodes]
     chunks, current = [], None
@@ -195,7 +198,7 @@ def offline_chunks(engine, inputs: NodeInputs, samples, stamps: Sequence[int], s
         out = engine.predict_action(obs, frame_ids=frame_ids,
                                     **engine_chunk_noise(engine, settings.noise_seed, stamp))
         actions = out['action'][0, :horizon].double().cpu().numpy()
-        chunks.append(conv.clamp_actions(actions, *limits))
+        chunks.append(conv.clamp_actions(actions, lower, upper))
     return chunks
 
 

@@ -222,7 +222,7 @@ class SparseEngine:
         return self._models[precision]
 
     def needs_build(self, runtime: RuntimeConfig) -> bool:
-        """True when serving ``runtime`` first needs seconds of work: graphs to export and load.
+        """Return True when serving ``runtime`` first takes seconds: graphs to export, load.
 
         The torch backend is built in milliseconds (at most a reduced-precision copy); the
         graph backends (onnxruntime, tensorrt) are exported and loaded on first use.

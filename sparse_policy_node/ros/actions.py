@@ -119,24 +119,6 @@ def _cap_norm(v: np.ndarray, limit: float) -> Tuple[np.ndarray, bool]:
     return v, False
 
 
-def limit_step_change(actions: np.ndarray, previous: Optional[np.ndarray],
-                      limits: Limits) -> Tuple[np.ndarray, int]:
-    """Clip consecutive action changes to ``max_step_change``; return (actions, n limited)."""
-    m = limits.max_step_change
-    if m is None or not np.any(m > 0):
-        return actions, 0
-    m = np.where(m > 0, m, np.inf)
-    out, count = actions.copy(), 0
-    prev = previous
-    for k in range(len(out)):
-        if prev is not None:
-            step = np.clip(out[k] - prev, -m, m)
-            count += int(not np.allclose(step, out[k] - prev))
-            out[k] = prev + step
-        prev = out[k]
-    return out, count
-
-
 def _box(p: np.ndarray, limits: Limits) -> Tuple[np.ndarray, bool]:
     if limits.workspace_min is None:
         return p, False

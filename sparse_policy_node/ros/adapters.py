@@ -96,7 +96,6 @@ class AdaptersMixin:
         self.kind = kind
         config = self._safety_config(s)
         self.safety = sf.SafetyLayer(config, s.safety_require_enable)
-        self.limits = config.limits()
         self._eef_limited = self._eef_limits_set(s)
         log = self.get_logger().warning if np.isinf(config.lower).all() else \
             self.get_logger().info   # an absolute model whose card has no action.range
@@ -149,15 +148,11 @@ class AdaptersMixin:
         default of action.lower/upper (applied only when set to other values, inside the
         card's range).
         """
-        # The +-1 default counts as not set, also when a parameter file repeats it
-        # (config/policy.yaml does).
-        explicit = (tuple(s.action_lower), tuple(s.action_upper)) != ((-1.0,), (1.0,))
         if s.output_mode == 'chunk' and self._eef_limits_set(s) and self.space != 'delta_eef':
             raise ConfigError('end-effector speed and workspace limits on chunk output need a '
                               'delta_eef model card')
         try:
-            bounds = sf.action_bounds(self.space, self.card, s.action_lower, s.action_upper,
-                                      explicit, self.action_dim)
+            bounds = sf.model_bounds(self.card, s.action_lower, s.action_upper, self.action_dim)
             return sf.config_from_settings(s, self.dt_ns, self.action_dim, bounds)
         except sf.SafetyConfigError as exc:
             raise ConfigError(str(exc)) from exc
@@ -176,13 +171,16 @@ class AdaptersMixin:
         return p, q
 
     def _plan(self, stamp_ns: int, actions: np.ndarray):
-        """Apply the safety limits and build the adapter's plan for a chunk.
+        """Apply the safety limits (ros/safety.py) and build the adapter's plan for a chunk.
+
+        The chunk is combined with the executing ones first, then bounded and limited along
+        its steps by the safety layer; each tick limits again, last, from what was sent.
 
         Returns:
             the limited actions (n, A) and the plan: None (chunk output), (positions,
             quaternions) of the pose targets, or the joint targets (n, J).
         """
-        s, limits = self.settings, self.limits
+        s = self.settings
         prev = None
         with self._lock:
             current = self._current
@@ -195,16 +193,16 @@ class AdaptersMixin:
             actions = self._combine(stamp_ns, actions)
         with self._lock:
             before = self.safety.limited
-            actions = self.safety.chunk(actions, prev)
+            actions = self.safety.chunk(actions, prev)  # bounds and step changes
             n_limited = self.safety.limited - before
         plan = None
         if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
             if self.space == 'delta_eef':
                 p0, q0 = self._measured_pose_at(stamp_ns)
                 sc = self.card['action']['scaling']
-                pos, quat, actions, n = act.integrate_deltas(
-                    actions, p0, q0, sc['position_m_per_unit'], sc['rotation_rad_per_unit'],
-                    limits)
+                with self._lock:
+                    pos, quat, actions, n = self.safety.plan_deltas(
+                        actions, p0, q0, sc['position_m_per_unit'], sc['rotation_rad_per_unit'])
             else:
                 fmt = self.card['action']['rotation_format']
                 end = 3 + ROTATION_DIMS[fmt]
@@ -216,8 +214,9 @@ class AdaptersMixin:
                     start = self._last_target
                 if start is None:
                     start = self._measured_pose_at(stamp_ns)
-                pos, quat, n = act.limit_pose_targets(actions[:, :3], quats, start[0],
-                                                      start[1], limits)
+                with self._lock:
+                    pos, quat, n = self.safety.plan_pose_targets(actions[:, :3], quats,
+                                                                 start)
             n_limited += n
             plan = (pos, quat) if s.output_mode == 'pose_target' else None
             if self._combine_targets:  # integrated deltas: combine the absolute targets
@@ -228,7 +227,7 @@ class AdaptersMixin:
             nj = len(s.output_joint_names)
             with self._lock:
                 j0 = self._joints if prev is None else prev[:nj]
-            joints, n = act.limit_joint_targets(actions[:, :nj], j0, limits)
+                joints, n = self.safety.plan_joints(actions[:, :nj], j0)
             actions = actions.copy()
             actions[:, :nj] = joints
             n_limited += n

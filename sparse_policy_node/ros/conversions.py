@@ -321,11 +321,16 @@ def action_limits(lower: Sequence[float], upper: Sequence[float],
     return lo, hi
 
 
-def clamp_actions(actions: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """Clamp an (n, A) chunk to the limits; a non-finite chunk is an error, never sent."""
+def finite_actions(actions: np.ndarray) -> np.ndarray:
+    """Return an (n, A) chunk unchanged; a non-finite chunk is an error, never sent."""
     if not np.isfinite(actions).all():
         raise ConversionError('the policy produced NaN or inf actions; chunk dropped')
-    return np.clip(actions, lower, upper)
+    return actions
+
+
+def clamp_actions(actions: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Clamp an (n, A) chunk to the limits; a non-finite chunk is an error, never sent."""
+    return np.clip(finite_actions(actions), lower, upper)
 
 
 def chunk_to_trajectory(actions: np.ndarray, names: Sequence[str], dt_ns: int,

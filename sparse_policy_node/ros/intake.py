@@ -110,5 +110,4 @@ class IntakeMixin:
             return
         with self._lock:
             self.safety.update(config)
-            self.limits = config.limits()
             self._eef_limited = self._eef_limits_set(s)

@@ -291,8 +291,9 @@ NODE_PARAMS = (
           'resolve against the working directory, then the package share directory. A change '
           'loads the new model beside the running one (which serves meanwhile) and swaps it in '
           'between chunks; its card must keep the action space, range and cameras.'),
-    Param('device', 'device', _NS.device, 'Torch device; a change loads the model there beside '
-          'the running one and swaps it in between chunks.', constraints='cpu, cuda, cuda:N or mps (must be available)'),
+    Param('device', 'device', _NS.device, 'Torch device; a change loads the model there '
+          'beside the running one and swaps it in between chunks.',
+          constraints='cpu, cuda, cuda:N or mps (must be available)'),
     Param('num_threads', 'num_threads', _NS.num_threads,
           'Torch intra-op threads for inference (0: torch default).', min_value=0,
           max_value=256),

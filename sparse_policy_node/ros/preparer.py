@@ -54,7 +54,7 @@ class EnginePreparer:
             return None if self._done is None else self._done.target
 
     def busy(self) -> bool:
-        """True while a build runs or its outcome has not been taken."""
+        """Return True while a build runs or its outcome has not been taken."""
         return self.target is not None
 
     def start(self, target: tuple, build: Callable[[], object]) -> None:

@@ -111,6 +111,18 @@ def action_bounds(space: Optional[str], card: Optional[dict], lower, upper, expl
     return lo, hi, 'action.lower/upper (configured)'
 
 
+def model_bounds(card: Optional[dict], lower, upper,
+                 action_dim: int) -> Tuple[np.ndarray, np.ndarray, str]:
+    """:func:`action_bounds` for a model card and the ``action.lower`` / ``upper`` settings.
+
+    The +-1 default of the settings counts as not set, also when a parameter file repeats it
+    (config/policy.yaml does): an absolute model then takes its card's range.
+    """
+    explicit = (tuple(lower), tuple(upper)) != ((-1.0,), (1.0,))
+    space = ((card or {}).get('action') or {}).get('space')
+    return action_bounds(space, card, lower, upper, explicit, action_dim)
+
+
 @dataclass
 class SafetyConfig:
     """Every limit the layer applies; built from the node settings, replaced live."""
@@ -298,6 +310,36 @@ class SafetyLayer:
         v = float(np.clip(value, self.config.lower[index], self.config.upper[index]))
         self.sent.gripper = v
         return v
+
+    # ==== chunk plans: the limits along a chunk before it is published ====
+    # (The per-tick methods below apply the limits again, last, from what was sent.)
+
+    def plan_deltas(self, actions: np.ndarray, p0: np.ndarray, q0: np.ndarray,
+                    pos_scale: float, rot_scale: float):
+        """Integrate (n, A) end-effector deltas from the measured (p0, q0) into limited targets.
+
+        Returns:
+            positions (n, 3), quaternions (n, 4), the limited deltas (n, A), steps limited.
+        """
+        return act.integrate_deltas(actions, p0, q0, pos_scale, rot_scale,
+                                    self.config.limits())
+
+    def plan_pose_targets(self, positions: np.ndarray, quats: np.ndarray, start: Pair):
+        """Limit (n, 3) / (n, 4) absolute pose targets along the chunk from ``start``.
+
+        Returns:
+            positions (n, 3), quaternions (n, 4), steps limited.
+        """
+        return act.limit_pose_targets(positions, quats, start[0], start[1],
+                                      self.config.limits())
+
+    def plan_joints(self, joints: np.ndarray, start: Optional[np.ndarray]):
+        """Cap (n, J) joint targets at ``max_joint_speed * dt`` per step from ``start``.
+
+        Returns:
+            joints (n, J), steps limited.
+        """
+        return act.limit_joint_targets(joints, start, self.config.limits())
 
     # ==== pose targets ====
 

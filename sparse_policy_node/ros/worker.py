@@ -265,9 +265,7 @@ class WorkerMixin:
             return
         horizon = s.execution_horizon or self.n_action_steps
         try:
-            actions = conv.clamp_actions(  # the action bounds (ros/safety.py)
-                out['action'][0, :horizon].double().cpu().numpy(),
-                self.safety.config.lower, self.safety.config.upper)
+            actions = conv.finite_actions(out['action'][0, :horizon].double().cpu().numpy())
         except conv.ConversionError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
