@@ -28,7 +28,7 @@ CHUNKS = 5
 
 
 def tiny_policy_and_pruner():
-    """The tiny policy of ``conftest.tiny_policy`` and a pruner with reuse-leaning biases."""
+    """Return the tiny policy of ``conftest.tiny_policy`` and a reuse-leaning pruner."""
     torch.manual_seed(0)
     policy = DiffusionPolicy(tiny_config()).eval()
     torch.manual_seed(1)
@@ -93,13 +93,13 @@ def reuse_runs():
     """Every run's tensors by name."""
     policy, pruner = tiny_policy_and_pruner()
     runs = {
-        'random_ddpm_age2': dict(gate_source='random', target_sparsity=0.8, sampler='ddpm',
-                                 num_inference_steps=10, rollout_max_age=2),
-        'random_ddim_age0': dict(gate_source='random', target_sparsity=0.7, sampler='ddim',
-                                 num_inference_steps=5),
-        'learned_ddim': dict(gate_source='pruner', sampler='ddim', num_inference_steps=5),
-        'dial_ddpm_age1': dict(gate_source='pruner', target_sparsity=0.8, sampler='ddpm',
-                               num_inference_steps=10, rollout_max_age=1),
+        'random_ddpm_age2': {'gate_source': 'random', 'target_sparsity': 0.8, 'sampler': 'ddpm',
+                             'num_inference_steps': 10, 'rollout_max_age': 2},
+        'random_ddim_age0': {'gate_source': 'random', 'target_sparsity': 0.7, 'sampler': 'ddim',
+                             'num_inference_steps': 5},
+        'learned_ddim': {'gate_source': 'pruner', 'sampler': 'ddim', 'num_inference_steps': 5},
+        'dial_ddpm_age1': {'gate_source': 'pruner', 'target_sparsity': 0.8, 'sampler': 'ddpm',
+                           'num_inference_steps': 10, 'rollout_max_age': 1},
     }
     out = {}
     for name, knobs in runs.items():

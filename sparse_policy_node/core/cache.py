@@ -140,9 +140,7 @@ class FeatureCache:
 
     def rollout_fresh(self, step: int, unit: int) -> bool:
         """Batch 1: True when rollout slot (step, unit) is filled and not older than max_age."""
-        if self.rollout[step][unit] is None:
-            return False
-        return self.max_age <= 0 or self.chunk - self.written[step][unit] <= self.max_age
+        return self.source(REUSE_ROLLOUT, step, unit) is not None
 
     def rollout_ages(self) -> List[int]:
         """Ages (chunks) of every filled rollout slot, batch 1 (statistics)."""
@@ -151,7 +149,7 @@ class FeatureCache:
 
     def source(self, choice: int, step: int, unit: int,
                ages: Optional[RolloutAgeStats] = None) -> Optional[torch.Tensor]:
-        """The (B, T_a, D) value gate ``choice`` reuses at (step, unit); None: compute.
+        """Return the (B, T_a, D) value gate ``choice`` reuses at (step, unit); None: compute.
 
         None for ``COMPUTE``, for an empty slot, and (batch 1) for a rollout slot older than
         ``max_age`` chunks; ``ages`` counts the rollout reuses and the expiries.
@@ -207,7 +205,7 @@ class FeatureCache:
     # ==== the rules, per sample (the batched soft path) ====
 
     def soft_candidates(self, step: int, unit: int) -> tuple:
-        """The (B, T_a, D) forward, timestep and rollout values of (step, unit) (None: empty)."""
+        """Return the (B, T_a, D) forward, timestep and rollout values (None: empty slot)."""
         return tuple(slots[index] for slots, index in self._slots(step, unit))
 
     def rollout_fresh_mask(self, step: int, unit: int, batch: int) -> Optional[torch.Tensor]:
@@ -300,7 +298,7 @@ def soft_mix(x: torch.Tensor, d: torch.Tensor, gate: torch.Tensor, candidates: t
 
 def chunk_plan(gates: torch.Tensor, filled: torch.Tensor, written: torch.Tensor,
                chunk: torch.Tensor, max_age: torch.Tensor) -> dict:
-    """Executed choices and reuse sources of a whole batch-1 chunk, as device tensors.
+    """Plan a whole batch-1 chunk: executed choices and reuse sources, as device tensors.
 
     The per-unit rules applied to a whole (K, U) gate map at once, with no host round trip
     (no ``.item()``, no Python branch on a tensor). The caches are one store of K * U rollout
