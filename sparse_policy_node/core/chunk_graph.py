@@ -36,7 +36,6 @@ from typing import Tuple
 from sparse_policy_node.core.cache import advance_rollout
 from sparse_policy_node.core.cache import chunk_plan
 from sparse_policy_node.core.cache import FeatureCache
-from sparse_policy_node.core.cache import RolloutAgeStats
 from sparse_policy_node.core.sampler import compute_unit
 from sparse_policy_node.core.scheduler import NoiseScheduler
 from sparse_policy_node.core.transformer import DPTransformer
@@ -189,8 +188,7 @@ class SparseChunkGraph:
 
     def run(self, obs_mem: torch.Tensor, noise: torch.Tensor,
             step_noise: Optional[torch.Tensor], cache: FeatureCache, dense: bool,
-            gates: Optional[torch.Tensor] = None,
-            ages: Optional[RolloutAgeStats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            gates: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, dict]:
         """One chunk: replay the graph (CUDA) or run the body (CPU).
 
         Args:
@@ -200,11 +198,11 @@ class SparseChunkGraph:
                 (its slots stay empty: the store here holds the values).
             dense: the chunk must compute every unit (first chunk since a reset).
             gates: (K, U) long gate map when the graph has no ``gate_fn``.
-            ages: optional accumulator of rollout ages (read from the device after the chunk).
 
         Returns:
-            (1, T_a, A) denoised normalized actions and the (K, U) executed choices (fresh
-            tensors on the device).
+            (1, T_a, A) denoised normalized actions and the chunk's :func:`chunk_plan`
+            (``executed`` choices, rollout ``age`` and ``expired``; fresh device tensors, not
+            read here: nothing in a chunk waits on the host).
         """
         self.obs_mem.copy_(obs_mem)
         self.noise.copy_(noise)
@@ -220,9 +218,7 @@ class SparseChunkGraph:
             x_a, plan = self.out
         else:
             x_a, plan = self._chunk()
-        if ages is not None:
-            ages.add_plan(plan)
-        return x_a.clone(), plan['executed'].clone()
+        return x_a.clone(), {key: value.clone() for key, value in plan.items()}
 
 
 def _reuse_branch(x: torch.Tensor, store: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -665,18 +665,27 @@ class SparseEngine:
                 logging.getLogger(__name__).warning(
                     'sparse chunks run on step graphs, not one whole-chunk graph: %s',
                     self._graph_fallback)
-                # a new graph's first chunk is always dense (the path changed): run it eagerly
+                # this chunk and the next ones on the step graphs, on the same cache
+                steps = ('steps', mode[1][:4])
+                self._cache_mode = steps
                 dec_mem = obs_mem.to(model.pos_emb.dtype)
                 kv_all = model.assemble_kv(time_kv, model.obs_kv(dec_mem))
-                return sample_sparse(model, self.scheduler, kv_all, noise, None, self.cache,
-                                     step_noise)
+                gates_fn = None
+                if not forced_dense:
+                    rows = gates if gates is not None else \
+                        self._gate_map(runtime, time_mem, obs_mem)[0]
+                    gates_fn = rows.tolist
+                return self._graph(steps, model, kv_all, None, noise, step_noise).run(
+                    kv_all, noise, step_noise, gates_fn, self.cache, ages)
             self._graphs = {m: g for m, g in list(self._graphs.items())[-3:]
                             if (m[0], m[1][:3]) != (mode[0], mode[1][:3])}
             self._graphs[mode] = graph
         graph = self._graphs[mode]
         if gates is None and graph.gate_fn is None and not forced_dense:
             gates = self._gate_map(runtime, time_mem, obs_mem)[0]
-        return graph.run(obs_mem, noise, step_noise, self.cache, forced_dense, gates, ages)
+        nactions, plan = graph.run(obs_mem, noise, step_noise, self.cache, forced_dense, gates)
+        ages.add_plan(plan)  # reads the device: after the whole chunk was issued
+        return nactions, plan['executed']
 
     def _graph(self, mode: tuple, model, kv, obs_mem, noise, step_noise):
         """Return the graphs of ``mode``, built (and older schedules' dropped) on first use."""
