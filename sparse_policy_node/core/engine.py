@@ -628,6 +628,12 @@ class SparseEngine:
             return ('chunk', key + source)
         return ('steps', key)
 
+    def path_name(self) -> str:
+        """Which path ran the last chunk: eager, dense_graph, whole_chunk_graph, step_graphs."""
+        names = {'eager': 'eager', 'dense': 'dense_graph', 'chunk': 'whole_chunk_graph',
+                 'steps': 'step_graphs'}
+        return names.get((self._cache_mode or ('eager',))[0], 'eager')
+
     def _learned_gates(self, runtime: RuntimeConfig, time_mem, obs_mem) -> torch.Tensor:
         """(K, U) gate map of one batch-1 chunk (the whole-chunk graph's gate function)."""
         return self._gate_map(runtime, time_mem, obs_mem)[0]
