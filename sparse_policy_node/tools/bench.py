@@ -87,6 +87,7 @@ def add_arguments(parser):
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random frames, noise and random-weight model')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
+    parser.add_argument('--tag', default='', help='a name copied into the JSON (scripts)')
     parser.add_argument('--mask-png', default=None,
                         help='save the gate maps of the timed sparse chunks as a PNG')
     parser.add_argument('--baselines', action='store_true',
@@ -273,6 +274,7 @@ def run_benchmark(args) -> dict:
         'serving_default': args.serving_default,
         'directions': list(directions),
         'reps': args.reps,
+        'tag': args.tag,
         'graph': args.graph,
         'paths': {'dense': engines[first, 'dense'].path_name(),
                   'sparse': sparse.path_name()},
