@@ -13,6 +13,7 @@ Regenerate only on purpose (when the rules are meant to change)::
 
 import sys
 
+from conftest import make_obs
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import RuntimeConfig
@@ -39,25 +40,13 @@ def tiny_policy_and_pruner():
     return policy, pruner.eval()
 
 
-def observation(policy, batch, seed):
-    """Random observation window (B, T_o, ...) for ``policy``."""
-    g = torch.Generator().manual_seed(seed)
-    obs = {}
-    for key, shape in policy.expected_obs_shapes().items():
-        if key.endswith('_image'):
-            obs[key] = torch.randint(0, 256, (batch, *shape), generator=g, dtype=torch.uint8)
-        else:
-            obs[key] = torch.randn((batch, *shape), generator=g)
-    return obs
-
-
 def engine_run(policy, pruner, batch=1, **knobs):
     """``CHUNKS`` chunks on new observations: action_pred (C, B, T_a, A), executed gates."""
     engine = SparseEngine(policy, pruner, RuntimeConfig(**knobs))
     gen = torch.Generator().manual_seed(7)
     preds, gates = [], []
     for c in range(CHUNKS):
-        out = engine.predict_action(observation(policy, batch, 100 + c), generator=gen)
+        out = engine.predict_action(make_obs(policy, batch, 100 + c), generator=gen)
         preds.append(out['action_pred'])
         gates.append(engine.last_gates.reshape(batch, *engine.last_gates.shape[-2:]))
     engine.close()
@@ -76,7 +65,7 @@ def soft_run(policy, max_age=1):
     g = torch.Generator().manual_seed(3)
     outs = []
     for c in range(CHUNKS):
-        cond = policy.encode_obs(observation(policy, 2, 200 + c))
+        cond = policy.encode_obs(make_obs(policy, 2, 200 + c))
         time_mem, obs_mem = model.encode_condition_parts(sched.timesteps, cond)
         kv_all = model.memory_kv_all_steps(time_mem, obs_mem)
         dense = cache.begin_chunk(('soft',), K, max_age)

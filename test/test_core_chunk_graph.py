@@ -9,7 +9,7 @@ the sparsity dial and random gates with cache aging. The CUDA capture itself is 
 """
 
 import pytest
-from reuse_runs import observation
+from conftest import make_obs
 from reuse_runs import tiny_policy_and_pruner
 from sparse_policy_node.core.chunk_graph import conditional_nodes
 from sparse_policy_node.core.config import RuntimeConfig
@@ -45,7 +45,7 @@ def test_whole_chunk_body_equals_the_eager_loop(case):
     g = torch.Generator().manual_seed(5)
     reused = set()
     for c in range(CHUNKS):
-        obs = observation(policy, 1, 300 + c)
+        obs = make_obs(policy, 1, 300 + c)
         noise = torch.randn(1, t.horizon, t.action_dim, generator=g)
         step_noise = torch.randn(K, 1, t.horizon, t.action_dim, generator=g)
         a = eager.predict_action(obs, noise=noise, step_noise=step_noise)
@@ -76,7 +76,7 @@ def test_explicit_gates_and_reset_run_on_the_whole_chunk_graph():
         if c == 2:
             eager.reset()
             whole.reset()
-        obs = observation(policy, 1, 400 + c)
+        obs = make_obs(policy, 1, 400 + c)
         torch.manual_seed(c)
         a = eager.predict_action(obs, gates=gates)
         torch.manual_seed(c)
@@ -89,11 +89,11 @@ def test_explicit_gates_and_reset_run_on_the_whole_chunk_graph():
 
 def test_dense_runtimes_and_batches_stay_off_the_whole_chunk_graph():
     policy, _, whole = _engines({'sparsity_enabled': False, 'num_inference_steps': 10})
-    whole.predict_action(observation(policy, 1, 0))
+    whole.predict_action(make_obs(policy, 1, 0))
     assert whole._cache_mode[0] == 'eager'
     policy, _, whole = _engines({'gate_source': 'random', 'target_sparsity': 0.5,
                                  'num_inference_steps': 10})
-    whole.predict_action(observation(policy, 2, 0))
+    whole.predict_action(make_obs(policy, 2, 0))
     assert whole._cache_mode[0] == 'eager'
 
 

@@ -683,8 +683,10 @@ class SparseEngine:
                     gates_fn = rows.tolist
                 return self._graph(steps, model, kv_all, None, noise, step_noise).run(
                     kv_all, noise, step_noise, gates_fn, self.cache, ages)
+            # graphs of replaced weights go (same schedule, other time K/V); one per gate source
             self._graphs = {m: g for m, g in list(self._graphs.items())[-3:]
-                            if (m[0], m[1][:3]) != (mode[0], mode[1][:3])}
+                            if (m[0], m[1][:3]) != (mode[0], mode[1][:3])
+                            or m[1][3] == mode[1][3]}
             self._graphs[mode] = graph
         graph = self._graphs[mode]
         if gates is None and graph.gate_fn is None and not forced_dense:
