@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of issue 24 (sparse on the GPU: one CUDA graph per chunk, gates read on the
 # device), in under 10 minutes on one H100 / H200. Parts start only while the run is under
-# BUDGET_S (default 540 s), the most important first; each is guarded (its own timeout, set +e):
+# BUDGET_S (default 560 s), the most important first; each is guarded (its own timeout, set +e):
 #
 #   1. env          torch / CUDA versions, whether conditional graph nodes are available
 #   2. pytest-cuda  the CUDA tests: whole-chunk graph == eager, replays never synchronise,
@@ -55,7 +55,7 @@ SUMMARY="$OUT/summary.txt"
 : >"$OUT/bench.jsonl"
 : >"$OUT/eval.jsonl"
 START=$(date +%s)
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-560}"
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
@@ -89,7 +89,7 @@ CLI="$PY -m sparse_policy_node.cli"
 if [ $DRY = 1 ]; then
   DEVICE=cpu EPISODES=2 WORKERS=1 NODE_EPISODES=1 ROWS_FLAG=--dry-run EVAL_LIMIT='--max-steps 40'
 else
-  DEVICE=cuda EPISODES=50 WORKERS=8 NODE_EPISODES=3 ROWS_FLAG= EVAL_LIMIT=
+  DEVICE=cuda EPISODES=50 WORKERS=12 NODE_EPISODES=3 ROWS_FLAG= EVAL_LIMIT=
 fi
 
 # 1. What this machine has.
@@ -118,7 +118,7 @@ $PY -m sparse_policy_node.tools.graph_rows args $ROWS_FLAG >"$OUT/.rows" 2>>"$LO
 n=0
 while read -r args; do
   n=$((n + 1))
-  part "graphs-$n" 100 bash -c "$CLI bench $args | tail -n 1 | tee -a '$OUT/bench.jsonl'"
+  part "graphs-$n" 75 bash -c "$CLI bench $args | tail -n 1 | tee -a '$OUT/bench.jsonl'"
 done <"$OUT/.rows"
 rm -f "$OUT/.rows"
 part graph-summary 30 bash -c "$PY -m sparse_policy_node.tools.graph_rows summarize \

@@ -38,7 +38,7 @@ DRY_ROWS = (
     ('tiny-ddpm10', "--model '' --preset tiny --sampler ddpm --steps 10 --gates pruner "
                     '--sparsity 0.8'),
 )
-GPU_TIMING = '--device cuda --reps 8 --warmup 2'
+GPU_TIMING = '--device cuda --reps 6 --warmup 1'
 DRY_TIMING = '--device cpu --reps 2 --warmup 1 --threads 1'
 RATIO_TARGET = 0.7
 PAPER_DDPM100_MS = 8.0

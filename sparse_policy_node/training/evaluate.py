@@ -372,7 +372,9 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
     config = load_policy_config(model_dir).scheduler
     report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
               'sampler': options.get('sampler') or config.sampler,
-              'num_inference_steps': options.get('steps') or config.num_inference_steps}
+              'num_inference_steps': options.get('steps') or config.num_inference_steps,
+              'device': options.get('device', 'cpu'),
+              'precision': options.get('precision', 'float32')}
     for name, results in per_variant.items():
         if runs and name in runs:
             report[f'runs_{name}'] = runs[name]
