@@ -8,8 +8,8 @@ the sparsity dial and random gates with cache aging. The CUDA capture itself is 
 (no GPU): ``test_core_engine_cuda.py`` and ``scripts/gpu_check.sh`` check it on a GPU.
 """
 
-import pytest
 from conftest import make_obs
+import pytest
 from reuse_runs import tiny_policy_and_pruner
 from sparse_policy_node.core.chunk_graph import conditional_nodes
 from sparse_policy_node.core.config import RuntimeConfig
