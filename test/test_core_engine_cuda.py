@@ -139,13 +139,17 @@ def _gpu_pruner(policy):
                                    {'gate_source': 'pruner'},
                                    {'gate_source': 'pruner', 'target_sparsity': 0.6,
                                     'rollout_max_age': 2}])
-def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
+@pytest.mark.parametrize('form', ['whole', 'step'])
+def test_cuda_graph_chunks_match_eager(tiny_policy, knobs, form):
+    from sparse_policy_node.core.chunk_graph import conditional_nodes
     gpu_policy = _cuda_copy(tiny_policy)
     pruner = _gpu_pruner(gpu_policy)
     eager = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10,
                                                            cuda_graphs=False, **knobs))
     graphed = SparseEngine(gpu_policy, pruner, RuntimeConfig(num_inference_steps=10,
                                                              cuda_graphs=True, **knobs))
+    graphed.graph_form = form
+    whole = form == 'whole' and conditional_nodes(torch.device('cuda'))[0]
     for engine in (eager, graphed):
         engine.random_generator.manual_seed(0)
     # Same windows every chunk: step patterns repeat, so later chunks replay captured graphs.
@@ -153,7 +157,10 @@ def test_cuda_graph_chunks_match_eager(tiny_policy, knobs):
     b = _chunks(graphed, gpu_policy, 'cuda', n=6)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
     (mode, graphs), = graphed._graphs.items()
-    assert mode[0] == ('dense' if knobs.get('sparsity_enabled') is False else 'steps')
+    sparse_form = 'chunk' if whole else 'steps'
+    assert mode[0] == ('dense' if knobs.get('sparsity_enabled') is False else sparse_form)
+    if mode[0] == 'chunk':
+        assert graphs.graph is not None  # captured, with conditional nodes
     if mode[0] == 'steps' and knobs['gate_source'] != 'random':
         assert graphs.captures > 0 and graphs.graphs
     for engine in (eager, graphed):  # after a reset the graph is replayed, caches refilled
@@ -199,6 +206,7 @@ def test_step_graphs_never_synchronise(tiny_policy, monkeypatch):
     rt = RuntimeConfig(gate_source='pruner', target_sparsity=0.6, num_inference_steps=10,
                        cuda_graphs=True)
     engine = SparseEngine(gpu_policy, _gpu_pruner(gpu_policy), rt)
+    engine.graph_form = 'step'
     obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
     for _ in range(4):  # eager first sights, captures, then replays: none may sync
         assert torch.isfinite(engine.predict_action(obs)['action']).all()
@@ -252,3 +260,60 @@ def test_graphs_capture_while_another_thread_encodes_frames(tiny_policy):
             worker.join()
         assert not errors, errors
     assert torch.allclose(results[True], results[False], atol=1e-5, rtol=1e-5)
+
+
+# ==== issue 24: the whole-chunk sparse graph (conditional nodes) ====
+
+def _needs_conditional_nodes():
+    from sparse_policy_node.core.chunk_graph import conditional_nodes
+    ok, why = conditional_nodes(torch.device('cuda'))
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize('knobs', [{'gate_source': 'pruner'},
+                                   {'gate_source': 'pruner', 'target_sparsity': 0.6,
+                                    'rollout_max_age': 1}])
+def test_whole_chunk_graph_replays_never_synchronise(tiny_policy, monkeypatch, knobs):
+    from sparse_policy_node.core import chunk_graph
+    _needs_conditional_nodes()
+    gpu_policy = _cuda_copy(tiny_policy)
+    run, replays = chunk_graph.SparseChunkGraph.run, []
+
+    def strict(self, *args, **kwargs):
+        if self.graph is None:
+            return run(self, *args, **kwargs)
+        replays.append(1)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(chunk_graph.SparseChunkGraph, 'run', strict)
+    engine = SparseEngine(gpu_policy, _gpu_pruner(gpu_policy),
+                          RuntimeConfig(num_inference_steps=10, **knobs))
+    obs = {k: v.cuda() for k, v in make_obs(gpu_policy).items()}
+    for _ in range(4):
+        assert torch.isfinite(engine.predict_action(obs)['action']).all()
+    assert engine._cache_mode[0] == 'chunk' and len(replays) == 4
+
+
+def test_whole_chunk_graph_falls_back_to_step_graphs_when_capture_fails(tiny_policy,
+                                                                        monkeypatch):
+    from sparse_policy_node.core import chunk_graph
+    gpu_policy = _cuda_copy(tiny_policy)
+
+    def broken(self, device):
+        raise RuntimeError('no conditional nodes here')
+
+    monkeypatch.setattr(chunk_graph.SparseChunkGraph, '_capture', broken)
+    monkeypatch.setattr(chunk_graph, 'conditional_nodes', lambda device: (True, ''))
+    rt = RuntimeConfig(gate_source='static', target_sparsity=0.5, num_inference_steps=10)
+    engine = SparseEngine(gpu_policy, None, rt)
+    reference = SparseEngine(gpu_policy, None, rt.replace(cuda_graphs=False))
+    a = _chunks(engine, gpu_policy, 'cuda', n=3)
+    b = _chunks(reference, gpu_policy, 'cuda', n=3)
+    assert 'capture failed' in engine._graph_fallback
+    assert engine._cache_mode[0] == 'steps'
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -72,3 +72,19 @@ def test_run_episode_accepts_any_policy_like_object():
     result = run_episode(env, policy, seed=100000, n_obs_steps=2)
     env.close()
     assert result['success'] and policy.resets == 1 and result['steps'] < 150
+
+
+def test_device_and_precision_reach_every_variant():
+    # eval --precision: the engine variants run the denoiser in it; dense below float32 runs
+    # on the engine with sparsity off (DensePolicy has no precision knob).
+    from sparse_policy_node.core.checkpoint import load_policy
+    from sparse_policy_node.training.evaluate import DensePolicy
+    from sparse_policy_node.training.evaluate import make_variant
+    policy = load_policy('models/lift')
+    for name in ('dense', 'default', 'sparse'):
+        variant = make_variant(name, policy, {'model': 'models/lift', 'precision': 'bfloat16'})
+        runtime = variant.engine.runtime
+        assert runtime.precision == 'bfloat16', name
+        assert runtime.sparsity_enabled == (name != 'dense'), name
+        variant.close()
+    assert isinstance(make_variant('dense', policy, {'model': 'models/lift'}), DensePolicy)

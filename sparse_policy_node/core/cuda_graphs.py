@@ -31,11 +31,9 @@ from typing import Optional
 
 from sparse_policy_node.core.cache import COMPUTE
 from sparse_policy_node.core.cache import FeatureCache
-from sparse_policy_node.core.cache import REUSE_FORWARD
-from sparse_policy_node.core.cache import REUSE_TIMESTEP
+from sparse_policy_node.core.cache import RolloutAgeStats
 from sparse_policy_node.core.sampler import compute_unit
 from sparse_policy_node.core.scheduler import NoiseScheduler
-from sparse_policy_node.core.sparse_sampler import RolloutAgeStats
 from sparse_policy_node.core.sparse_sampler import sample_sparse
 from sparse_policy_node.core.transformer import DPTransformer
 import torch
@@ -90,12 +88,7 @@ class DenseChunkGraph:
         if self.step_noise is not None:
             self.step_noise.copy_(step_noise)
         self.graph.replay()
-        src = self.cache
-        cache.forward = list(src.forward)
-        cache.timestep = list(src.timestep)
-        for k in range(self.num_steps):
-            cache.rollout[k] = list(src.rollout[k])
-            cache.written[k] = [cache.chunk] * cache.num_units
+        cache.take_chunk(self.cache)
         return self.out.clone()
 
 
@@ -137,33 +130,34 @@ class StepGraphs:
         def slot():
             return torch.zeros(1, T_a, D, dtype=dtype, device=device)
 
-        self.forward = [slot() for _ in range(3)]
-        self.timestep = [slot() for _ in range(U)]
-        self.rollout = [[slot() for _ in range(U)] for _ in range(K)]
+        # The static slots (forward 3, timestep U, rollout K x U), laid out and written by the
+        # rules of FeatureCache: every slot filled, never expiring.
+        self.buffers = FeatureCache(U)
+        self.buffers.begin_chunk(('buffers',), K)
+        self.buffers.forward = [slot() for _ in range(3)]
+        self.buffers.timestep = [slot() for _ in range(U)]
+        self.buffers.rollout = [[slot() for _ in range(U)] for _ in range(K)]
         self.graphs = {}
         self.seen = set()
         self.max_graphs = max_graphs
-        self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
-        self.capture_stream = torch.cuda.Stream(device)
         self.captures = 0
-        _warm_up(lambda: self._step(0, (COMPUTE,) * U), device)
+        # On the CPU nothing is captured: every step runs eagerly on the same buffers (tests
+        # check the buffer logic there).
+        self.capturing = device.type == 'cuda'
+        if self.capturing:
+            self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
+            self.capture_stream = torch.cuda.Stream(device)
+            _warm_up(lambda: self._step(0, (COMPUTE,) * U), device)
 
     def _step(self, k: int, row) -> None:
         """Denoising step k with the executed choices ``row`` (graph body, or eager)."""
         model = self.model
         x = model.embed_sample(self.x_a.to(model.pos_emb.dtype))  # (1, T_a, D)
         for b, choice in enumerate(row):
-            if choice == COMPUTE:
+            d = self.buffers.source(choice, k, b)  # None: compute (row holds no fallbacks)
+            if d is None:
                 d = compute_unit(model, b, x, self.kv, k)
-                self.forward[b % 3].copy_(d)
-                self.timestep[b].copy_(d)
-                self.rollout[k][b].copy_(d)
-            elif choice == REUSE_FORWARD:
-                d = self.forward[b % 3]
-            elif choice == REUSE_TIMESTEP:
-                d = self.timestep[b]
-            else:
-                d = self.rollout[k][b]
+                self.buffers.copy_in(k, b, d)
             x += d
         eps = model.output(x).to(self.x_a.dtype)
         self.x_a.copy_(self.scheduler.step(eps, k, self.x_a,
@@ -175,37 +169,20 @@ class StepGraphs:
 
         Marks the slots a computing unit fills in ``cache`` (pointing them at the buffers).
         """
-        roll, written, chunk = cache.rollout[k], cache.written[k], cache.chunk
         row = []
         for b in range(self.num_units):
             choice = COMPUTE if gates is None else gates[b]
-            if choice == REUSE_FORWARD:
-                ok = cache.forward[b % 3] is not None
-            elif choice == REUSE_TIMESTEP:
-                ok = cache.timestep[b] is not None
-            elif choice != COMPUTE:
-                ok = roll[b] is not None
-                if ok:
-                    age = chunk - written[b]
-                    if cache.max_age and age > cache.max_age:
-                        ok = False
-                        if ages is not None:
-                            ages.expired += 1
-                    elif ages is not None:
-                        ages.add(age)
-            if choice == COMPUTE or not ok:
+            if cache.source(choice, k, b, ages) is None:
                 choice = COMPUTE
-                cache.forward[b % 3] = self.forward[b % 3]
-                cache.timestep[b] = self.timestep[b]
-                roll[b] = self.rollout[k][b]
-                written[b] = chunk
+                cache.store_from(self.buffers, k, b)
             row.append(choice)
         return tuple(row)
 
     def _run_step(self, k: int, row: tuple) -> None:
         key = (k, row)
         graph = self.graphs.get(key)
-        if graph is None and key in self.seen and len(self.graphs) < self.max_graphs:
+        if (graph is None and key in self.seen and self.capturing
+                and len(self.graphs) < self.max_graphs):
             # Captured on a side stream without torch.cuda.graph's synchronize / gc.collect /
             # empty_cache (tens of ms): a capture then costs about one eager step.
             graph = torch.cuda.CUDAGraph()

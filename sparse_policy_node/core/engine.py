@@ -32,6 +32,8 @@ construction), never inside a chunk.
 
 from concurrent.futures import ThreadPoolExecutor
 import copy
+import functools
+import logging
 import threading
 import time
 from typing import Dict
@@ -120,6 +122,12 @@ class SparseEngine:
         self._fixed_gates = {}  # host rows of dense / static gate maps, per schedule and knobs
         self._graphs = {}  # DenseChunkGraph / StepGraphs per graph mode (cuda_graphs)
         self._cache_mode = None  # the path whose buffers the cache slots point into
+        # Graph form of sparse batch-1 chunks (benchmarks pick one): 'whole' (one graph per
+        # chunk with conditional nodes, :mod:`chunk_graph`; on the CPU its body runs eagerly),
+        # 'step' (per-step pattern graphs, CUDA), 'none' (eager); None: 'whole' on CUDA where
+        # conditional nodes exist, else 'step', eager on the CPU.
+        self.graph_form: Optional[str] = None
+        self._graph_fallback = None  # why the whole-chunk graph is not used (logged once)
         self.transformer_for(runtime.precision)
         self.model_dir = model_dir
         self._backends = {}  # Backend per (RuntimeConfig.backend, precision)
@@ -518,7 +526,7 @@ class SparseEngine:
 
         def memory_kv():
             return model.assemble_kv(time_kv, model.obs_kv(dec_mem))  # per layer (B,K,nh,T_c,dh)
-        mode = self._graph_mode(runtime, B, model, time_kv)
+        mode = self._graph_mode(runtime, B, model, time_kv, gates is not None)
         if mode != self._cache_mode:
             # Slots written by another path (eager references, a dense graph's pool, another
             # schedule's buffers) are not this path's: start over with a dense chunk.
@@ -535,10 +543,14 @@ class SparseEngine:
             gates_fn = None
             if not forced_dense and gates is not None:
                 gates_fn = gates.tolist
-            elif not forced_dense:
+            elif not forced_dense and mode[0] != 'chunk':  # the chunk graph gates itself
                 gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
             t_dec = time.perf_counter()
-            if mode[0] == 'dense' and gates is None:
+            if mode[0] == 'chunk':
+                nactions, executed = self._run_chunk_graph(
+                    mode, runtime, model, time_mem, time_kv, obs_mem, noise, step_noise,
+                    forced_dense, gates, ages)
+            elif mode[0] == 'dense' and gates is None:
                 graph = self._graph(mode, model, time_kv, dec_mem, noise, step_noise)
                 nactions = graph.replay(dec_mem, noise, step_noise, self.cache)
                 executed = [[0] * U for _ in range(K)]
@@ -551,7 +563,7 @@ class SparseEngine:
                 nactions, executed = sample_sparse(model, sched, memory_kv(), noise, gates_fn,
                                                    self.cache, step_noise, generator, ages)
             timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
-            executed = torch.tensor(executed)  # (K, U)
+            executed = torch.as_tensor(executed).cpu()  # (K, U)
         else:
             # Batched evaluation: soft path with one-hot gates, per-sample caches.
             if forced_dense:
@@ -593,22 +605,104 @@ class SparseEngine:
                 'action': policy.chunk_from_prediction(action_pred),
                 'stats': stats}
 
-    def _graph_mode(self, runtime: RuntimeConfig, batch: int, model, time_kv) -> tuple:
-        """Which path runs the chunk: ('eager', dtype), or ('dense' | 'steps', schedule key).
+    def _graph_mode(self, runtime: RuntimeConfig, batch: int, model, time_kv,
+                    explicit_gates: bool = False) -> tuple:
+        """Which path runs the chunk: ('eager', dtype) or ('dense' | 'chunk' | 'steps', key).
 
-        CUDA graphs (:mod:`cuda_graphs`) serve batch-1 chunks of the torch denoiser on CUDA
-        when ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense runtimes, per-step
-        pattern graphs for sparse ones. Other backends' pieces (exported graphs, TensorRT
-        engines) run eagerly.
+        CUDA graphs (:mod:`cuda_graphs`, :mod:`chunk_graph`) serve batch-1 chunks of the torch
+        denoiser on CUDA when ``runtime.cuda_graphs`` is on: one whole-chunk graph for dense
+        runtimes; for sparse ones one whole-chunk graph with conditional nodes (``'chunk'``,
+        keyed by schedule and gate source) where torch and CUDA have them, else per-step
+        pattern graphs (see :attr:`graph_form`). Other backends' pieces (exported graphs,
+        TensorRT engines) run eagerly.
         """
-        if (not runtime.cuda_graphs or self.device.type != 'cuda' or batch != 1
+        dense = not runtime.sparsity_enabled or runtime.gate_source == 'dense'
+        form = self.graph_form
+        cpu_whole = self.device.type == 'cpu' and form == 'whole' and not dense
+        if (not cpu_whole and (not runtime.cuda_graphs or self.device.type != 'cuda'
+                               or form == 'none') or batch != 1
                 or not isinstance(model, torch.nn.Module)):
             return ('eager', runtime.precision)  # cached branch outputs are in this dtype
         sched = self.scheduler
         key = (sched.sampler, tuple(sched.timesteps.tolist()), runtime.precision,
                id(time_kv[0][0]))
-        dense = not runtime.sparsity_enabled or runtime.gate_source == 'dense'
-        return ('dense' if dense else 'steps', key)
+        if dense:
+            return ('dense', key)
+        if form != 'step' and self._whole_chunk_available():
+            # one graph per (schedule, gate source, batch size): learned gates are computed
+            # inside it; other sources feed their map in
+            learned = runtime.gate_source == 'pruner' and not explicit_gates
+            source = ('pruner', runtime.target_sparsity, runtime.directions) if learned \
+                else ('input',)
+            return ('chunk', key + source)
+        return ('steps', key)
+
+    def path_name(self) -> str:
+        """Which path ran the last chunk: eager, dense_graph, whole_chunk_graph, step_graphs."""
+        names = {'eager': 'eager', 'dense': 'dense_graph', 'chunk': 'whole_chunk_graph',
+                 'steps': 'step_graphs'}
+        return names.get((self._cache_mode or ('eager',))[0], 'eager')
+
+    def _learned_gates(self, runtime: RuntimeConfig, time_mem, obs_mem) -> torch.Tensor:
+        """(K, U) gate map of one batch-1 chunk (the whole-chunk graph's gate function)."""
+        return self._gate_map(runtime, time_mem, obs_mem)[0]
+
+    def _whole_chunk_available(self) -> bool:
+        """Whether sparse chunks may run as one graph (logs once why not, on CUDA)."""
+        from sparse_policy_node.core.chunk_graph import conditional_nodes
+        if self.device.type == 'cpu':
+            return self.graph_form == 'whole'
+        if self._graph_fallback is None:
+            ok, why = conditional_nodes(self.device)
+            self._graph_fallback = '' if ok else why
+            if not ok:
+                logging.getLogger(__name__).warning(
+                    'sparse chunks run on step graphs, not one whole-chunk graph: %s', why)
+        return not self._graph_fallback
+
+    def _run_chunk_graph(self, mode, runtime, model, time_mem, time_kv, obs_mem, noise,
+                         step_noise, forced_dense, gates, ages):
+        """One batch-1 chunk on the whole-chunk graph; falls back to step graphs on failure.
+
+        Returns:
+            (1, T_a, A) normalized actions and the (K, U) executed choices.
+        """
+        from sparse_policy_node.core.chunk_graph import SparseChunkGraph
+        if mode not in self._graphs:
+            gate_fn = None
+            if mode[1][-1] != 'input':  # learned gates: the pruner runs inside the graph
+                gate_fn = functools.partial(self._learned_gates, runtime, time_mem)
+            try:
+                graph = SparseChunkGraph(model, self.scheduler, time_kv, obs_mem, noise,
+                                         step_noise, gate_fn)
+            except Exception as exc:  # noqa: B902 (any capture failure: step graphs instead)
+                self._graph_fallback = f'capture failed: {type(exc).__name__}: {exc}'
+                logging.getLogger(__name__).warning(
+                    'sparse chunks run on step graphs, not one whole-chunk graph: %s',
+                    self._graph_fallback)
+                # this chunk and the next ones on the step graphs, on the same cache
+                steps = ('steps', mode[1][:4])
+                self._cache_mode = steps
+                dec_mem = obs_mem.to(model.pos_emb.dtype)
+                kv_all = model.assemble_kv(time_kv, model.obs_kv(dec_mem))
+                gates_fn = None
+                if not forced_dense:
+                    rows = gates if gates is not None else \
+                        self._gate_map(runtime, time_mem, obs_mem)[0]
+                    gates_fn = rows.tolist
+                return self._graph(steps, model, kv_all, None, noise, step_noise).run(
+                    kv_all, noise, step_noise, gates_fn, self.cache, ages)
+            # graphs of replaced weights go (same schedule, other time K/V); one per gate source
+            self._graphs = {m: g for m, g in list(self._graphs.items())[-3:]
+                            if (m[0], m[1][:3]) != (mode[0], mode[1][:3])
+                            or m[1][3] == mode[1][3]}
+            self._graphs[mode] = graph
+        graph = self._graphs[mode]
+        if gates is None and graph.gate_fn is None and not forced_dense:
+            gates = self._gate_map(runtime, time_mem, obs_mem)[0]
+        nactions, plan = graph.run(obs_mem, noise, step_noise, self.cache, forced_dense, gates)
+        ages.add_plan(plan)  # reads the device: after the whole chunk was issued
+        return nactions, plan['executed']
 
     def _graph(self, mode: tuple, model, kv, obs_mem, noise, step_noise):
         """Return the graphs of ``mode``, built (and older schedules' dropped) on first use."""

@@ -22,34 +22,16 @@ from typing import Callable
 from typing import List
 from typing import Optional
 
+from sparse_policy_node.core.cache import COMPUTE
 from sparse_policy_node.core.cache import FeatureCache
+from sparse_policy_node.core.cache import RolloutAgeStats  # noqa: F401 (re-exported)
+from sparse_policy_node.core.cache import soft_mix
 from sparse_policy_node.core.sampler import compute_unit
 from sparse_policy_node.core.scheduler import NoiseScheduler
 from sparse_policy_node.core.transformer import DPTransformer
 import torch
 
 GateRows = List[List[int]]
-
-
-class RolloutAgeStats:
-    """Ages of the rollout-cache slots one batch-1 chunk reused, and the slots that expired."""
-
-    def __init__(self):
-        self.reused = 0
-        self.age_sum = 0
-        self.age_max = 0
-        self.expired = 0
-
-    def add(self, age: int) -> None:
-        """Count one rollout reuse of a slot ``age`` chunks old."""
-        self.reused += 1
-        self.age_sum += age
-        self.age_max = max(self.age_max, age)
-
-    def as_dict(self) -> dict:
-        """``rollout_age_mean`` / ``rollout_age_max`` of reused slots, ``rollout_expired``."""
-        return {'rollout_age_mean': self.age_sum / self.reused if self.reused else 0.0,
-                'rollout_age_max': self.age_max, 'rollout_expired': self.expired}
 
 
 def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
@@ -75,32 +57,13 @@ def sparse_step(model: DPTransformer, sample: torch.Tensor, kv_all: list,
     # The scheduler works in float32; the denoiser in its own dtype (see
     # RuntimeConfig.precision). Both casts are no-ops (no kernel) in float32.
     x = model.embed_sample(sample.to(model.pos_emb.dtype))
-    fwd, ts, roll = cache.forward, cache.timestep, cache.rollout[step]
-    written, chunk, max_age = cache.written[step], cache.chunk, cache.max_age
     for b in range(len(executed)):
-        choice = 0 if gates is None else gates[b]
-        d = None
-        if choice == 1:
-            d = fwd[b % 3]
-        elif choice == 2:
-            d = ts[b]
-        elif choice == 3:
-            d = roll[b]
-            if d is not None:
-                age = chunk - written[b]
-                if max_age and age > max_age:
-                    d = None
-                    if ages is not None:
-                        ages.expired += 1
-                elif ages is not None:
-                    ages.add(age)
+        choice = COMPUTE if gates is None else gates[b]
+        d = cache.source(choice, step, b, ages)  # None: compute (see FeatureCache.source)
         if d is None:
             d = compute_unit(model, b, x, kv_all, step)
-            fwd[b % 3] = d
-            ts[b] = d
-            roll[b] = d
-            written[b] = chunk
-            choice = 0
+            cache.store(step, b, d)
+            choice = COMPUTE
         executed[b] = choice
         x += d  # x is this step's own residual stream (no cache holds it): add in place
     return model.output(x).to(sample.dtype)
@@ -145,49 +108,6 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
     return x, executed
 
 
-def _mix(x, d, gate, candidates, rollout_fresh=None):
-    # x + g_C d + sum_c g_c * candidate_c. An empty candidate falls back to compute (as the
-    # hard path does), so its gate weight moves to d; so does the rollout weight of samples
-    # whose rollout slot expired (rollout_fresh: (B,) bool or None). gate: (B, 4).
-    # Returns (x, g_compute).
-    g_compute = gate[:, 0]
-    g = [gate[:, c] for c in range(1, 4)]
-    if rollout_fresh is not None and candidates[2] is not None:
-        fresh = rollout_fresh.to(gate.dtype)
-        g_compute = g_compute + g[2] * (1.0 - fresh)
-        g[2] = g[2] * fresh
-    for c, value in enumerate(candidates):
-        if value is None:
-            g_compute = g_compute + g[c]
-    x = x + g_compute[:, None, None] * d
-    for c, value in enumerate(candidates):
-        if value is not None:
-            x = x + g[c][:, None, None] * value
-    return x, g_compute
-
-
-def _rollout_fresh(cache: FeatureCache, step: int, unit: int, batch: int):
-    # (B,) bool: rollout slot not older than cache.max_age, per sample; None when no limit.
-    if not cache.max_age or cache.rollout[step][unit] is None:
-        return None
-    age = cache.chunk - cache.written[step][unit]
-    if not torch.is_tensor(age):
-        age = torch.full((batch,), age, dtype=torch.long, device=cache.rollout[step][unit].device)
-    return age <= cache.max_age
-
-
-def _write_age(cache: FeatureCache, step: int, unit: int, computed: torch.Tensor) -> None:
-    # Per-sample chunk number of rollout slot (step, unit) after this unit; computed: (B,)
-    # bool. An empty slot is filled for every sample (as the caches are).
-    if cache.rollout[step][unit] is None:
-        cache.written[step][unit] = cache.chunk
-        return
-    old = cache.written[step][unit]
-    if not torch.is_tensor(old):
-        old = torch.full(computed.shape, old, dtype=torch.long, device=computed.device)
-    cache.written[step][unit] = torch.where(computed, cache.chunk, old)
-
-
 def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
                 noise: torch.Tensor, gates: torch.Tensor, cache: FeatureCache,
                 step_noise: Optional[torch.Tensor] = None,
@@ -215,19 +135,11 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
     x_a = noise
     for k in range(K):
         x = model.embed_sample(x_a.to(model.pos_emb.dtype))
-        roll = cache.rollout[k]
         for b in range(U):
-            kind = b % 3
             d = compute_unit(model, b, x, kv_all, k)
-            candidates = (cache.forward[kind], cache.timestep[b], roll[b])
-            x, g_compute = _mix(x, d, gates[:, k, b], candidates,
-                                _rollout_fresh(cache, k, b, x.shape[0]))
-            computed = (g_compute > 0.5)[:, None, None]  # (B, 1, 1)
-            _write_age(cache, k, b, computed.view(-1))
-            fresh = d.detach()
-            for slots, idx in ((cache.forward, kind), (cache.timestep, b), (roll, b)):
-                old = slots[idx]
-                slots[idx] = fresh if old is None else torch.where(computed, fresh, old)
+            x, g_compute = soft_mix(x, d, gates[:, k, b], cache.soft_candidates(k, b),
+                                    cache.rollout_fresh_mask(k, b, x.shape[0]))
+            cache.store_where(k, b, d.detach(), g_compute > 0.5)
         eps = model.output(x).to(x_a.dtype)
         x_a = scheduler.step(eps, k, x_a, None if step_noise is None else step_noise[k],
                              generator)

@@ -75,12 +75,19 @@ def add_arguments(parser):
                         choices=('torch', 'onnxruntime', 'tensorrt'),
                         help='one or more backends, timed side by side in this process (the '
                              'first is the reference of the ratios)')
+    parser.add_argument('--graph', default=None, choices=('whole', 'step', 'none'),
+                        help='graph form of the sparse chunks: whole (one graph per chunk, '
+                             'conditional nodes; on the CPU its body runs eagerly), step '
+                             '(per-step pattern graphs, CUDA), none (eager; dense chunks '
+                             "eager too); default: the engine's (whole on CUDA where torch "
+                             'and CUDA have conditional nodes, else step; eager on the CPU)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads (0: default)')
     parser.add_argument('--reps', type=int, default=10, help='timed repetitions')
     parser.add_argument('--warmup', type=int, default=2, help='untimed repetitions')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random frames, noise and random-weight model')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
+    parser.add_argument('--tag', default='', help='a name copied into the JSON (scripts)')
     parser.add_argument('--mask-png', default=None,
                         help='save the gate maps of the timed sparse chunks as a PNG')
     parser.add_argument('--baselines', action='store_true',
@@ -180,11 +187,13 @@ def run_benchmark(args) -> dict:
     steps = args.steps or cfg.scheduler.num_inference_steps
     sampler = args.sampler or cfg.scheduler.sampler
     directions = tuple(args.directions)
+    graphs = args.graph != 'none'
     dense_rt = RuntimeConfig(sparsity_enabled=False, gate_source='dense', sampler=sampler,
-                             num_inference_steps=steps)
+                             num_inference_steps=steps, cuda_graphs=graphs)
     sparse_rt = RuntimeConfig(gate_source=args.gates, target_sparsity=args.sparsity,
                               directions=directions, sampler=sampler,
-                              num_inference_steps=steps, rollout_max_age=args.rollout_max_age)
+                              num_inference_steps=steps, rollout_max_age=args.rollout_max_age,
+                              cuda_graphs=graphs)
     backends = list(dict.fromkeys(args.backend))
     names = ('dense', 'sparse', 'replay', 'stream', 'prepared', 'dense_prepared')
     engines = {}
@@ -193,6 +202,7 @@ def run_benchmark(args) -> dict:
             rt = dense_rt if name.startswith('dense') else sparse_rt
             engines[backend, name] = SparseEngine(policy, pruner, replace(rt, backend=backend),
                                                   model_dir=args.model)
+            engines[backend, name].graph_form = args.graph
     T_o = cfg.transformer.n_obs_steps
     frames = FrameStream(policy, args.seed, args.device)
     g = torch.Generator().manual_seed(args.seed)
@@ -264,6 +274,10 @@ def run_benchmark(args) -> dict:
         'serving_default': args.serving_default,
         'directions': list(directions),
         'reps': args.reps,
+        'tag': args.tag,
+        'graph': args.graph,
+        'paths': {'dense': engines[first, 'dense'].path_name(),
+                  'sparse': sparse.path_name()},
         **_latencies(rows[first]),
         'choice_counts': counts[first],
         'gflops_dense': round(macs_dense['total'] / 1e9, 4),

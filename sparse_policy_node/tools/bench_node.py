@@ -54,6 +54,9 @@ def add_arguments(parser) -> None:
                              'first "off" is the reference of the ratios')
     parser.add_argument('--steps', type=int, default=None,
                         help="denoising steps (default: the model's)")
+    parser.add_argument('--device', default='',
+                        help='torch device of the policy node (cpu, cuda, cuda:N; default: '
+                             "the parameter file's)")
     parser.add_argument('--mode', default='realtime', choices=('realtime', 'lockstep'),
                         help='realtime: the bridge runs on the wall clock and holds still on '
                              'underruns; lockstep: it waits for every chunk')
@@ -128,6 +131,8 @@ def run_variant(args, variant: str, directory: str, policy_file: str, bridge_fil
               f'summary_dir:={directory}', 'log_level:=warn']
     if args.steps is not None:
         tokens.append(f'steps:={args.steps}')
+    if args.device:
+        tokens.append(f'device:={args.device}')
     cmd = [sys.executable, '-m', 'sparse_policy_node.cli', 'launch', *tokens]
     print(f'[bench-node] {variant}: {" ".join(cmd)}', file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
@@ -250,6 +255,7 @@ def run(args) -> int:
                      f'{f", replan lead {args.replan_lead}" if args.replan_lead else ""}, '
                      f'{args.episodes} episodes per variant')
     result = {'model': args.model, 'task': args.task, 'mode': args.mode, 'plot': plot,
+              'device': args.device or 'params file',
               'replan_lead_steps': args.replan_lead,
               'episodes': args.episodes, 'seed': args.seed, 'cpu_count': os.cpu_count(),
               'rows': rows, 'summaries': out}

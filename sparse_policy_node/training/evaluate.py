@@ -146,6 +146,8 @@ SPARSE_STAT_KEYS = ('realized_sparsity', 'episode_sparsity', 'gmacs', 'action_de
 
 def make_variant(name: str, policy, options: dict):
     """Build the policy-like object of variant ``name``."""
+    if name == 'dense' and options.get('precision', 'float32') != 'float32':
+        return make_sparse_variant('dense', policy, options)  # the engine casts the denoiser
     if name in VARIANTS:
         return VARIANTS[name](policy, options)
     return make_sparse_variant(name, policy, options)
@@ -185,6 +187,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='skip the dense reference per chunk (no action_dev column)')
     parser.add_argument('--ablation-sparsity', type=float, default=0.93,
                         help='sparsity of omni / only-* / static / random without -P')
+    parser.add_argument('--device', default='cpu',
+                        help='torch device of the policy (cpu, cuda, cuda:N); on CUDA the '
+                             'engine variants run with CUDA graphs, as the node does')
+    parser.add_argument('--precision', default='float32',
+                        choices=('float32', 'float16', 'bfloat16'),
+                        help='denoiser precision (RuntimeConfig.precision); below float32 the '
+                             'dense variant runs on the engine with sparsity off')
     parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
@@ -249,7 +258,8 @@ def eval_options(args: argparse.Namespace) -> dict:
     """Return the variant options given on the command line."""
     return {'sampler': args.sampler, 'steps': args.steps,
             'ablation_sparsity': args.ablation_sparsity,
-            'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation}
+            'rollout_max_age': args.rollout_max_age, 'no_deviation': args.no_deviation,
+            'device': args.device, 'precision': args.precision}
 
 
 def model_task(model_dir: str) -> str:
@@ -257,12 +267,13 @@ def model_task(model_dir: str) -> str:
     return read_metadata(model_dir).get('env_args', {}).get('task', 'lift')
 
 
-def obs_window(history: deque) -> Dict[str, torch.Tensor]:
-    """Stack T_o observations into a (1, T_o, ...) batch."""
-    return {k: torch.from_numpy(np.stack([o[k] for o in history]))[None] for k in history[0]}
+def obs_window(history: deque, device: str = 'cpu') -> Dict[str, torch.Tensor]:
+    """Stack T_o observations into a (1, T_o, ...) batch on ``device``."""
+    return {k: torch.from_numpy(np.stack([o[k] for o in history]))[None].to(device)
+            for k in history[0]}
 
 
-def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
+def run_episode(env, policy, seed: int, n_obs_steps: int, device: str = 'cpu') -> dict:
     """Run one closed-loop episode; return success, steps, seconds and mean chunk time."""
     torch.manual_seed(seed)
     policy.reset()
@@ -273,7 +284,7 @@ def run_episode(env, policy, seed: int, n_obs_steps: int) -> dict:
     done, info = False, {'success': False}
     while not done:
         t0 = time.perf_counter()
-        out = policy.predict_action(obs_window(history))
+        out = policy.predict_action(obs_window(history, device))
         chunk_s += out['chunk_ms'] / 1e3 if 'chunk_ms' in out else time.perf_counter() - t0
         actions = out['action'][0].cpu().numpy()
         chunks += 1
@@ -292,7 +303,7 @@ _WORKER = {}
 
 
 def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int, threads: int,
-                        wrap: Callable) -> None:
+                        wrap: Callable, device: str = 'cpu') -> None:
     """Set up a process that runs episodes of ``model_dir``.
 
     ``worker`` gets ``env`` (the simulator for the model's cameras), ``policy``
@@ -300,7 +311,8 @@ def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int,
     """
     from sparse_policy_node.sim.robosuite_env import make_env
     torch.set_num_threads(threads)
-    policy = load_policy(model_dir)
+    policy = load_policy(model_dir, device)
+    worker['device'] = device
     vision = policy.config.obs.vision
     needs_object = any(key == keys.OBJECT for key, _ in policy.config.obs.lowdim)
     worker['env'] = make_env(task, vision.cameras, vision.image_size,
@@ -317,7 +329,8 @@ def _make_probed(policy, variant, options):
 def _init_worker(model_dir, task, max_steps, variant, options, threads):
     init_episode_worker(_WORKER, model_dir, task, max_steps, threads,
                         partial(_make_probed, variant=variant,
-                                options=dict(options, model=model_dir)))
+                                options=dict(options, model=model_dir)),
+                        options.get('device', 'cpu'))
 
 
 def _close_local() -> None:
@@ -327,7 +340,8 @@ def _close_local() -> None:
 
 
 def _episode(seed):
-    return run_episode(_WORKER['env'], _WORKER['policy'], seed, _WORKER['n_obs_steps'])
+    return run_episode(_WORKER['env'], _WORKER['policy'], seed, _WORKER['n_obs_steps'],
+                       _WORKER['device'])
 
 
 def evaluate_variant(model_dir: str, seeds: List[int], task: str, variant: str = 'dense',
@@ -358,7 +372,9 @@ def summarize(model_dir, task, seeds, options, per_variant: Dict[str, List[dict]
     config = load_policy_config(model_dir).scheduler
     report = {'model': model_dir, 'task': task, 'episodes': len(seeds), 'seed_start': seeds[0],
               'sampler': options.get('sampler') or config.sampler,
-              'num_inference_steps': options.get('steps') or config.num_inference_steps}
+              'num_inference_steps': options.get('steps') or config.num_inference_steps,
+              'device': options.get('device', 'cpu'),
+              'precision': options.get('precision', 'float32')}
     for name, results in per_variant.items():
         if runs and name in runs:
             report[f'runs_{name}'] = runs[name]

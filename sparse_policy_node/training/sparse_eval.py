@@ -155,6 +155,11 @@ def chunk_summary(chunks: List[dict]) -> dict:
     }
 
 
+def policy_device(policy) -> torch.device:
+    """Return the device of a policy's weights (pruners are loaded next to it)."""
+    return next(policy.parameters()).device
+
+
 def pruner_schedule(model_dir: str) -> Optional[Tuple[str, int]]:
     """(sampler, K) of the model's top-level pruner, None without a pruner or metadata."""
     from sparse_policy_node.core.checkpoint import has_pruner
@@ -171,20 +176,29 @@ def make_sparse_variant(name: str, policy, options: dict):
     Args:
         name: variant name.
         policy: the loaded :class:`DiffusionPolicy`.
-        options: ``model`` (directory), optional ``sampler``, ``steps`` and
-            ``ablation_sparsity``.
+        options: ``model`` (directory), optional ``sampler``, ``steps``,
+            ``ablation_sparsity`` and ``precision`` (the engine variants' denoiser; a dense
+            variant below float32 runs on the engine with sparsity off).
     """
     from sparse_policy_node.core.checkpoint import load_pruners
     from sparse_policy_node.core.engine import serving_runtime
     from sparse_policy_node.training.evaluate import DensePolicy
     kind, param = parse_variant(name, options.get('ablation_sparsity') or 0.93)
     suffix = variant_schedule(name)
+    precision = options.get('precision') or 'float32'
     if kind == 'ddim' or kind == 'dense':
         sampler, steps = suffix or (options.get('sampler'), options.get('steps'))
-        return DensePolicy(policy, sampler, steps)
-    pruners = load_pruners(options['model']) if kind in USES_PRUNER else {}
+        if precision == 'float32':
+            return DensePolicy(policy, sampler, steps)
+        sched = policy.config.scheduler
+        return SparseVariant(policy, {}, RuntimeConfig(
+            sparsity_enabled=False, sampler=sampler or sched.sampler,
+            num_inference_steps=steps or sched.num_inference_steps, precision=precision))
+    pruners = load_pruners(options['model'], policy_device(policy)) \
+        if kind in USES_PRUNER else {}
     if kind == 'default':
-        return SparseVariant(policy, pruners, serving_runtime(options['model']))
+        return SparseVariant(policy, pruners, serving_runtime(options['model']).replace(
+            precision=precision))
     sched = policy.config.scheduler
     trained = pruner_schedule(options['model']) if kind in USES_PRUNER else None
     if suffix:
@@ -208,7 +222,7 @@ def make_sparse_variant(name: str, policy, options: dict):
         from sparse_policy_node.core.checkpoint import trained_max_age
         max_age = trained_max_age(for_schedule(pruners, (sampler, steps)))
     runtime = RuntimeConfig(sampler=sampler, num_inference_steps=steps,
-                            rollout_max_age=max_age, **knobs)
+                            rollout_max_age=max_age, precision=precision, **knobs)
     return SparseVariant(policy, pruner, runtime)
 
 
