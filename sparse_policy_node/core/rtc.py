@@ -61,6 +61,25 @@ def rtc_weights(n: int, d: int, overlap: int) -> torch.Tensor:
     return w
 
 
+def prefix_from(committed, d: int, n: int) -> Optional['Prefix']:
+    """Build the prefix of the next chunk from what the executing chunk will still run.
+
+    Args:
+        committed: (m, A) actions (array-like) the current chunk covers from the new
+            chunk's step 0 on, or None; m is the overlap (the paper's H - s).
+        d: delay in control steps: the first ``min(d, m)`` steps are pinned.
+        n: length of the new chunk (executed steps, the paper's H).
+
+    Returns:
+        a batch-1 :class:`Prefix` with :func:`rtc_weights`, or None when nothing overlaps.
+    """
+    if committed is None or len(committed) == 0:
+        return None
+    actions = torch.as_tensor(committed, dtype=torch.float32)[:n]  # (m, A)
+    m = actions.shape[0]
+    return Prefix(actions[None], rtc_weights(n, min(int(d), m), m)[:m])
+
+
 @dataclass
 class Prefix:
     """What the next chunk is conditioned on, aligned to its executed steps.

@@ -35,6 +35,11 @@ How a new chunk combines with the previous ones (``execution.mode``):
   old weights ``(N - j) / (N + 1)``, j = 0..N-1 counted from the first pending step. Works
   for both kinds.
 
+- ``rtc`` (real-time chunking, :mod:`sparse_policy_node.core.rtc`): the new chunk was
+  sampled with the current chunk's values over their overlap inpainted (:meth:`committed`
+  gives them: the first ``d`` pinned, the rest with soft weights), so its pending steps
+  already agree with what runs; they replace the old ones as in ``replace``.
+
 - ``ensemble`` (ACT temporal ensembling): each step is the weighted mean of every stored
   chunk that predicts it, weight ``exp(-decay * age)`` with ``age`` the chunk's stamp in
   steps after the oldest contributing chunk (decay > 0 favours older predictions, as ACT).
@@ -56,7 +61,7 @@ from typing import Tuple
 import numpy as np
 
 ABSOLUTE, DELTA = 'absolute', 'delta'
-MODES = ('replace', 'blend', 'ensemble')
+MODES = ('replace', 'blend', 'ensemble', 'rtc')
 HYSTERESIS = 0.75   # steps: re-align absolute targets when a tick is further off than this
 
 
@@ -288,6 +293,31 @@ class ChunkExecutor:
         planned = self.plan(stamp_ns, values, now_ns, base)
         self.commit(planned)
         return planned.values, planned.first_pending
+
+    def committed(self, stamp_ns: int, base: Optional[int] = None) -> Optional[np.ndarray]:
+        """Return the current chunk's values for a new chunk's steps 0, 1, ... (rtc prefix).
+
+        Args:
+            stamp_ns: the new chunk's observation time (its step 0).
+            base: delta kind: deltas sent before that observation (as :meth:`plan`).
+
+        Returns:
+            (m, D) values of the steps the current chunk covers from the new chunk's step 0
+            on (m = the overlap), or None without a current chunk or overlap.
+        """
+        if self.current is None:
+            return None
+        if self.kind == DELTA:
+            base = self.sent_before(stamp_ns) if base is None else int(base)
+        else:
+            base = 0
+        rows = []
+        for i in range(len(self.current[2])):
+            v = self._old_value(stamp_ns, base, i)
+            if v is None:
+                break
+            rows.append(v)
+        return np.stack(rows) if rows else None
 
     def _old_value(self, stamp_ns: int, base: int, i: int) -> Optional[np.ndarray]:
         if self.current is None:
