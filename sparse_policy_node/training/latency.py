@@ -17,8 +17,8 @@ the usual lockstep evaluation), so every mode sees the same schedule and the sam
 
 Chunks are combined by the policy node's own executor
 (:class:`sparse_policy_node.ros.execution.ChunkExecutor`, pure numpy) in ``replace``, ``blend``
-(the overlap left at arrival crossfaded) or ``rtc`` (the chunk is sampled with the executing chunk's
-overlap inpainted, :mod:`sparse_policy_node.core.rtc`, the same calls as the node).
+(the overlap left at arrival crossfaded) or ``rtc`` (the chunk is sampled with the executing
+chunk's overlap inpainted, :mod:`sparse_policy_node.core.rtc`, the same calls as the node).
 
 Smoothness, on the arm's 6 action dimensions (the gripper's open/close flip is left out):
 ``|da|`` is the norm of a_t - a_(t-1), ``|d2a|`` the norm of a_t - 2 a_(t-1) + a_(t-2);
@@ -34,7 +34,6 @@ import os
 import time
 from typing import Dict
 from typing import List
-from typing import Optional
 
 import numpy as np
 from sparse_policy_node.core.checkpoint import load_policy_config
