@@ -384,3 +384,42 @@ class ChunkExecutor:
             return max(0, base + len(values) - self.sent)
         last = -1 if self._last_t is None else round((self._last_t - stamp) / self.dt_ns)
         return max(0, len(values) - 1 - last)
+
+
+# ==== real-time chunking: the delay d from measurement ====
+
+class DelayEstimator:
+    """The rtc delay ``d`` in control steps, from measured observation-to-chunk latencies.
+
+    ``d = clamp(ceil((percentile of the last latencies + exec_latency_s) / dt), floor, cap)``:
+    a chunk's first ``d`` steps are what runs before it can act (inference, publishing, the
+    actuation margin), so they are pinned to the executing chunk. Before the first
+    measurement ``d`` is the floor.
+    """
+
+    def __init__(self, window: int = 100):
+        self._latencies = deque(maxlen=window)  # seconds, newest last
+
+    def add(self, latency_s: float) -> None:
+        """Record one chunk's latency: its observation stamp to its publication (s)."""
+        if math.isfinite(latency_s) and latency_s >= 0:
+            self._latencies.append(float(latency_s))
+
+    def reset(self) -> None:
+        """Forget the measurements (a new model or device: a different latency)."""
+        self._latencies.clear()
+
+    def latency_s(self, percentile: float) -> Optional[float]:
+        """Return the ``percentile`` of the recorded latencies (s), None before the first."""
+        if not self._latencies:
+            return None
+        return float(np.percentile(list(self._latencies), percentile))  # list: one C call
+
+    def steps(self, dt_s: float, percentile: float, floor: int, cap: int,
+              exec_latency_s: float = 0.0) -> int:
+        """Return ``d`` in control steps of ``dt_s`` (see the class docstring)."""
+        lat = self.latency_s(percentile)
+        if lat is None:
+            return floor
+        d = int(math.ceil((lat + exec_latency_s) / dt_s - 1e-9))
+        return min(max(d, floor), cap)
