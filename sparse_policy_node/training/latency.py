@@ -195,6 +195,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'gates): whether rtc needs a pruner of its own')
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
     parser.add_argument('--threads', type=int, default=1, help='torch threads')
+    parser.add_argument('--report-only', action='store_true',
+                        help='run nothing: summarize and plot the points already in --out '
+                             '(each with the episodes it has of the seed range)')
     parser.add_argument('--out', required=True,
                         help='directory: one JSON per point (written per episode, resumed), '
                              'latency.json and latency.png')
@@ -226,22 +229,32 @@ def _save(path: str, meta: dict, episodes: List[dict]) -> None:
 
 
 def plot(summary: List[dict], path: str) -> None:
-    """Success and mean boundary |d2a| against latency, one line per mode."""
+    """Success and mean |d2a| (boundary solid, within chunks dashed) against latency per mode.
+
+    The zero-latency point (``mode: any``, one run shared by every mode) starts every line.
+    """
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for mode in sorted({p['mode'] for p in summary}):
-        pts = sorted((p for p in summary if p['mode'] == mode), key=lambda p: p['latency_ms'])
+    shared = [p for p in summary if p['mode'] == 'any']
+    modes = sorted({p['mode'] for p in summary} - {'any'}) or ['any']
+    for mode in modes:
+        pts = sorted(shared + [p for p in summary if p['mode'] == mode],
+                     key=lambda p: p['latency_ms'])
         x = [p['latency_ms'] for p in pts]
-        axes[0].plot(x, [p['success'] / p['episodes'] for p in pts], 'o-', label=mode)
-        axes[1].plot(x, [p['d2a_boundary_mean'] or 0.0 for p in pts], 'o-', label=mode)
+        line, = axes[0].plot(x, [p['success'] / p['episodes'] for p in pts], 'o-', label=mode)
+        color = line.get_color()
+        axes[1].plot(x, [p['d2a_boundary_mean'] or 0.0 for p in pts], 'o-', color=color,
+                     label=f'{mode}: boundary')
+        axes[1].plot(x, [p['d2a_within_mean'] or 0.0 for p in pts], 'x--', color=color,
+                     label=f'{mode}: within', alpha=0.6)
     axes[0].set_ylabel('success rate')
     axes[0].set_ylim(0, 1.05)
-    axes[1].set_ylabel('mean |d2a| at chunk boundaries')
+    axes[1].set_ylabel('mean |d2a| over the 6 arm action dims')
     for ax in axes:
         ax.set_xlabel('injected latency (ms)')
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -291,8 +304,10 @@ def run(args: argparse.Namespace) -> int:
                         'seed_start': args.seed_start}
                 episodes = [e for e in _load(path) if e['seed'] in seeds]
                 done_seeds = {e['seed'] for e in episodes}
+                if args.report_only and not episodes:
+                    continue
                 for seed in seeds:
-                    if seed in done_seeds:
+                    if seed in done_seeds or args.report_only:
                         continue
                     episodes.append(run_latency_episode(
                         env, engine, seed, policy.config.transformer.n_obs_steps, d, mode))
