@@ -9,8 +9,8 @@ weights, and the tail after the overlap is free::
     current chunk  |c0 |c1 |c2 |c3 |c4 |c5 |c6 |c7 |
     new chunk (observed at c2, arrives d = 2 steps later)
                            |n0 |n1 |n2 |n3 |n4 |n5 |n6 |n7 |
-    weight                 | 1 | 1 |.56|.20| 0 | 0 | 0 | 0 |
-                           frozen  soft overlap  free
+    weight                 | 1 | 1 |.57|.29|.11|.03| 0 | 0 |
+                           frozen  |soft overlap   | free
 
 The paper does it with guidance (a vector-Jacobian product through the flow network per
 step). Here it is *replacement* (RePaint-style inpainting): after every reverse step the
