@@ -39,6 +39,9 @@ COMMANDS = {
     'eval': ('sparse_policy_node.training.evaluate',
              'success rate of a model over a seed range in the simulator (dense and sparse '
              'variants)'),
+    'latency': ('sparse_policy_node.training.latency',
+                'closed loop under injected inference latency: success, underruns and jerk at '
+                'chunk boundaries for replace, blend and rtc execution'),
     'frontier': ('sparse_policy_node.training.frontier',
                  'speed/success frontier of a model (dense, DDIM-K, learned sparsity per '
                  'schedule); --install writes the serving default'),
@@ -78,6 +81,8 @@ EXAMPLES = {
     'train-policy': 'sparse-policy train-policy --config config/train/lift_small.yaml',
     'eval': 'sparse-policy eval --model models/lift --episodes 50 --variants dense sparse '
             'ddim-10',
+    'latency': 'sparse-policy latency --model models/lift --latency-ms 0 100 200 300 '
+               '--episodes 50 --out docs/latency',
     'frontier': 'sparse-policy frontier --model models/lift --episodes 50 --out runs/frontier '
                 '--install',
     'rollouts': 'sparse-policy rollouts --model models/lift --out data/lift_rollouts.hdf5 '

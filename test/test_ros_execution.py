@@ -165,3 +165,29 @@ def test_after_a_reset_with_the_clock_jumping_back_a_chunk_starts_at_its_first_d
     e.drop()                                       # new episode; sim time restarts at 1 s
     _, first = e.add(20 * DT, np.ones((4, 1)), 21 * DT)
     assert first == 0 and e.tick(21 * DT) == (0, 20 * DT)
+
+
+def test_rtc_delay_is_a_percentile_of_the_measured_latency_with_floor_cap_and_margin():
+    est = ex.DelayEstimator(window=10)
+    assert est.steps(0.05, 90, floor=1, cap=6) == 1          # nothing measured: the floor
+    for ms in (30, 40, 60, 110, 120):
+        est.add(ms / 1e3)
+    est.add(float('nan'))                                     # not a measurement
+    est.add(-0.01)
+    assert est.latency_s(50) == pytest.approx(0.060)
+    assert est.steps(0.05, 50, floor=0, cap=6) == 2           # 60 ms -> 2 steps (rounded up)
+    assert est.steps(0.05, 100, floor=0, cap=6) == 3          # 120 ms
+    assert est.steps(0.05, 100, floor=0, cap=6, exec_latency_s=0.04) == 4   # + actuation
+    assert est.steps(0.05, 100, floor=0, cap=2) == 2          # capped
+    assert est.steps(0.05, 0, floor=3, cap=6) == 3            # floored
+    est.reset()
+    assert est.latency_s(50) is None
+
+
+def test_committed_absolute_targets_are_read_at_the_new_chunks_times():
+    e = ex.ChunkExecutor(ex.ABSOLUTE, DT, mode='rtc')
+    e.add(0, np.arange(6.0)[:, None], 0)
+    assert e.committed(2 * DT)[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert e.committed(6 * DT) is None                        # nothing overlaps any more
+    e.drop()
+    assert e.committed(0) is None

@@ -796,3 +796,35 @@ def test_backend_switches_between_chunks_and_a_missing_one_is_rejected(system, m
     monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # as if not installed
     result = node.set_parameters([Parameter('inference.backend', value='onnxruntime')])[0]
     assert not result.successful and 'onnxruntime package' in result.reason
+
+
+def test_rtc_passes_the_executing_chunk_into_the_next_one(system):
+    # d pinned to 2 (floor = cap): the next chunk starts 2 steps before the 4-step chunk
+    # ends, and its first steps are the ones the executing chunk still sends.
+    node, robot = system(max_obs_age_s=30.0, **{
+        'execution.mode': 'rtc', 'execution.delay_floor_steps': 2,
+        'execution.delay_cap_steps': 2})
+    prefixes = []
+    predict = node.engine.predict_action
+
+    def spy(obs, **kw):
+        prefixes.append(kw.get('prefix'))
+        return predict(obs, **kw)
+    node.engine.predict_action = spy
+    t0 = now_ns()
+    first = robot.drive(t0)
+    assert first is not None and prefixes == [None]   # nothing executes yet
+    steps(robot, t0 + DT, 2)
+    second = robot.wait_chunk(t0 + 2 * DT, timeout=5.0)  # lead = d = 2 steps
+    assert second is not None and len(prefixes) == 2
+    a = np.array([p.positions for p in first.points])
+    b = np.array([p.positions for p in second.points])
+    prefix = prefixes[1]
+    if prefix is None:  # every delta of the first chunk was already sent: nothing to pin
+        pytest.skip('the first chunk had run out before the second was computed')
+    rows = prefix.actions[0].numpy()
+    m = len(rows)
+    assert np.allclose(rows, a[len(a) - m:])             # what the first chunk still sends
+    pinned = min(2, m)
+    assert prefix.weights[:pinned].tolist() == [1.0] * pinned
+    assert np.allclose(b[:pinned], rows[:pinned], atol=1e-5)

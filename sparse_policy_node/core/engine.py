@@ -33,6 +33,7 @@ construction), never inside a chunk.
 from concurrent.futures import ThreadPoolExecutor
 import copy
 import functools
+from functools import partial
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ from sparse_policy_node.core.gates import random_gates
 from sparse_policy_node.core.gates import static_gates
 from sparse_policy_node.core.observation import observation_window
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.core.rtc import Prefix
 from sparse_policy_node.core.sampler import chunk_noise
 from sparse_policy_node.core.sampler import device_generator
 from sparse_policy_node.core.sampler import initial_noise
@@ -459,7 +461,8 @@ class SparseEngine:
                        generator: Optional[torch.Generator] = None,
                        step_noise: Optional[torch.Tensor] = None,
                        gates: Optional[torch.Tensor] = None,
-                       frame_ids: Optional[Dict[str, Sequence[Hashable]]] = None) -> Dict:
+                       frame_ids: Optional[Dict[str, Sequence[Hashable]]] = None,
+                       prefix: Optional[Prefix] = None) -> Dict:
         """Sample one action chunk, reusing cached features where the gates say so.
 
         Args:
@@ -474,6 +477,9 @@ class SparseEngine:
             frame_ids: optional, batch 1 only: per image key, T_o ids of the window's frames
                 (see :meth:`encode_frame`). Frames already encoded are taken from the frame
                 cache; the others are encoded now and cached for the next windows.
+            prefix: optional real-time chunking condition (:mod:`rtc`): the committed
+                actions from the chunk's first executed step on and their weights; they are
+                inpainted at every denoising step (gates and caches unchanged).
 
         Returns:
             ``action`` (B, n_action_steps, A), ``action_pred`` (B, T_a, A) and ``stats``
@@ -520,6 +526,11 @@ class SparseEngine:
             step_noise = drawn_steps if step_noise is None else step_noise
         if noise is None:
             noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
+        inpaint = None
+        if prefix is not None:
+            inpaint = prefix.inpainter(partial(policy.normalizer.normalize, keys.ACTION), noise,
+                                       policy.config.transformer.n_obs_steps - 1)
+            noise = inpaint.start(noise, sched.alpha_bar_start)
         time_mem, time_kv = self._time_tokens(model)
         obs_mem = policy.transformer.encode_obs_tokens(cond)  # (B, T_o, D) float32
         dec_mem = obs_mem.to(model.pos_emb.dtype)  # the decoder's dtype (no-op in float32)
@@ -527,6 +538,8 @@ class SparseEngine:
         def memory_kv():
             return model.assemble_kv(time_kv, model.obs_kv(dec_mem))  # per layer (B,K,nh,T_c,dh)
         mode = self._graph_mode(runtime, B, model, time_kv, gates is not None)
+        if inpaint is not None:
+            mode = ('eager', runtime.precision)  # graphs capture no prefix
         if mode != self._cache_mode:
             # Slots written by another path (eager references, a dense graph's pool, another
             # schedule's buffers) are not this path's: start over with a dense chunk.
@@ -539,43 +552,48 @@ class SparseEngine:
         K, U = sched.num_steps, model.num_units
         timing = {}
         ages = RolloutAgeStats()
-        if B == 1:
-            gates_fn = None
-            if not forced_dense and gates is not None:
-                gates_fn = gates.tolist
-            elif not forced_dense and mode[0] != 'chunk':  # the chunk graph gates itself
-                gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
-            t_dec = time.perf_counter()
-            if mode[0] == 'chunk':
-                nactions, executed = self._run_chunk_graph(
-                    mode, runtime, model, time_mem, time_kv, obs_mem, noise, step_noise,
-                    forced_dense, gates, ages)
-            elif mode[0] == 'dense' and gates is None:
-                graph = self._graph(mode, model, time_kv, dec_mem, noise, step_noise)
-                nactions = graph.replay(dec_mem, noise, step_noise, self.cache)
-                executed = [[0] * U for _ in range(K)]
-            elif mode[0] == 'steps':
-                kv_all = memory_kv()
-                graph = self._graph(mode, model, kv_all, None, noise, step_noise)
-                nactions, executed = graph.run(kv_all, noise, step_noise, gates_fn, self.cache,
-                                               ages)
+        sched.inpaint = inpaint  # the one place every loop passes: NoiseScheduler.step
+        try:
+            if B == 1:
+                gates_fn = None
+                if not forced_dense and gates is not None:
+                    gates_fn = gates.tolist
+                elif not forced_dense and mode[0] != 'chunk':  # the chunk graph gates itself
+                    gates_fn, timing = self._launch_gates(runtime, time_mem, obs_mem)
+                t_dec = time.perf_counter()
+                if mode[0] == 'chunk':
+                    nactions, executed = self._run_chunk_graph(
+                        mode, runtime, model, time_mem, time_kv, obs_mem, noise, step_noise,
+                        forced_dense, gates, ages)
+                elif mode[0] == 'dense' and gates is None:
+                    graph = self._graph(mode, model, time_kv, dec_mem, noise, step_noise)
+                    nactions = graph.replay(dec_mem, noise, step_noise, self.cache)
+                    executed = [[0] * U for _ in range(K)]
+                elif mode[0] == 'steps':
+                    kv_all = memory_kv()
+                    graph = self._graph(mode, model, kv_all, None, noise, step_noise)
+                    nactions, executed = graph.run(kv_all, noise, step_noise, gates_fn,
+                                                   self.cache, ages)
+                else:
+                    nactions, executed = sample_sparse(model, sched, memory_kv(), noise,
+                                                       gates_fn, self.cache, step_noise,
+                                                       generator, ages)
+                timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
+                executed = torch.as_tensor(executed).cpu()  # (K, U)
             else:
-                nactions, executed = sample_sparse(model, sched, memory_kv(), noise, gates_fn,
-                                                   self.cache, step_noise, generator, ages)
-            timing['decoder_ms'] = (time.perf_counter() - t_dec) * 1e3
-            executed = torch.as_tensor(executed).cpu()  # (K, U)
-        else:
-            # Batched evaluation: soft path with one-hot gates, per-sample caches.
-            if forced_dense:
-                gate_maps = dense_gates(K, U).to(cond.device).expand(B, K, U)
-            else:
-                t0 = time.perf_counter()
-                gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
-                timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
-            onehot = F.one_hot(gate_maps, 4).to(model.pos_emb.dtype)  # (B, K, U, 4)
-            nactions = sample_soft(model, sched, memory_kv(), noise, onehot, self.cache,
-                                   step_noise, generator)
-            executed = gate_maps.cpu()  # (B, K, U)
+                # Batched evaluation: soft path with one-hot gates, per-sample caches.
+                if forced_dense:
+                    gate_maps = dense_gates(K, U).to(cond.device).expand(B, K, U)
+                else:
+                    t0 = time.perf_counter()
+                    gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
+                    timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
+                onehot = F.one_hot(gate_maps, 4).to(model.pos_emb.dtype)  # (B, K, U, 4)
+                nactions = sample_soft(model, sched, memory_kv(), noise, onehot, self.cache,
+                                       step_noise, generator)
+                executed = gate_maps.cpu()  # (B, K, U)
+        finally:
+            sched.inpaint = None
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)
         if not bool(torch.isfinite(action_pred).all()):
             # Cached features may hold the bad values: never reuse them.

@@ -49,6 +49,9 @@ class NoiseScheduler:
         self.betas = make_betas(config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # Optional rtc.Inpainter applied after every step (real-time chunking); set per chunk
+        # by the engine, None otherwise.
+        self.inpaint = None
         self.set_timesteps(config.num_inference_steps, config.sampler)
 
     # ==== training ====
@@ -90,10 +93,14 @@ class NoiseScheduler:
         ac = self.alphas_cumprod
         one = torch.tensor(1.0)
         c_x, c_eps, c_x0, c_cur, std, clip = [], [], [], [], [], []
+        # Noise level of the sample before step 0 and after each step (inpainting).
+        self.alpha_bar_start = float(ac[steps[0]])
+        self.alpha_bar_after = []
         for t in steps:
             prev_t = t - ratio
             a_t = ac[t]
             a_prev = ac[prev_t] if prev_t >= 0 else one
+            self.alpha_bar_after.append(float(a_prev))
             beta_prod_t = 1 - a_t
             # x0 = (x - sqrt(1 - a_t) * eps) / sqrt(a_t), then optionally clipped.
             c_x.append(1 / a_t ** 0.5)
@@ -149,9 +156,12 @@ class NoiseScheduler:
                                         device='cpu' if generator is None
                                         else generator.device).to(x.device)
                 out = out + noise * std
-            return out
-        # DDIM: the direction term uses the unclipped epsilon, as diffusers does by default.
-        return x0 * c_x0 + eps * c_cur
+        else:
+            # DDIM: the direction term uses the unclipped epsilon, as diffusers does by default.
+            out = x0 * c_x0 + eps * c_cur
+        if self.inpaint is not None:
+            out = self.inpaint.apply(out, self.alpha_bar_after[index])
+        return out
 
     def needs_step_noise(self) -> bool:
         """Return True when :meth:`step` consumes variance noise (DDPM)."""

@@ -195,6 +195,8 @@ class AdaptersMixin:
             before = self.safety.limited
             actions = self.safety.chunk(actions, prev)  # bounds and step changes
             n_limited = self.safety.limited - before
+            if not self._combine_targets:  # the ticks (and rtc's next prefix) read these
+                self._planned.values = actions
         plan = None
         if s.output_mode == 'pose_target' or (s.output_mode == 'chunk' and self._eef_limited):
             if self.space == 'delta_eef':

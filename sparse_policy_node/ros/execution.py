@@ -35,6 +35,11 @@ How a new chunk combines with the previous ones (``execution.mode``):
   old weights ``(N - j) / (N + 1)``, j = 0..N-1 counted from the first pending step. Works
   for both kinds.
 
+- ``rtc`` (real-time chunking, :mod:`sparse_policy_node.core.rtc`): the new chunk was
+  sampled with the current chunk's values over their overlap inpainted (:meth:`committed`
+  gives them: the first ``d`` pinned, the rest with soft weights), so its pending steps
+  already agree with what runs; they replace the old ones as in ``replace``.
+
 - ``ensemble`` (ACT temporal ensembling): each step is the weighted mean of every stored
   chunk that predicts it, weight ``exp(-decay * age)`` with ``age`` the chunk's stamp in
   steps after the oldest contributing chunk (decay > 0 favours older predictions, as ACT).
@@ -56,7 +61,7 @@ from typing import Tuple
 import numpy as np
 
 ABSOLUTE, DELTA = 'absolute', 'delta'
-MODES = ('replace', 'blend', 'ensemble')
+MODES = ('replace', 'blend', 'ensemble', 'rtc')
 HYSTERESIS = 0.75   # steps: re-align absolute targets when a tick is further off than this
 
 
@@ -289,6 +294,31 @@ class ChunkExecutor:
         self.commit(planned)
         return planned.values, planned.first_pending
 
+    def committed(self, stamp_ns: int, base: Optional[int] = None) -> Optional[np.ndarray]:
+        """Return the current chunk's values for a new chunk's steps 0, 1, ... (rtc prefix).
+
+        Args:
+            stamp_ns: the new chunk's observation time (its step 0).
+            base: delta kind: deltas sent before that observation (as :meth:`plan`).
+
+        Returns:
+            (m, D) values of the steps the current chunk covers from the new chunk's step 0
+            on (m = the overlap), or None without a current chunk or overlap.
+        """
+        if self.current is None:
+            return None
+        if self.kind == DELTA:
+            base = self.sent_before(stamp_ns) if base is None else int(base)
+        else:
+            base = 0
+        rows = []
+        for i in range(len(self.current[2])):
+            v = self._old_value(stamp_ns, base, i)
+            if v is None:
+                break
+            rows.append(v)
+        return np.stack(rows) if rows else None
+
     def _old_value(self, stamp_ns: int, base: int, i: int) -> Optional[np.ndarray]:
         if self.current is None:
             return None
@@ -354,3 +384,42 @@ class ChunkExecutor:
             return max(0, base + len(values) - self.sent)
         last = -1 if self._last_t is None else round((self._last_t - stamp) / self.dt_ns)
         return max(0, len(values) - 1 - last)
+
+
+# ==== real-time chunking: the delay d from measurement ====
+
+class DelayEstimator:
+    """The rtc delay ``d`` in control steps, from measured observation-to-chunk latencies.
+
+    ``d = clamp(ceil((percentile of the last latencies + exec_latency_s) / dt), floor, cap)``:
+    a chunk's first ``d`` steps are what runs before it can act (inference, publishing, the
+    actuation margin), so they are pinned to the executing chunk. Before the first
+    measurement ``d`` is the floor.
+    """
+
+    def __init__(self, window: int = 100):
+        self._latencies = deque(maxlen=window)  # seconds, newest last
+
+    def add(self, latency_s: float) -> None:
+        """Record one chunk's latency: its observation stamp to its publication (s)."""
+        if math.isfinite(latency_s) and latency_s >= 0:
+            self._latencies.append(float(latency_s))
+
+    def reset(self) -> None:
+        """Forget the measurements (a new model or device: a different latency)."""
+        self._latencies.clear()
+
+    def latency_s(self, percentile: float) -> Optional[float]:
+        """Return the ``percentile`` of the recorded latencies (s), None before the first."""
+        if not self._latencies:
+            return None
+        return float(np.percentile(list(self._latencies), percentile))  # list: one C call
+
+    def steps(self, dt_s: float, percentile: float, floor: int, cap: int,
+              exec_latency_s: float = 0.0) -> int:
+        """Return ``d`` in control steps of ``dt_s`` (see the class docstring)."""
+        lat = self.latency_s(percentile)
+        if lat is None:
+            return floor
+        d = int(math.ceil((lat + exec_latency_s) / dt_s - 1e-9))
+        return min(max(d, floor), cap)

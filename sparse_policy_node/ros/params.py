@@ -216,6 +216,10 @@ class NodeSettings:
     execution_blend_steps: int = 0
     execution_mode: str = 'replace'
     execution_ensemble_decay: float = 0.01
+    execution_delay_percentile: float = 90.0
+    execution_delay_floor_steps: int = 1
+    execution_delay_cap_steps: int = 0
+    execution_exec_latency_s: float = 0.0
     noise_seed: int = -1
 
     def __post_init__(self):
@@ -427,10 +431,12 @@ NODE_PARAMS = (
           "How a new chunk combines with the ones still executing: 'replace' (the new "
           "chunk replaces the old tail), 'blend' (real-time-chunking style: steps that ran "
           'or elapsed keep the old values, the next execution.blend_steps pending steps go '
-          "linearly from old to new) or 'ensemble' (ACT temporal ensembling of every chunk "
+          "linearly from old to new), 'ensemble' (ACT temporal ensembling of every chunk "
           'predicting a step, weights exp(-execution.ensemble_decay * age in steps); '
           'absolute actions only: refused for deltas that are not integrated into pose '
-          'targets). Applied at configure.', read_only=True,
+          "targets) or 'rtc' (real-time chunking: the new chunk is sampled with the "
+          "executing chunk's overlap inpainted, its first d steps pinned, d from the "
+          'measured latency, execution.delay_*). Applied at configure.', read_only=True,
           constraints=f'one of {EXECUTION_MODES}'),
     Param('execution.blend_steps', 'execution_blend_steps', _NS.execution_blend_steps,
           'execution.mode blend: pending steps of a new chunk blended from the previous '
@@ -442,6 +448,26 @@ NODE_PARAMS = (
           'execution.mode ensemble: a chunk stamped k steps after the oldest one predicting '
           "a step weighs exp(-decay * k) (ACT's m; larger: older predictions dominate, "
           'smoother and slower to react).', min_value=0.0, max_value=10.0),
+    Param('execution.delay_percentile', 'execution_delay_percentile',
+          _NS.execution_delay_percentile,
+          "execution.mode rtc: the delay d (a chunk's first d steps are pinned to what the "
+          'executing chunk runs meanwhile) comes from this percentile of the last 100 '
+          'measured observation-to-chunk latencies, plus execution.exec_latency_s, in '
+          'control steps (rounded up).', min_value=0.0, max_value=100.0),
+    Param('execution.delay_floor_steps', 'execution_delay_floor_steps',
+          _NS.execution_delay_floor_steps,
+          'execution.mode rtc: the smallest d (also d before the first measurement).',
+          min_value=0, max_value=1000),
+    Param('execution.delay_cap_steps', 'execution_delay_cap_steps',
+          _NS.execution_delay_cap_steps,
+          'execution.mode rtc: the largest d (0: the executed horizon - 1). In rtc mode the '
+          'next chunk starts at least d steps before the current one ends '
+          '(max(replan_lead_steps, d)).', min_value=0, max_value=1000),
+    Param('execution.exec_latency_s', 'execution_exec_latency_s',
+          _NS.execution_exec_latency_s,
+          'execution.mode rtc: actuation margin added to the measured latency (s): the time '
+          'from publishing an action to the arm acting on it (driver, controller).',
+          min_value=0.0, max_value=10.0),
     Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
           'Hold when no action covers the current control tick for this long, or when the '
           'newest input is this old (0: off).', min_value=0.0, max_value=60.0),

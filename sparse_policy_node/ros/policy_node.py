@@ -53,6 +53,7 @@ from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
 from sparse_policy_node.ros.adapters import AdaptersMixin
 from sparse_policy_node.ros.diagnostics import Diagnostics
+from sparse_policy_node.ros.execution import DelayEstimator
 from sparse_policy_node.ros.intake import IntakeMixin
 from sparse_policy_node.ros.node_common import card_contract
 from sparse_policy_node.ros.node_common import describe
@@ -215,6 +216,7 @@ class PolicyNode(IntakeMixin, WorkerMixin, AdaptersMixin, OutputsMixin, Lifecycl
         self._last = None        # (stamp_ns, n_points) of the last published chunk
         self._last_chunk_ns = None  # stamp of the last published chunk (pause detection)
         self._current = None     # (stamp_ns, (n, A) actions) for ~/next_action
+        self._delay = DelayEstimator()  # execution.mode rtc: measured obs-to-chunk latency
         self._skip_stamp = None  # window stamp already rejected (stale / bad observation)
         self._inputs_version = self._sync_failed_version = 0  # accepted inputs / last failure
         self._gap = False        # an input is stale or missing (logged once per gap)

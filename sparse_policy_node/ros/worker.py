@@ -13,6 +13,7 @@ from sparse_policy_node.core.engine import load_engine
 from sparse_policy_node.core.engine import NonFiniteActionError
 from sparse_policy_node.core.model_card import read_card
 from sparse_policy_node.core.policy import ObservationError
+from sparse_policy_node.core.rtc import prefix_from
 from sparse_policy_node.core.seeded_noise import engine_chunk_noise
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import params
@@ -56,13 +57,49 @@ class WorkerMixin:
         episode, ns = frame_id
         if episode != self._episode:
             return False
-        s, dt, due = self.settings, self.dt_ns, None
+        dt, due = self.dt_ns, None
         last, running = self._last, self._running
         if last is not None:
-            due = last[0] + (last[1] - s.replan_lead_steps) * dt - dt // 2
+            due = last[0] + (last[1] - self._lead_steps()) * dt - dt // 2
         if running is not None and running[0] == episode:
             due = running[1] if due is None else max(due, running[1])
         return self.history.may_pick(key, ns, due)
+
+    def _rtc_delay(self) -> int:
+        """Return the rtc delay d in control steps, from the measured latency."""
+        s = self.settings
+        horizon = s.execution_horizon or self.n_action_steps
+        cap = min(s.execution_delay_cap_steps or horizon - 1, horizon - 1)
+        return self._delay.steps(self.dt_ns / 1e9, s.execution_delay_percentile,
+                                 min(s.execution_delay_floor_steps, cap), cap,
+                                 s.execution_exec_latency_s)
+
+    def _lead_steps(self) -> int:
+        """Start the next chunk this many steps before the current one ends.
+
+        rtc: at least d, so that the d steps pinned in the next chunk are still the current
+        chunk's (the chunk then arrives before the current one runs out).
+        """
+        s = self.settings
+        if s.execution_mode != 'rtc':
+            return s.replan_lead_steps
+        return max(s.replan_lead_steps, self._rtc_delay())
+
+    def _rtc_prefix(self, stamp_ns: int):
+        """Return the executing chunk's actions from ``stamp_ns`` on (the next chunk's prefix).
+
+        The same calls as ``sparse-policy latency``: :meth:`ChunkExecutor.committed` and
+        :func:`core.rtc.prefix_from`. Integrated deltas keep the model's actions in the
+        first ``action_dim`` columns of the executor's values (targets after them).
+        """
+        with self._lock:
+            if self._current is None:
+                return None  # first chunk, or after a hold / reset: nothing runs
+            committed = self._exec.committed(stamp_ns)
+        if committed is None:
+            return None
+        horizon = self.settings.execution_horizon or self.n_action_steps
+        return prefix_from(committed[:, :self.action_dim], self._rtc_delay(), horizon)
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -139,6 +176,7 @@ class WorkerMixin:
             self.settings.model_dir, self.settings.device = s.model_dir, s.device
         engine.reset()
         old.close()
+        self._delay.reset()  # another engine: another latency (rtc's delay estimate)
         self.stats.count('engine_swaps')
         self.get_logger().info(
             f'now serving {s.model_dir} on {s.device} (backend '
@@ -229,8 +267,9 @@ class WorkerMixin:
         stale = self._watch_inputs(why)
         if window is None or window.stamp_ns == self._skip_stamp:
             return
+        lead = self._lead_steps()
         if self._last is not None and window.stamp_ns < self._last[0] + (
-                self._last[1] - s.replan_lead_steps) * dt - dt // 2:
+                self._last[1] - lead) * dt - dt // 2:
             return  # the previous chunk is still being executed
         if stale:
             self._skip_stamp = window.stamp_ns
@@ -239,7 +278,7 @@ class WorkerMixin:
         device = self.engine.device
         # While this chunk runs, the frame encoder skips frames before the next window.
         self._running = (episode, window.stamp_ns + ((s.execution_horizon or self.n_action_steps)
-                                                     - s.replan_lead_steps) * dt - dt // 2)
+                                                     - lead) * dt - dt // 2)
         obs = {k: torch.from_numpy(v).unsqueeze(0).to(device) for k, v in window.arrays.items()}
         frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
         # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
@@ -253,8 +292,9 @@ class WorkerMixin:
         elif self._pause_before(window.stamp_ns):
             self.engine.reset()  # after a hold or an input gap: the first chunk is dense
             self.stats.count('dense_after_pause')
+        prefix = self._rtc_prefix(window.stamp_ns) if s.execution_mode == 'rtc' else None
         try:
-            out = self.engine.predict_action(obs, frame_ids=frame_ids, **noise)
+            out = self.engine.predict_action(obs, frame_ids=frame_ids, prefix=prefix, **noise)
         except ObservationError as exc:
             self._skip_stamp = window.stamp_ns
             self._reject('observation', exc)
@@ -301,6 +341,7 @@ class WorkerMixin:
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
             self._last_chunk_ns, self._paused = window.stamp_ns, False
+            self._delay.add((now - window.stamp_ns) / 1e9)  # observation to publication
             self.chunk_pub.publish(conv.chunk_to_trajectory(
                 actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
             self._publish_due_step()
