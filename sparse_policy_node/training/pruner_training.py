@@ -44,6 +44,7 @@ from sparse_policy_node.core import keys
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.checkpoint import save_pruner
 from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.core.gates import argmax_gates
@@ -85,7 +86,7 @@ class PrunerTrainConfig:
             frozen policy, the pruner and every batch live.
     """
 
-    target_sparsity: float = 0.93
+    target_sparsity: float = MATCHED_SPARSITY
     directions: Tuple[str, ...] = REUSE_DIRECTIONS
     lambda_sparse: float = 1.0
     fidelity: str = 'normalized_l1'
