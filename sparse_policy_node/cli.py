@@ -46,6 +46,9 @@ COMMANDS = {
                  'record dense rollouts (obs windows, noise, chunks) for pruner training'),
     'train-pruner': ('sparse_policy_node.training.train_pruner',
                      'train the TTS pruner of a model on recorded rollouts'),
+    'similarity': ('sparse_policy_node.training.similarity',
+                   "similarity of every unit's output across control steps of dense "
+                   'episodes (JSON + heat map)'),
     'masks': ('sparse_policy_node.tools.masks',
               'draw the gate maps (steps x units) of a recorded episode as a PNG'),
     'bench-node': ('sparse_policy_node.tools.bench_node',
@@ -84,6 +87,8 @@ EXAMPLES = {
                 '--num 32 --seed-start 50000',
     'train-pruner': 'sparse-policy train-pruner --model models/lift --rollouts '
                     'data/lift_rollouts.hdf5 --out runs/lift_pruner --install',
+    'similarity': 'sparse-policy similarity --model models/lift --episodes 5 --seed-start '
+                  '861000 --out runs/similarity_lift',
     'masks': 'sparse-policy masks --model models/lift --rollouts data/lift_rollouts.hdf5 '
              '--out masks.png',
     'bench-node': 'sparse-policy bench-node --model models/lift --variants learned off '
