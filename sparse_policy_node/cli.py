@@ -46,6 +46,9 @@ COMMANDS = {
                  'record dense rollouts (obs windows, noise, chunks) for pruner training'),
     'train-pruner': ('sparse_policy_node.training.train_pruner',
                      'train the TTS pruner of a model on recorded rollouts'),
+    'train-efficiency': ('sparse_policy_node.training.efficiency',
+                         'success at the matched sparsity against the number of training '
+                         'trajectories of the pruner (JSON + plot)'),
     'similarity': ('sparse_policy_node.training.similarity',
                    "similarity of every unit's output across control steps of dense "
                    'episodes (JSON + heat map)'),
@@ -87,6 +90,9 @@ EXAMPLES = {
                 '--num 32 --seed-start 50000',
     'train-pruner': 'sparse-policy train-pruner --model models/lift --rollouts '
                     'data/lift_rollouts.hdf5 --out runs/lift_pruner --install',
+    'train-efficiency': 'sparse-policy train-efficiency --model models/lift --rollouts '
+                        'data/lift_rollouts.hdf5 --trajectories 1 2 4 8 --train-seeds 0 1 '
+                        '--out runs/efficiency_lift',
     'similarity': 'sparse-policy similarity --model models/lift --episodes 5 --seed-start '
                   '861000 --out runs/similarity_lift',
     'masks': 'sparse-policy masks --model models/lift --rollouts data/lift_rollouts.hdf5 '
