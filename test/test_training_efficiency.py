@@ -61,3 +61,26 @@ def test_command_trains_evaluates_and_plots_every_point(tiny_policy, tmp_path, c
     assert (out / 'efficiency.png').stat().st_size > 0
     assert (out / 'n2_seed1' / 'last' / 'pruner.json').is_file()
     assert json.loads(capsys.readouterr().out.splitlines()[0])['dense'] == 0.0
+    # --resume keeps the dense episodes and the finished points, and adds the new ones.
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '3', '--train-seeds', '1', '--epochs', '1',
+                 '--target-sparsity', '0.5', '--episodes', '1', '--seed-start', '3',
+                 '--max-steps', '12', '--out', str(out), '--resume']) == 0
+    resumed = json.loads((out / 'efficiency.json').read_text())
+    assert resumed['points'][:4] == report['points'] and resumed['dense'] == report['dense']
+    assert [(p['trajectories'], p['train_seed']) for p in resumed['points'][4:]] == [(3, 1)]
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '--epochs', '2', '--target-sparsity', '0.5',
+                 '--episodes', '1', '--seed-start', '3', '--max-steps', '12',
+                 '--out', str(out), '--resume']) == 2
+    assert 'other settings' in capsys.readouterr().err
+
+
+def test_plot_with_no_successful_point(tmp_path):
+    from sparse_policy_node.training.efficiency import plot_efficiency
+    report = {'task': 'lift', 'schedule': 'ddpm-100', 'episodes': 10, 'seed_start': 1,
+              'epochs': 10, 'target_sparsity': 0.93,
+              'dense': {'success': 1.0, 'steps_success': 50.5},
+              'points': [{'trajectories': 1, 'success': 0.0, 'steps_success': None}]}
+    plot_efficiency(report, str(tmp_path / 'plot.png'))
+    assert (tmp_path / 'plot.png').stat().st_size > 0

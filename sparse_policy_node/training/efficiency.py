@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', default='runs/efficiency',
                         help='report directory (efficiency.json, efficiency.png, runs)')
+    parser.add_argument('--resume', action='store_true',
+                        help="keep the dense episodes and finished points of --out's report "
+                             '(same settings only)')
 
 
 def check_args(args: argparse.Namespace) -> int:
@@ -119,6 +122,9 @@ def plot_efficiency(report: dict, path: str) -> None:
     points = report['points']
     ns = sorted({p['trajectories'] for p in points})
     for ax, key in ((ax_s, 'success'), (ax_l, 'steps_success')):
+        # Log axis and limits first: a panel may have no point at all (no successes).
+        ax.set_xscale('log', base=2)
+        ax.set_xlim(min(ns) / 1.5, max(ns) * 1.5)
         for p in points:
             if p[key] is not None:
                 ax.scatter(p['trajectories'], p[key], color='tab:blue', alpha=0.5, s=14)
@@ -129,7 +135,6 @@ def plot_efficiency(report: dict, path: str) -> None:
         dense = report.get('dense', {}).get(key)
         if dense is not None:
             ax.axhline(dense, color='tab:red', ls='--', label='dense')
-        ax.set_xscale('log', base=2)
         ax.set_xlabel('training trajectories')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -141,6 +146,23 @@ def plot_efficiency(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def resumed(report: dict, out: str) -> dict:
+    """Return the report in ``out`` when it was made with the same settings, else ``report``.
+
+    Its dense episodes and finished points are kept (``--resume``).
+    """
+    path = os.path.join(out, 'efficiency.json')
+    if not os.path.isfile(path):
+        return report
+    with open(path) as f:
+        old = json.load(f)
+    same = all(old.get(k) == v for k, v in report.items() if k != 'points')
+    if not same:
+        raise CommandError(f'{path} was made with other settings; give another --out or '
+                           f'drop --resume')
+    return old
 
 
 def _save(report: dict, out: str) -> None:
@@ -169,14 +191,20 @@ def run(args: argparse.Namespace) -> int:
     report = {'model': args.model, 'task': task, 'rollouts': args.rollouts,
               'rollout_episodes': total, 'schedule': schedule,
               'target_sparsity': args.target_sparsity, 'epochs': args.epochs,
+              'rollout_max_age': args.rollout_max_age, 'max_steps': args.max_steps,
               'seed_start': args.seed_start, 'episodes': args.episodes, 'points': []}
-    dense = evaluate_variant(args.model, seeds, task, f'dense@{schedule}', options,
-                             args.max_steps, args.workers, args.threads)
-    report['dense'] = dict(episode_summary(dense), per_episode=dense)
-    _save(report, args.out)
+    report = resumed(report, args.out) if args.resume else report
+    if 'dense' not in report:
+        dense = evaluate_variant(args.model, seeds, task, f'dense@{schedule}', options,
+                                 args.max_steps, args.workers, args.threads)
+        report['dense'] = dict(episode_summary(dense), per_episode=dense)
+        _save(report, args.out)
     dial = f'dial-{100 * args.target_sparsity:g}@{schedule}'
+    done = {(p['trajectories'], p['train_seed']) for p in report['points']}
     for n in args.trajectories:
         for seed in args.train_seeds:
+            if (n, seed) in done:
+                continue
             run_dir = os.path.join(args.out, f'n{n}_seed{seed}')
             cfg = PrunerTrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs,
                                     batch_episodes=min(args.batch_episodes, n), val_episodes=0,
