@@ -49,6 +49,12 @@ COMMANDS = {
                  'record dense rollouts (obs windows, noise, chunks) for pruner training'),
     'train-pruner': ('sparse_policy_node.training.train_pruner',
                      'train the TTS pruner of a model on recorded rollouts'),
+    'train-efficiency': ('sparse_policy_node.training.efficiency',
+                         'success at the matched sparsity against the number of training '
+                         'trajectories of the pruner (JSON + plot)'),
+    'similarity': ('sparse_policy_node.training.similarity',
+                   "similarity of every unit's output across control steps of dense "
+                   'episodes (JSON + heat map)'),
     'masks': ('sparse_policy_node.tools.masks',
               'draw the gate maps (steps x units) of a recorded episode as a PNG'),
     'bench-node': ('sparse_policy_node.tools.bench_node',
@@ -89,6 +95,11 @@ EXAMPLES = {
                 '--num 32 --seed-start 50000',
     'train-pruner': 'sparse-policy train-pruner --model models/lift --rollouts '
                     'data/lift_rollouts.hdf5 --out runs/lift_pruner --install',
+    'train-efficiency': 'sparse-policy train-efficiency --model models/lift --rollouts '
+                        'data/lift_rollouts.hdf5 --trajectories 1 2 4 8 --train-seeds 0 1 '
+                        '--out runs/efficiency_lift',
+    'similarity': 'sparse-policy similarity --model models/lift --episodes 5 --seed-start '
+                  '861000 --out runs/similarity_lift',
     'masks': 'sparse-policy masks --model models/lift --rollouts data/lift_rollouts.hdf5 '
              '--out masks.png',
     'bench-node': 'sparse-policy bench-node --model models/lift --variants learned off '

@@ -78,8 +78,8 @@ def test_device_and_precision_reach_every_variant():
     # eval --precision: the engine variants run the denoiser in it; dense below float32 runs
     # on the engine with sparsity off (DensePolicy has no precision knob).
     from sparse_policy_node.core.checkpoint import load_policy
-    from sparse_policy_node.training.evaluate import DensePolicy
-    from sparse_policy_node.training.evaluate import make_variant
+    from sparse_policy_node.training.variants import DensePolicy
+    from sparse_policy_node.training.variants import make_variant
     policy = load_policy('models/lift')
     for name in ('dense', 'default', 'sparse'):
         variant = make_variant(name, policy, {'model': 'models/lift', 'precision': 'bfloat16'})

@@ -3,13 +3,13 @@
 from conftest import make_obs
 import pytest
 from sparse_policy_node.core.config import RuntimeConfig
-from sparse_policy_node.training.evaluate import DensePolicy
-from sparse_policy_node.training.evaluate import DeviationProbe
+from sparse_policy_node.training.deviation import DeviationProbe
 from sparse_policy_node.training.evaluate import summarize
-from sparse_policy_node.training.sparse_eval import check_variant
-from sparse_policy_node.training.sparse_eval import parse_variant
 from sparse_policy_node.training.sparse_eval import SparseVariant
-from sparse_policy_node.training.sparse_eval import variant_schedule
+from sparse_policy_node.training.variants import check_variant
+from sparse_policy_node.training.variants import DensePolicy
+from sparse_policy_node.training.variants import parse_variant
+from sparse_policy_node.training.variants import variant_schedule
 import torch
 
 

@@ -7,7 +7,7 @@ from sparse_policy_node.core.checkpoint import save_policy
 from sparse_policy_node.core.checkpoint import save_pruner
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.pruner import Pruner
-from sparse_policy_node.training.sparse_eval import parse_variant
+from sparse_policy_node.training.variants import parse_variant
 from test_training_rollouts import write_tiny_rollouts
 import torch
 

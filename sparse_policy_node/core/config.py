@@ -32,6 +32,9 @@ BETA_SCHEDULES = ('squaredcos_cap_v2', 'linear', 'scaled_linear')
 TRUNKS = ('resnet18', 'small_cnn')
 FEATURE_ACTIVATIONS = ('none', 'relu')
 REUSE_DIRECTIONS = ('forward', 'timestep', 'rollout')
+# The paper's sim target rho (tts_method.md, section 4.2): the pruners' training target and
+# the sparsity at which the direction ablation compares reuse schedules (its Table 7).
+MATCHED_SPARSITY = 0.93
 GATE_SOURCES = ('pruner', 'static', 'random', 'dense')
 PRECISIONS = ('float32', 'float16', 'bfloat16')
 BACKENDS = ('torch', 'onnxruntime', 'tensorrt', 'auto')

@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 
+from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
@@ -59,7 +60,8 @@ def add_arguments(parser):
                              "the model's serving default, else pruner)")
     parser.add_argument('--sparsity', type=float, default=None,
                         help='target sparsity (the dial); negative: pruner argmax as trained '
-                             "(default: the model's serving default, else 0.93)")
+                             "(default: the model's serving default, else the matched sparsity "
+                             f'{MATCHED_SPARSITY})')
     parser.add_argument('--rollout-max-age', type=int, default=None,
                         help='cache aging in chunks, 0: never (default: serving default, '
                              'else 0)')
@@ -367,7 +369,7 @@ def apply_serving_default(args) -> None:
         if args.rollout_max_age is None:
             args.rollout_max_age = rt.get('rollout_max_age', 0)
     args.gates = args.gates or 'pruner'
-    args.sparsity = 0.93 if args.sparsity is None else args.sparsity
+    args.sparsity = MATCHED_SPARSITY if args.sparsity is None else args.sparsity
     args.rollout_max_age = args.rollout_max_age or 0
 
 

@@ -1,9 +1,7 @@
 """``sparse-policy eval``: success rate of a model over a seed range in the simulator.
 
-Every variant is a factory that turns the loaded :class:`DiffusionPolicy` into a
-policy-like object with ``reset()`` and ``predict_action(obs) -> {'action': (1, n, A)}``
-(``dense`` here; the sparse-engine variants, ``sparse``, ``dial-P``, ``omni``, ``only-*``,
-``static``, ``random`` and ``ddim-K``, live in :mod:`sparse_eval`). An object that also has
+Every variant (the names and where each is built: :mod:`variants`) is a policy-like object
+with ``reset()`` and ``predict_action(obs) -> {'action': (1, n, A)}``. An object that also has
 ``episode_stats()`` adds its per-episode statistics (realized sparsity, MACs) to the results.
 Each episode resets the simulator and torch's global generator with the episode seed, so
 variants see identical initial states and initial noise. Results: a printed table,
@@ -12,13 +10,8 @@ latency) in ``--out``; ``--json`` prints one JSON object instead of the table.
 
 Quality beyond success, per variant: ``steps_success`` (mean episode length of the successful
 episodes: hesitant, slower motion shows here first) and ``action_dev``, the deviation of the
-variant's executed actions from the dense policy's on the same observations. For every chunk
-the dense reference (the model's own sampler and K) is sampled on the variant's observation
-window with the same random draws (initial noise, and DDPM variance noise in the same order),
-and ``mean |a_variant - a_dense|`` is taken in the policy's normalized action space (each
-dimension mapped to [-1, 1]). It is exactly 0 for the dense variant; for a DDIM-K variant it
-measures how far the sampler departs from the model's own. The reference costs a dense chunk
-per chunk and is excluded from ``chunk_ms``; ``--no-deviation`` skips it.
+variant's executed actions from the dense policy's on the same observations (measured by
+:class:`deviation.DeviationProbe`); ``--no-deviation`` skips it.
 """
 
 import argparse
@@ -38,6 +31,7 @@ from sparse_policy_node.core import keys
 from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
+from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.core.config import SAMPLERS
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
@@ -45,117 +39,18 @@ from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import check_task
 from sparse_policy_node.tools.args import ListAction
 from sparse_policy_node.training.parallel import episode_results
-from sparse_policy_node.training.sparse_eval import check_variant
-from sparse_policy_node.training.sparse_eval import make_sparse_variant
 from sparse_policy_node.training.sparse_eval import plot_tradeoff
+from sparse_policy_node.training.variants import check_variant
+from sparse_policy_node.training.variants import check_variants
+from sparse_policy_node.training.variants import make_probed
 import torch
 from tqdm import tqdm
 
 
-class DensePolicy:
-    """Dense sampling of a :class:`DiffusionPolicy` with an optional sampler override."""
-
-    def __init__(self, policy, sampler: str = None, steps: int = None):
-        self.policy = policy
-        sched = policy.config.scheduler
-        self.sampler = sampler or sched.sampler
-        self.steps = steps or sched.num_inference_steps
-        policy.scheduler.set_timesteps(self.steps, self.sampler)
-
-    def reset(self) -> None:
-        """Nothing to clear between episodes."""
-
-    def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """One dense chunk; noise comes from torch's global generator."""
-        sched = self.policy.scheduler
-        if (sched.sampler, sched.num_steps) != (self.sampler, self.steps):
-            sched.set_timesteps(self.steps, self.sampler)  # several variants, one policy
-        return self.policy.predict_action(obs)
-
-
-class DeviationProbe:
-    """Wrap a policy-like variant; measure its actions against the dense reference.
-
-    Per chunk: the global RNG state is saved, the variant samples its chunk (timed alone),
-    the state is rewound and the dense reference (the model's own schedule) samples on the
-    same observation window with the same draws, and the state is set to where the variant
-    left it, so the episode's random stream is the variant's own.
-    """
-
-    def __init__(self, inner, policy):
-        from sparse_policy_node.core.scheduler import NoiseScheduler
-        self.inner = inner
-        self.policy = policy
-        sched = policy.config.scheduler
-        self.scheduler = NoiseScheduler(sched)
-        self.scheduler.set_timesteps(sched.num_inference_steps, sched.sampler)
-        self.deviations: List[float] = []
-
-    def reset(self) -> None:
-        """Start a new episode: reset the variant and the per-episode deviations."""
-        self.inner.reset()
-        self.deviations = []
-
-    @torch.no_grad()
-    def reference(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """(1, n_action_steps, A) dense chunk, normalized, drawing from torch's global RNG."""
-        from sparse_policy_node.core.sampler import initial_noise
-        from sparse_policy_node.core.sampler import sample_dense
-        policy = self.policy
-        cond = policy.encode_obs(obs)
-        noise = initial_noise(policy.action_shape(1), None, cond.device, cond.dtype)
-        pred = sample_dense(policy.transformer, self.scheduler, cond, noise, None, None)
-        return policy.chunk_from_prediction(pred)
-
-    def predict_action(self, obs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Sample the variant's chunk; add ``chunk_ms`` (the variant alone), ``action_dev``."""
-        before = torch.get_rng_state()
-        t0 = time.perf_counter()
-        out = self.inner.predict_action(obs)
-        chunk_ms = (time.perf_counter() - t0) * 1e3
-        after = torch.get_rng_state()
-        torch.set_rng_state(before)
-        ref = self.reference(obs)
-        torch.set_rng_state(after)
-        mine = self.policy.chunk_from_prediction(
-            self.policy.normalizer.normalize(keys.ACTION, out['action_pred']))
-        dev = float((mine - ref).abs().mean())
-        self.deviations.append(dev)
-        return dict(out, chunk_ms=chunk_ms, action_dev=dev)
-
-    def episode_stats(self) -> dict:
-        """Return the variant's statistics plus the episode's mean ``action_dev``."""
-        stats = self.inner.episode_stats() if hasattr(self.inner, 'episode_stats') else {}
-        if self.deviations:
-            stats['action_dev'] = round(float(np.mean(self.deviations)), 5)
-        return stats
-
-    def close(self) -> None:
-        """Close the variant."""
-        if hasattr(self.inner, 'close'):
-            self.inner.close()
-
-
-# name -> factory(policy, args) returning a policy-like object; any other valid name
-# (see sparse_eval) is built by make_sparse_variant.
-VARIANTS: Dict[str, Callable] = {
-    'dense': lambda policy, args: DensePolicy(policy, args.get('sampler'), args.get('steps')),
-}
 SPARSE_STAT_KEYS = ('realized_sparsity', 'episode_sparsity', 'gmacs', 'action_dev')
 
 
-def make_variant(name: str, policy, options: dict):
-    """Build the policy-like object of variant ``name``."""
-    if name == 'dense' and options.get('precision', 'float32') != 'float32':
-        return make_sparse_variant('dense', policy, options)  # the engine casts the denoiser
-    if name in VARIANTS:
-        return VARIANTS[name](policy, options)
-    return make_sparse_variant(name, policy, options)
-
-
 def _variant_arg(name: str) -> str:
-    if name in VARIANTS:
-        return name
     try:
         return check_variant(name)
     except ValueError as exc:
@@ -185,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'the default variant uses its own)')
     parser.add_argument('--no-deviation', action='store_true',
                         help='skip the dense reference per chunk (no action_dev column)')
-    parser.add_argument('--ablation-sparsity', type=float, default=0.93,
+    parser.add_argument('--ablation-sparsity', type=float, default=MATCHED_SPARSITY,
                         help='sparsity of omni / only-* / static / random without -P')
     parser.add_argument('--device', default='cpu',
                         help='torch device of the policy (cpu, cuda, cuda:N); on CUDA the '
@@ -198,43 +93,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
-
-
-def describe_variant(variant) -> str:
-    """Say what a built variant runs: its schedule and gates (``ddim-5 pruner``)."""
-    engine = getattr(variant, 'engine', None)
-    if engine is None:
-        return f'{variant.sampler}-{variant.steps} dense'
-    rt = engine.runtime
-    if not rt.sparsity_enabled or rt.gate_source == 'dense':
-        gates = 'dense'
-    elif rt.target_sparsity < 0:
-        gates = rt.gate_source
-    else:
-        gates = f'{rt.gate_source} {rt.target_sparsity:.2f}'
-    if len(rt.directions) < 3 and gates != 'dense':
-        gates += ' ' + '+'.join(rt.directions)
-    return f'{rt.sampler}-{rt.num_inference_steps} {gates}'
-
-
-def check_variants(model_dir: str, variants: List[str], options: dict) -> Dict[str, str]:
-    """Build every variant once on the CPU, without a simulator, and close it again.
-
-    A variant that cannot run (learned gates on a schedule without a pruner, a K above the
-    model's training timesteps, a missing serving default...) raises its error here, before
-    any episode starts.
-
-    Returns:
-        ``{variant: what it runs}`` (:func:`describe_variant`).
-    """
-    policy = load_policy(model_dir)
-    runs = {}
-    for name in variants:
-        variant = make_variant(name, policy, dict(options, model=model_dir))
-        runs[name] = describe_variant(variant)
-        if hasattr(variant, 'close'):
-            variant.close()
-    return runs
 
 
 def check_args(args: argparse.Namespace) -> Dict[str, str]:
@@ -321,14 +179,9 @@ def init_episode_worker(worker: dict, model_dir: str, task: str, max_steps: int,
     worker['n_obs_steps'] = policy.config.transformer.n_obs_steps
 
 
-def _make_probed(policy, variant, options):
-    inner = make_variant(variant, policy, options)
-    return inner if options.get('no_deviation') else DeviationProbe(inner, policy)
-
-
 def _init_worker(model_dir, task, max_steps, variant, options, threads):
     init_episode_worker(_WORKER, model_dir, task, max_steps, threads,
-                        partial(_make_probed, variant=variant,
+                        partial(make_probed, name=variant,
                                 options=dict(options, model=model_dir)),
                         options.get('device', 'cpu'))
 

@@ -88,12 +88,12 @@ def parse_schedule_dials(items: Sequence[str]) -> Dict[str, List[float]]:
 
 
 def _init_worker(model_dir, task, max_steps, points, options, threads):
-    from sparse_policy_node.training.evaluate import _make_probed
     from sparse_policy_node.training.evaluate import init_episode_worker
+    from sparse_policy_node.training.variants import make_probed
     init_episode_worker(_WORKER, model_dir, task, max_steps, threads, lambda policy: policy)
     policy = _WORKER['policy']
     opts = dict(options, model=model_dir)
-    _WORKER['points'] = {name: _make_probed(policy, name, opts) for name in points}
+    _WORKER['points'] = {name: make_probed(policy, name, opts) for name in points}
 
 
 def _close_local() -> None:
@@ -163,27 +163,8 @@ def point_runtime(name: str, model_dir: str, rollout_max_age: Optional[int]) -> 
     out: they are the serving machine's choice, not the model's.
     """
     from dataclasses import asdict
-    from sparse_policy_node.core.checkpoint import for_schedule
-    from sparse_policy_node.core.checkpoint import load_policy_config
-    from sparse_policy_node.core.checkpoint import load_pruners
-    from sparse_policy_node.core.checkpoint import trained_max_age
-    from sparse_policy_node.core.config import RuntimeConfig
-    from sparse_policy_node.training.sparse_eval import parse_variant
-    from sparse_policy_node.training.sparse_eval import variant_schedule
-    kind, param = parse_variant(name, 0.93)
-    sched = load_policy_config(model_dir).scheduler
-    sampler, steps = variant_schedule(name) or (sched.sampler, sched.num_inference_steps)
-    if kind in ('dense', 'ddim'):
-        runtime = RuntimeConfig(sparsity_enabled=False, sampler=sampler,
-                                num_inference_steps=steps)
-    else:
-        if rollout_max_age is None:
-            rollout_max_age = trained_max_age(for_schedule(load_pruners(model_dir),
-                                                           (sampler, steps)))
-        runtime = RuntimeConfig(gate_source='pruner',
-                                target_sparsity=-1.0 if kind == 'sparse' else param,
-                                sampler=sampler, num_inference_steps=steps,
-                                rollout_max_age=rollout_max_age)
+    from sparse_policy_node.training.variants import variant_runtime
+    runtime = variant_runtime(name, model_dir, {'rollout_max_age': rollout_max_age})
     return {k: v for k, v in asdict(runtime).items() if k not in DEPLOYMENT_FIELDS}
 
 
@@ -356,9 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> List[str]:
     """Check the values, the model, the task and every point up front; return the points."""
-    from sparse_policy_node.training.evaluate import check_variants
     from sparse_policy_node.training.evaluate import model_task
-    from sparse_policy_node.training.sparse_eval import check_variant
+    from sparse_policy_node.training.variants import check_variant
+    from sparse_policy_node.training.variants import check_variants
     for p in args.dials:
         check_range(p, '--dials', low=0.0, high=0.99, hint='give fractions, e.g. 0.5 0.6')
     for k in args.ddim_steps:

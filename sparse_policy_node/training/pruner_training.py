@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Dict
 from typing import List
+from typing import Optional
 from typing import Sequence
 from typing import Tuple
 
@@ -44,6 +45,7 @@ from sparse_policy_node.core import keys
 from sparse_policy_node.core.cache import FeatureCache
 from sparse_policy_node.core.checkpoint import save_pruner
 from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.core.config import PrunerConfig
 from sparse_policy_node.core.config import REUSE_DIRECTIONS
 from sparse_policy_node.core.gates import argmax_gates
@@ -85,7 +87,7 @@ class PrunerTrainConfig:
             frozen policy, the pruner and every batch live.
     """
 
-    target_sparsity: float = 0.93
+    target_sparsity: float = MATCHED_SPARSITY
     directions: Tuple[str, ...] = REUSE_DIRECTIONS
     lambda_sparse: float = 1.0
     fidelity: str = 'normalized_l1'
@@ -390,12 +392,13 @@ def resolve_device(device: str) -> torch.device:
 
 def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainConfig,
                  install: bool = False, allow_other_policy: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, episode_indices: Optional[Sequence[int]] = None) -> dict:
     """Train a pruner for the policy of ``model_dir`` on a rollout file.
 
     Writes ``log.jsonl``, ``best/`` (lowest validation loss, or last training epoch without
     validation episodes) and ``last/`` pruner directories under ``out_dir``; with ``install``
-    the best pruner is saved next to the policy in ``model_dir``.
+    the best pruner is saved next to the policy in ``model_dir``. ``episode_indices`` (file
+    order) trains on those episodes only.
 
     Returns:
         summary with the best epoch, its metrics and the metadata stored with the pruner.
@@ -410,7 +413,10 @@ def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainCo
     sampler, num_steps = str(attrs['sampler']), int(attrs['num_inference_steps'])
     device = resolve_device(cfg.device)
     policy = load_policy(model_dir, device)
-    episodes = [Episode(r) for r in load_rollouts(rollouts)]
+    records = load_rollouts(rollouts)
+    if episode_indices is not None:
+        records = [records[i] for i in episode_indices]
+    episodes = [Episode(r) for r in records]
     if len(episodes) < 1:
         raise ValueError(f'{rollouts} holds no episodes')
     train_eps, val_eps = split_episodes(episodes, cfg.val_episodes)

@@ -159,6 +159,13 @@ def read_rollout_attrs(path: str) -> dict:
     return attrs
 
 
+def count_rollouts(path: str) -> int:
+    """Return the number of episodes in a rollout file (without reading them)."""
+    read_rollout_attrs(path)
+    with h5py.File(path, 'r') as f:
+        return len(f['episodes'])
+
+
 def load_rollouts(path: str) -> List[dict]:
     """Read every episode of a rollout file into memory.
 

@@ -1,0 +1,233 @@
+"""``sparse-policy train-efficiency``: success at matched sparsity against training data.
+
+The paper's training-efficiency result: at 93% sparsity a pruner trained from two
+trajectories already matches dense, and more trajectories help. This command measures it on
+a model and a rollout file (``sparse-policy rollouts``):
+
+1. for every number of trajectories n in ``--trajectories`` and every training seed in
+   ``--train-seeds``: draw n episodes of the rollout file (a seeded draw without
+   replacement), train a pruner on them alone (``train-pruner``'s recipe, no validation
+   episodes, the last epoch kept) for ``--epochs`` epochs;
+2. roll it out in the simulator at the matched sparsity (the dial ``dial-P`` on the pruner's
+   schedule, ``P = --target-sparsity``, so every point reuses exactly the same share and only
+   the pruner's ranking differs) on the evaluation seeds;
+3. roll out the dense policy (the rollout file's schedule) on the same seeds once.
+
+Output in ``--out``: ``efficiency.json`` (rewritten after every point, so an interrupted run
+keeps what it measured), ``efficiency.png`` (success and steps per successful episode against
+n, one dot per training seed, the mean and dense) and one run directory per point.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import List
+
+import numpy as np
+from sparse_policy_node.core.config import MATCHED_SPARSITY
+from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_model_dir
+from sparse_policy_node.tools.args import check_range
+from sparse_policy_node.tools.args import check_rollouts
+from sparse_policy_node.tools.args import CommandError
+from sparse_policy_node.tools.args import ListAction
+
+
+def draw_episodes(total: int, n: int, seed: int) -> List[int]:
+    """Draw ``n`` of ``total`` episode indices without replacement (seeded); sorted."""
+    return sorted(random.Random(seed).sample(range(total), n))
+
+
+def episode_summary(episodes: List[dict]) -> dict:
+    """Success, steps per successful episode and realized sparsity of evaluated episodes."""
+    wins = [e['steps'] for e in episodes if e['success']]
+    out = {'success': float(np.mean([e['success'] for e in episodes])),
+           'wins': len(wins), 'episodes': len(episodes),
+           'steps_success': float(np.mean(wins)) if wins else None}
+    if all('realized_sparsity' in e for e in episodes):
+        out['realized_sparsity'] = float(np.mean([e['realized_sparsity'] for e in episodes]))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the command's options."""
+    add_model_argument(parser, default='models/lift')
+    parser.add_argument('--rollouts', required=True,
+                        help='rollout file of this model (sparse-policy rollouts); it sets '
+                             'the schedule the pruners are trained for')
+    parser.add_argument('--trajectories', action=ListAction, check=int,
+                        default=[1, 2, 4, 8, 16, 32, 64],
+                        help='numbers of training trajectories, space or comma separated')
+    parser.add_argument('--train-seeds', action=ListAction, check=int, default=[0],
+                        help='training seeds per point (the draw of trajectories and the '
+                             'pruner initialisation)')
+    parser.add_argument('--epochs', type=int, default=5, help='training epochs per pruner')
+    parser.add_argument('--max-minutes', type=float, default=0.0,
+                        help='stop each training after the epoch crossing this time (0: none)')
+    parser.add_argument('--target-sparsity', type=float, default=MATCHED_SPARSITY,
+                        help='training target and the evaluated dial')
+    parser.add_argument('--batch-episodes', type=int, default=8, help='episodes per batch')
+    parser.add_argument('--rollout-max-age', type=int, default=0,
+                        help='cache aging in training and evaluation (0: never)')
+    parser.add_argument('--episodes', type=int, default=20, help='evaluation episodes per point')
+    parser.add_argument('--seed-start', type=int, default=100000,
+                        help='first evaluation seed; keep it apart from the rollout seeds')
+    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
+    parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    parser.add_argument('--out', default='runs/efficiency',
+                        help='report directory (efficiency.json, efficiency.png, runs)')
+    parser.add_argument('--resume', action='store_true',
+                        help="keep the dense episodes and finished points of --out's report "
+                             '(same settings only)')
+
+
+def check_args(args: argparse.Namespace) -> int:
+    """Check the values, the model and the rollouts; return the rollout file's episodes."""
+    from sparse_policy_node.training.pruner_training import check_rollouts as same_policy
+    from sparse_policy_node.training.rollouts import count_rollouts
+    for option in ('epochs', 'batch_episodes', 'episodes', 'workers', 'threads'):
+        check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=1)
+    check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.max_minutes, '--max-minutes', low=0)
+    check_range(args.rollout_max_age, '--rollout-max-age', low=0)
+    check_range(args.target_sparsity, '--target-sparsity', low=0.0, high=0.99,
+                hint='give a fraction, e.g. 0.93')
+    for n in args.trajectories:
+        check_range(n, '--trajectories', low=1)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CommandError(f'--out {args.out!r} is a file; give a directory')
+    check_model_dir(args.model)
+    attrs = check_rollouts(args.rollouts)
+    try:
+        same_policy(attrs, args.model)
+    except ValueError as exc:
+        raise CommandError(str(exc).replace(' (or pass allow_other_policy)', '')) from exc
+    total = count_rollouts(args.rollouts)
+    if max(args.trajectories) > total:
+        raise CommandError(f'--trajectories asks for {max(args.trajectories)} but '
+                           f'{args.rollouts!r} holds {total} episodes; record more with '
+                           f'sparse-policy rollouts --num')
+    return total
+
+
+def plot_efficiency(report: dict, path: str) -> None:
+    """Success and steps per successful episode against the number of trajectories."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+    points = report['points']
+    ns = sorted({p['trajectories'] for p in points})
+    for ax, key in ((ax_s, 'success'), (ax_l, 'steps_success')):
+        # Log axis and limits first: a panel may have no point at all (no successes).
+        ax.set_xscale('log', base=2)
+        ax.set_xlim(min(ns) / 1.5, max(ns) * 1.5)
+        for p in points:
+            if p[key] is not None:
+                ax.scatter(p['trajectories'], p[key], color='tab:blue', alpha=0.5, s=14)
+        means = [np.mean([p[key] for p in points if p['trajectories'] == n
+                          and p[key] is not None] or [np.nan]) for n in ns]
+        ax.plot(ns, means, color='tab:blue',
+                label=f'dial {report["target_sparsity"]:g}, mean over training seeds')
+        dense = report.get('dense', {}).get(key)
+        if dense is not None:
+            ax.axhline(dense, color='tab:red', ls='--', label='dense')
+        ax.set_xlabel('training trajectories')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax_s.set_ylabel('success rate')
+    ax_s.set_ylim(-0.05, 1.05)
+    ax_l.set_ylabel('steps per successful episode')
+    fig.suptitle(f'{report["task"]}, {report["schedule"]}: {report["episodes"]} episodes '
+                 f'from seed {report["seed_start"]}, {report["epochs"]} epochs per pruner')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def resumed(report: dict, out: str) -> dict:
+    """Return the report in ``out`` when it was made with the same settings, else ``report``.
+
+    Its dense episodes and finished points are kept (``--resume``).
+    """
+    path = os.path.join(out, 'efficiency.json')
+    if not os.path.isfile(path):
+        return report
+    with open(path) as f:
+        old = json.load(f)
+    same = all(old.get(k) == v for k, v in report.items() if k != 'points')
+    if not same:
+        raise CommandError(f'{path} was made with other settings; give another --out or '
+                           f'drop --resume')
+    return old
+
+
+def _save(report: dict, out: str) -> None:
+    with open(os.path.join(out, 'efficiency.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    if report['points']:
+        plot_efficiency(report, os.path.join(out, 'efficiency.png'))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and evaluate every point; write the report as it grows."""
+    from sparse_policy_node.core.checkpoint import schedule_name
+    from sparse_policy_node.training.evaluate import evaluate_variant
+    from sparse_policy_node.training.evaluate import model_task
+    from sparse_policy_node.training.pruner_selection import candidate_model
+    from sparse_policy_node.training.pruner_training import PrunerTrainConfig
+    from sparse_policy_node.training.pruner_training import train_pruner
+    from sparse_policy_node.training.rollouts import read_rollout_attrs
+    total = check_args(args)
+    attrs = read_rollout_attrs(args.rollouts)
+    schedule = schedule_name(str(attrs['sampler']), int(attrs['num_inference_steps']))
+    task = model_task(args.model)
+    seeds = list(range(args.seed_start, args.seed_start + args.episodes))
+    options = {'rollout_max_age': args.rollout_max_age, 'no_deviation': True}
+    os.makedirs(args.out, exist_ok=True)
+    report = {'model': args.model, 'task': task, 'rollouts': args.rollouts,
+              'rollout_episodes': total, 'schedule': schedule,
+              'target_sparsity': args.target_sparsity, 'epochs': args.epochs,
+              'rollout_max_age': args.rollout_max_age, 'max_steps': args.max_steps,
+              'seed_start': args.seed_start, 'episodes': args.episodes, 'points': []}
+    report = resumed(report, args.out) if args.resume else report
+    if 'dense' not in report:
+        dense = evaluate_variant(args.model, seeds, task, f'dense@{schedule}', options,
+                                 args.max_steps, args.workers, args.threads)
+        report['dense'] = dict(episode_summary(dense), per_episode=dense)
+        _save(report, args.out)
+    dial = f'dial-{100 * args.target_sparsity:g}@{schedule}'
+    done = {(p['trajectories'], p['train_seed']) for p in report['points']}
+    for n in args.trajectories:
+        for seed in args.train_seeds:
+            if (n, seed) in done:
+                continue
+            run_dir = os.path.join(args.out, f'n{n}_seed{seed}')
+            cfg = PrunerTrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs,
+                                    batch_episodes=min(args.batch_episodes, n), val_episodes=0,
+                                    max_minutes=args.max_minutes, seed=seed,
+                                    threads=args.threads, rollout_max_age=args.rollout_max_age)
+            indices = draw_episodes(total, n, seed)
+            summary = train_pruner(args.model, args.rollouts, run_dir, cfg,
+                                   episode_indices=indices)
+            model = candidate_model(args.model, os.path.join(run_dir, 'last'),
+                                    os.path.join(run_dir, 'model'))
+            episodes = evaluate_variant(model, seeds, task, dial, options, args.max_steps,
+                                        args.workers, args.threads)
+            report['points'].append(dict(
+                episode_summary(episodes), trajectories=n, train_seed=seed,
+                train_episodes=indices, train_minutes=round(summary['minutes'], 2),
+                train_sparsity=summary['best'].get('train_sparsity'), per_episode=episodes))
+            _save(report, args.out)
+            point = report['points'][-1]
+            print(f'n={n} seed={seed}: {point["wins"]}/{point["episodes"]} at {dial} '
+                  f'(dense {report["dense"]["wins"]}/{args.episodes})', file=sys.stderr)
+    print(json.dumps({'dense': report['dense']['success'],
+                      'points': [{k: p[k] for k in ('trajectories', 'train_seed', 'success',
+                                                    'steps_success')}
+                                 for p in report['points']]}))
+    print(f'report -> {os.path.join(args.out, "efficiency.json")}')
+    return 0

@@ -1,0 +1,86 @@
+"""``sparse-policy train-efficiency``: success at matched sparsity against training data."""
+
+import json
+
+import pytest
+from sparse_policy_node.training.efficiency import draw_episodes
+from sparse_policy_node.training.efficiency import episode_summary
+from test_training_rollouts import write_tiny_rollouts
+
+
+def test_draws_are_seeded_subsets():
+    assert draw_episodes(10, 4, 0) == draw_episodes(10, 4, 0)
+    assert draw_episodes(10, 4, 0) != draw_episodes(10, 4, 1)
+    assert draw_episodes(3, 3, 5) == [0, 1, 2]
+    picked = draw_episodes(64, 16, 2)
+    assert len(set(picked)) == 16 and all(0 <= i < 64 for i in picked)
+
+
+def test_summary_counts_successes_and_their_length():
+    episodes = [{'success': True, 'steps': 40, 'realized_sparsity': 0.9},
+                {'success': False, 'steps': 400, 'realized_sparsity': 0.95},
+                {'success': True, 'steps': 60, 'realized_sparsity': 0.92}]
+    out = episode_summary(episodes)
+    assert out['wins'] == 2 and out['episodes'] == 3
+    assert out['success'] == pytest.approx(2 / 3) and out['steps_success'] == 50.0
+    assert out['realized_sparsity'] == pytest.approx(0.9233, abs=1e-4)
+    assert episode_summary([{'success': False, 'steps': 9}])['steps_success'] is None
+
+
+def test_too_many_trajectories_is_one_line(tiny_policy, tmp_path, capsys):
+    from sparse_policy_node.cli import main
+    model_dir, path = str(tmp_path / 'model'), str(tmp_path / 'rollouts.hdf5')
+    write_tiny_rollouts(tiny_policy, model_dir, path)
+    code = main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '4'])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'holds 3 episodes' in err
+
+
+@pytest.mark.sim
+def test_command_trains_evaluates_and_plots_every_point(tiny_policy, tmp_path, capsys):
+    pytest.importorskip('robosuite')
+    from sparse_policy_node.cli import main
+    model_dir, path = str(tmp_path / 'model'), str(tmp_path / 'rollouts.hdf5')
+    write_tiny_rollouts(tiny_policy, model_dir, path)
+    out = tmp_path / 'eff'
+    code = main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '2', '--train-seeds', '0', '1', '--epochs', '1',
+                 '--target-sparsity', '0.5', '--episodes', '1', '--seed-start', '3',
+                 '--max-steps', '12', '--out', str(out)])
+    assert code == 0
+    report = json.loads((out / 'efficiency.json').read_text())
+    assert [(p['trajectories'], p['train_seed']) for p in report['points']] == [
+        (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [len(p['train_episodes']) for p in report['points']] == [1, 1, 2, 2]
+    assert report['dense']['episodes'] == 1 and report['schedule'] == 'ddpm-10'
+    for point in report['points']:  # chunks after the first (dense by rule) run the dial
+        assert point['realized_sparsity'] == pytest.approx(0.5, abs=0.06)
+        assert point['per_episode'][0]['chunks'] == 3
+    assert (out / 'efficiency.png').stat().st_size > 0
+    assert (out / 'n2_seed1' / 'last' / 'pruner.json').is_file()
+    assert json.loads(capsys.readouterr().out.splitlines()[0])['dense'] == 0.0
+    # --resume keeps the dense episodes and the finished points, and adds the new ones.
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '3', '--train-seeds', '1', '--epochs', '1',
+                 '--target-sparsity', '0.5', '--episodes', '1', '--seed-start', '3',
+                 '--max-steps', '12', '--out', str(out), '--resume']) == 0
+    resumed = json.loads((out / 'efficiency.json').read_text())
+    assert resumed['points'][:4] == report['points'] and resumed['dense'] == report['dense']
+    assert [(p['trajectories'], p['train_seed']) for p in resumed['points'][4:]] == [(3, 1)]
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '--epochs', '2', '--target-sparsity', '0.5',
+                 '--episodes', '1', '--seed-start', '3', '--max-steps', '12',
+                 '--out', str(out), '--resume']) == 2
+    assert 'other settings' in capsys.readouterr().err
+
+
+def test_plot_with_no_successful_point(tmp_path):
+    from sparse_policy_node.training.efficiency import plot_efficiency
+    report = {'task': 'lift', 'schedule': 'ddpm-100', 'episodes': 10, 'seed_start': 1,
+              'epochs': 10, 'target_sparsity': 0.93,
+              'dense': {'success': 1.0, 'steps_success': 50.5},
+              'points': [{'trajectories': 1, 'success': 0.0, 'steps_success': None}]}
+    plot_efficiency(report, str(tmp_path / 'plot.png'))
+    assert (tmp_path / 'plot.png').stat().st_size > 0
