@@ -58,6 +58,18 @@ def test_an_undiscovered_service_gives_none_without_a_request():
     assert not client.requests
 
 
+def test_a_re_sent_request_goes_out_when_the_graph_says_the_service_is_missing():
+    # rmw can judge a present service unavailable (a half-removed participant's endpoint
+    # skews its count): after a second's wait an idempotent request is sent anyway.
+    client = LossyClient(lost=1, available=False)
+    assert call_service(client, 'probe', timeout=3.0, resend_s=0.05) == 'answer to probe'
+    assert client.requests == ['probe'] * 2
+    assert CALL_LOG[-1].stall['at'] == 'discovery'   # measured as a stall
+    once = LossyClient(lost=0, available=False)  # a one-shot request still needs the graph
+    assert call_service(once, 'deactivate', timeout=1.5, resend_s=None) is None
+    assert not once.requests
+
+
 def test_a_late_answer_to_an_earlier_copy_is_taken():
     class LateClient(LossyClient):
 

@@ -72,7 +72,9 @@ def call_service(client, request, timeout: float, resend_s: Optional[float] = 1.
         timeout: seconds to wait for the response, after the service was discovered.
         resend_s: re-send the request when it has been unanswered this long; None sends
             it once.
-        discovery_timeout: seconds to wait for the service to appear (default ``timeout``).
+        discovery_timeout: seconds to wait for the service to appear (default ``timeout``);
+            a re-sent request waits at most a second for it, then is sent anyway and re-sent
+            until answered within this long (rmw can judge a present service missing).
         diagnose: returns a dict of what can be seen of the service (its graph, say);
             called once when the call stalls, stored in the call's :class:`CallRecord`.
     """
@@ -84,7 +86,17 @@ def call_service(client, request, timeout: float, resend_s: Optional[float] = 1.
     discovered = client.wait_for_service(timeout_sec=min(wait, STALL_S))
     if not discovered and wait > STALL_S:
         record.note_stall('discovery', diagnose)
-        discovered = client.wait_for_service(timeout_sec=wait - (time.monotonic() - start))
+        if resend_s is None:
+            discovered = client.wait_for_service(timeout_sec=wait - (time.monotonic() - start))
+        else:
+            # rmw_fastrtps calls a service available only when the graph's request readers
+            # and response writers pair up; an endpoint left by a half-removed participant
+            # skews the count for as long as it lingers (a CI stall: 7 request readers, one
+            # of an unknown node, against 6 response writers, while this client's server was
+            # there). An idempotent request is therefore sent anyway and re-sent until
+            # answered: a copy that no reader matched is lost, a matched one is answered.
+            timeout = max(0.0, wait - (time.monotonic() - start))
+            discovered = True
     record.discovery_s = time.monotonic() - start
     if not discovered:
         record.note_stall('discovery', diagnose)
