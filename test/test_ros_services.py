@@ -68,6 +68,10 @@ def test_a_re_sent_request_goes_out_when_the_graph_says_the_service_is_missing()
     once = LossyClient(lost=0, available=False)  # a one-shot request still needs the graph
     assert call_service(once, 'deactivate', timeout=1.5, resend_s=None) is None
     assert not once.requests
+    # ... unless its probe was answered on the same client (both directions matched).
+    assert call_service(once, 'deactivate', timeout=1.5, resend_s=None,
+                        matched=True) == 'answer to deactivate'
+    assert once.requests == ['deactivate']
 
 
 def test_a_late_answer_to_an_earlier_copy_is_taken():

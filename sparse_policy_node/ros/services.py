@@ -63,7 +63,7 @@ class CallRecord:
 
 def call_service(client, request, timeout: float, resend_s: Optional[float] = 1.0,
                  discovery_timeout: Optional[float] = None,
-                 diagnose: Optional[Callable[[], dict]] = None):
+                 diagnose: Optional[Callable[[], dict]] = None, matched: bool = False):
     """Call ``client``'s service; return the response, or None when none came in time.
 
     Args:
@@ -77,13 +77,15 @@ def call_service(client, request, timeout: float, resend_s: Optional[float] = 1.
             until answered within this long (rmw can judge a present service missing).
         diagnose: returns a dict of what can be seen of the service (its graph, say);
             called once when the call stalls, stored in the call's :class:`CallRecord`.
+        matched: the service answered a request of this client already (a probe): both
+            directions are matched, so the request is sent without asking the graph.
     """
     record = CallRecord(str(getattr(client, 'srv_name', '?')), 0.0, None, 0, None, resend_s,
                         timeout)
     CALL_LOG.append(record)
     wait = timeout if discovery_timeout is None else discovery_timeout
     start = time.monotonic()
-    discovered = client.wait_for_service(timeout_sec=min(wait, STALL_S))
+    discovered = matched or client.wait_for_service(timeout_sec=min(wait, STALL_S))
     if not discovered and wait > STALL_S:
         record.note_stall('discovery', diagnose)
         if resend_s is None:

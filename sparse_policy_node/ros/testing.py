@@ -285,7 +285,8 @@ class FakeRobot(Node):
         if call_service(client, probe, timeout, discovery_timeout=10.0,
                         diagnose=diagnose) is None:
             return None
-        return call_service(client, request, timeout, resend_s=None, diagnose=diagnose)
+        return call_service(client, request, timeout, resend_s=None, diagnose=diagnose,
+                            matched=True)  # the probe was answered on this client
 
     def latest_status(self, name: str, timeout: float = 3.0, newer_than: int = 0):
         """Wait for a diagnostics message and return the named status from it."""
