@@ -33,7 +33,6 @@ construction), never inside a chunk.
 from concurrent.futures import ThreadPoolExecutor
 import copy
 import functools
-from functools import partial
 import logging
 import threading
 import time
@@ -528,7 +527,8 @@ class SparseEngine:
             noise = initial_noise(policy.action_shape(B), generator, cond.device, cond.dtype)
         inpaint = None
         if prefix is not None:
-            inpaint = prefix.inpainter(partial(policy.normalizer.normalize, keys.ACTION), noise,
+            normalize = functools.partial(policy.normalizer.normalize, keys.ACTION)
+            inpaint = prefix.inpainter(normalize, noise,
                                        policy.config.transformer.n_obs_steps - 1)
             noise = inpaint.start(noise, sched.alpha_bar_start)
         time_mem, time_kv = self._time_tokens(model)

@@ -148,9 +148,9 @@ class WorkerMixin:
             return engine, read_card(path, engine.policy.config)
 
         self._preparer.start((model_dir, device, runtime), build)
-        backend = runtime.backend
-        self.get_logger().info(f'preparing {model_dir} on {device} (backend {backend}) off '
-                               f'the control path; {self.settings.model_dir} serves meanwhile')
+        self.get_logger().info(f'preparing {model_dir} on {device} (backend {runtime.backend}) '
+                               f'off the control path; {self.settings.model_dir} serves '
+                               f'meanwhile')
 
     def _swap_prepared(self) -> None:
         """Swap a prepared engine in with its card (between chunks), or report its failure.
