@@ -9,6 +9,7 @@ import pytest
 from sparse_policy_node.cli import command_parser
 from sparse_policy_node.cli import COMMANDS
 from sparse_policy_node.cli import main
+import yaml
 
 VENV_BIN = os.path.dirname(sys.executable)
 LIFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'models',
@@ -97,6 +98,28 @@ def test_bench_node_plots_the_latency_distribution_per_variant(tmp_path):
 def test_bench_node_refuses_a_missing_model(capsys):
     assert main(['bench-node', '--model', '/does/not/exist']) == 2
     assert 'does not exist' in capsys.readouterr().err
+
+
+def test_bench_node_refuses_a_pace_without_the_realtime_bridge(capsys):
+    assert main(['bench-node', '--mode', 'lockstep', '--real-time-factor', '0.5']) == 2
+    assert 'lockstep has no pace' in capsys.readouterr().err
+    assert main(['bench-node', '--real-time-factor', '0']) == 2
+    assert '--real-time-factor must be in [0.01, 1.0], got 0.0' in capsys.readouterr().err
+    assert main(['bench-node', '--mode', 'lockstep', '--emulated-latency-ms', '200']) == 2
+    assert 'needs the realtime bridge' in capsys.readouterr().err
+
+
+def test_bench_node_writes_the_execution_mode_and_the_pace(tmp_path):
+    from sparse_policy_node.tools import bench_node
+    args = command_parser('bench-node').parse_args(
+        ['--execution-mode', 'rtc', '--real-time-factor', '0.5', '--emulated-latency-ms', '200'])
+    policy_file, bridge_file, rate_hz = bench_node.write_params(args, str(tmp_path))
+    with open(policy_file) as f:
+        values = yaml.safe_load(f)['/**']['ros__parameters']
+    assert values['execution.mode'] == 'rtc' and values['execution.emulated_latency_s'] == 0.2
+    with open(bridge_file) as f:
+        assert yaml.safe_load(f)['/**']['ros__parameters']['real_time_factor'] == 0.5
+    assert rate_hz == 20.0
 
 
 def test_every_command_help_shows_defaults_and_an_example(capsys):

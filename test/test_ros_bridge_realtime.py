@@ -9,6 +9,7 @@ import time
 
 from geometry_msgs.msg import PoseStamped
 import numpy as np
+import pytest
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
@@ -91,3 +92,12 @@ def test_realtime_bridge_executes_a_late_delta_chunk_without_dropping_actions(co
     # Every delta once, in order; rounding the elapsed time skipped the first three.
     assert np.allclose(moved[:, 0], chunk[:, 0]), done[:, 0]
     assert summary['chunks'] == 1 and summary['startup_underruns'] >= 3
+    # The delay the world saw: at least the three steps that ran before it was published.
+    (delay, count), = summary['arrival_delay_steps'].items()
+    assert int(delay) >= 3 and count == 1
+    # Smoothness of what ran: three steps of 0.1 within the chunk; holds are in neither set.
+    smooth = summary['smoothness']
+    assert smooth['da_within_mean'] == pytest.approx(0.1)
+    assert smooth['da_within_max'] == pytest.approx(0.1)
+    assert smooth['d2a_within_mean'] == pytest.approx(0.0, abs=1e-12)
+    assert smooth['da_boundary_mean'] is None

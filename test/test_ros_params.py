@@ -109,3 +109,10 @@ def test_real_arm_profile_uses_declared_names_and_valid_values():
     settings = params.NodeSettings(**{declared[k].attr: v for k, v in values.items()})
     assert settings.output_mode == 'pose_target' and settings.safety_require_enable
     assert len(settings.output_joint_names) == 7
+
+
+def test_a_slowed_bridge_needs_sim_time():
+    # A world slowed against the wall clock keeps its time only on /clock.
+    assert params.BridgeSettings(real_time_factor=0.25).real_time_factor == 0.25
+    with pytest.raises(params.ConfigError, match='real_time_factor 0.25 needs publish_clock'):
+        params.BridgeSettings(real_time_factor=0.25, publish_clock=False)

@@ -798,6 +798,19 @@ def test_backend_switches_between_chunks_and_a_missing_one_is_rejected(system, m
     assert not result.successful and 'onnxruntime package' in result.reason
 
 
+def test_emulated_latency_holds_each_chunk_until_its_stamp_plus_the_latency(system):
+    # A known latency with the node in the loop (bench-node --emulated-latency-ms): the
+    # chunk is computed at once, published when the clock is 0.3 s past its observation.
+    node, robot = system(**{'execution.emulated_latency_s': 0.3})
+    t0 = now_ns()
+    chunk = robot.drive(t0, timeout=10.0, retry=1.0)
+    assert chunk is not None
+    with robot.cond:
+        received = robot.chunk_times[robot.chunks.index(chunk)]
+    assert received >= t0 + 300_000_000
+    assert node.stats.snapshot()['stamp_to_chunk_p50_ms'] >= 300.0
+
+
 def test_rtc_passes_the_executing_chunk_into_the_next_one(system):
     # d pinned to 2 (floor = cap): the next chunk starts 2 steps before the 4-step chunk
     # ends, and its first steps are the ones the executing chunk still sends.

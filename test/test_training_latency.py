@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from sparse_policy_node.ros.execution import smoothness
 from sparse_policy_node.training.latency import delay_steps
+from sparse_policy_node.training.latency import drop_camera_frames
+from sparse_policy_node.training.latency import point_path
 from sparse_policy_node.training.latency import schedule
-from sparse_policy_node.training.latency import smoothness
 from sparse_policy_node.training.latency import summarize_point
 
 
@@ -42,3 +44,28 @@ def test_point_summary_counts_and_means():
     assert (p['success'], p['steps_success'], p['underruns']) == (1, 50.0, 1)
     assert p['da_within_mean'] == pytest.approx(1.5) and p['da_boundary_max'] == 3.0
     assert p['d2a_within_mean'] is None and p['d2a_boundary_mean'] == pytest.approx(3.0)
+
+
+def test_a_dropped_camera_frame_keeps_the_last_image_and_the_current_proprioception():
+    previous = {'agentview_image': np.zeros((3, 2, 2)), 'robot0_eef_pos': np.zeros(3)}
+    obs = {'agentview_image': np.ones((3, 2, 2)), 'robot0_eef_pos': np.ones(3)}
+    keys = ['agentview_image']
+    rng = np.random.default_rng(0)
+    assert drop_camera_frames(obs, previous, keys, rng, 0.0) is obs
+    seen = drop_camera_frames(obs, previous, keys, rng, 0.999999)
+    assert seen['agentview_image'] is previous['agentview_image']
+    assert seen['robot0_eef_pos'] is obs['robot0_eef_pos']
+    assert obs['agentview_image'].sum() == 12  # the input is not modified
+    # About the asked share of frames is dropped, the same ones for the same seed.
+    draws = [drop_camera_frames(obs, previous, keys, np.random.default_rng(7), 0.3)
+             ['agentview_image'] is previous['agentview_image'] for _ in range(3)]
+    assert len(set(draws)) == 1
+    rng = np.random.default_rng(1)
+    share = np.mean([drop_camera_frames(obs, previous, keys, rng, 0.3)['agentview_image']
+                     is previous['agentview_image'] for _ in range(2000)])
+    assert 0.25 < share < 0.35
+
+
+def test_points_with_dropped_frames_are_kept_apart():
+    assert point_path('o', 200, 'rtc', False).endswith('rtc_200ms.json')
+    assert point_path('o', 200, 'rtc', True, 0.2).endswith('dense_rtc_200ms_drop0.2.json')

@@ -55,6 +55,8 @@ went out in the last half period, so a late chunk does not wait for the next tic
 from collections import deque
 from dataclasses import dataclass
 import math
+from typing import Dict
+from typing import List
 from typing import Optional
 from typing import Tuple
 
@@ -423,3 +425,34 @@ class DelayEstimator:
             return floor
         d = int(math.ceil((lat + exec_latency_s) / dt_s - 1e-9))
         return min(max(d, floor), cap)
+
+
+# ==== smoothness of what ran: chunk boundaries against within a chunk ====
+
+ARM_DIMS = 6  # OSC pose deltas; the 7th dimension is the gripper command
+
+
+def smoothness(actions: np.ndarray, source: List[int]) -> Dict[str, List[float]]:
+    """Split first and second differences of executed actions into within / boundary.
+
+    Args:
+        actions: (T, A) executed actions.
+        source: T ids of the chunk each action came from (-1: a hold).
+
+    Returns:
+        ``{'da_within', 'da_boundary', 'd2a_within', 'd2a_boundary'}``: lists of norms over
+        the arm dimensions.
+    """
+    a = np.asarray(actions, dtype=float)[:, :ARM_DIMS]
+    out = {'da_within': [], 'da_boundary': [], 'd2a_within': [], 'd2a_boundary': []}
+    for t in range(1, len(a)):
+        ids = source[t - 1:t + 1]
+        if min(ids) >= 0:
+            key = 'da_within' if ids[0] == ids[1] else 'da_boundary'
+            out[key].append(float(np.linalg.norm(a[t] - a[t - 1])))
+        if t >= 2:
+            ids = source[t - 2:t + 1]
+            if min(ids) >= 0:
+                key = 'd2a_within' if len(set(ids)) == 1 else 'd2a_boundary'
+                out[key].append(float(np.linalg.norm(a[t] - 2 * a[t - 1] + a[t - 2])))
+    return out

@@ -220,6 +220,7 @@ class NodeSettings:
     execution_delay_floor_steps: int = 1
     execution_delay_cap_steps: int = 0
     execution_exec_latency_s: float = 0.0
+    execution_emulated_latency_s: float = 0.0
     noise_seed: int = -1
 
     def __post_init__(self):
@@ -468,6 +469,14 @@ NODE_PARAMS = (
           'execution.mode rtc: actuation margin added to the measured latency (s): the time '
           'from publishing an action to the arm acting on it (driver, controller).',
           min_value=0.0, max_value=10.0),
+    Param('execution.emulated_latency_s', 'execution_emulated_latency_s',
+          _NS.execution_emulated_latency_s,
+          'Testing: publish each chunk no earlier than this long after its observation stamp '
+          "(on the node's clock; sim time under use_sim_time), to measure execution under a "
+          'known latency with the node in the loop (sparse-policy bench-node '
+          '--emulated-latency-ms). The safety checks still run at publication. Not with a '
+          'lockstep bridge: its clock waits for the chunk (the wait gives up after '
+          '1 s + 20x this value of wall time). 0: off.', min_value=0.0, max_value=10.0),
     Param('safety.watchdog_s', 'safety_watchdog_s', _NS.safety_watchdog_s,
           'Hold when no action covers the current control tick for this long, or when the '
           'newest input is this old (0: off).', min_value=0.0, max_value=60.0),
@@ -494,6 +503,7 @@ class BridgeSettings:
     seed: int = 0
     lockstep: bool = True
     publish_clock: bool = True
+    real_time_factor: float = 1.0
     chunk_timeout_s: float = 30.0
     image_topic_format: str = '{camera}/image_raw'
     joint_states_topic: str = 'joint_states'
@@ -519,6 +529,10 @@ class BridgeSettings:
             raise ConfigError(f'cameras must be unique, got {list(self.cameras)}')
         if not self.object_state_topic:
             raise ConfigError('object_state_topic must not be empty')
+        if self.real_time_factor != 1.0 and not self.publish_clock:
+            raise ConfigError(f'real_time_factor {self.real_time_factor} needs publish_clock: '
+                              f'a slowed world only keeps its time on /clock (sim time); set '
+                              f'publish_clock true or real_time_factor 1.0')
         self.image_size = tuple(int(v) for v in self.image_size)
         self.gripper_joint_names = tuple(self.gripper_joint_names)
         if len(self.image_size) != 2 or min(self.image_size) < 8:
@@ -556,6 +570,12 @@ BRIDGE_PARAMS = (
     Param('publish_clock', 'publish_clock', _BS.publish_clock,
           'Publish /clock and stamp with sim time (for use_sim_time nodes); false: wall '
           'time.', read_only=True),
+    Param('real_time_factor', 'real_time_factor', _BS.real_time_factor,
+          'Real time mode: the pace of the world against the wall clock. 1: one control step '
+          'per control period; 0.25: four times slower (sim time, /clock and every stamp '
+          'still advance one control period per step, so a node on use_sim_time sees its own '
+          'latency multiplied by this factor). A slow or shared CPU then keeps the pace. '
+          'Needs publish_clock.', read_only=True, min_value=0.01, max_value=1.0),
     Param('chunk_timeout_s', 'chunk_timeout_s', _BS.chunk_timeout_s,
           'Lockstep: wall seconds to wait for a chunk before re-sending the observation.',
           read_only=True, min_value=0.1, max_value=3600.0),

@@ -11,6 +11,9 @@ stepping, so sim time pauses during inference and results do not depend on CPU s
 time mode steps on the wall clock and executes the delta actions of the newest chunk each
 once, in order (:mod:`~sparse_policy_node.ros.execution`): a late chunk starts at its first
 action not yet covered by an executed one, never at the step the clock has reached.
+``real_time_factor`` < 1 slows the world against the wall clock (sim time still advances one
+control period per step): a node on ``use_sim_time`` then sees its latency scaled by the
+factor, and a shared CPU that cannot step the simulator at the control rate keeps the pace.
 
 With ``action_mode: pose_target`` the bridge acts as a Cartesian controller instead: it tracks
 the policy node's ``~/target_pose`` stream (geometry_msgs/PoseStamped, one per control step,
@@ -114,10 +117,13 @@ class SimBridgeNode(Node):
         # observation stamped t reflects the actions of the steps before t).
         self._queue = ex.ChunkExecutor(ex.DELTA, self.dt_ns)
         self._sent = {}               # obs stamp -> monotonic publish time (round trip)
-        self.round_trip_ms, self.results = [], []
+        self.round_trip_ms, self.results, self.arrival_steps = [], [], []
         self.counters = {'chunks': 0, 'underruns': 0, 'startup_underruns': 0, 'republished': 0,
                          'bad_chunks': 0, 'stale_chunks': 0, 'targets': 0, 'bad_targets': 0}
         self._episode_start_ns = self._episode_chunks = 0
+        # |da|, |d2a| of the executed chunk actions, at chunk boundaries and within chunks.
+        self._smoothness = {k: [] for k in
+                            ('da_within', 'da_boundary', 'd2a_within', 'd2a_boundary')}
         self.stop = threading.Event()
         self.finished = Future()
         self._thread = threading.Thread(target=self._run, name='episodes', daemon=True)
@@ -138,6 +144,9 @@ class SimBridgeNode(Node):
             self._chunk = (stamp, actions)
             if not self.settings.lockstep:
                 self._queue.add(stamp, actions, self.t_ns)
+                # Control steps that ran since the chunk's observation: the delay d the world
+                # saw (its first d actions came too late to run).
+                self.arrival_steps.append(int((self.t_ns - stamp) // self.dt_ns))
             self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
@@ -294,15 +303,15 @@ class SimBridgeNode(Node):
         return None
 
     def _realtime_action(self, hold):
+        """Return (action, stamp of the chunk it came from; -1: a hold) for this tick."""
         with self._cond:
             step = self._queue.tick(self.t_ns)
-            action = None if step is None else self._queue.current[2][step[0]]
-        if action is not None:
-            return action
+            if step is not None:
+                return self._queue.current[2][step[0]], self._queue.current[0]
         # No chunk covers this step yet: hold still. Before the episode's first chunk (dense
         # by rule, the slowest) it is a start-up wait, not the policy falling behind.
         self.counters['underruns' if self._episode_chunks else 'startup_underruns'] += 1
-        return hold
+        return hold, -1
 
     def _episode(self, index: int) -> dict:
         s = self.settings
@@ -320,19 +329,26 @@ class SimBridgeNode(Node):
         self._publish(obs)
         steps, success, start, next_tick = 0, False, time.monotonic(), time.monotonic()
         hold = np.zeros(7)
+        executed, executed_from = [], []  # actions sent, and the chunk (stamp) of each
         while steps < s.max_episode_steps and not self.stop.is_set():
             if s.action_mode == 'pose_target':
                 action = self._target_action(obs)
                 actions = None if action is None else [action]
+            elif s.lockstep:
+                actions = self._wait_chunk(obs)
+                sources = [self.t_ns] * len(actions if actions is not None else [])
             else:
-                actions = self._wait_chunk(obs) if s.lockstep else [
-                    self._realtime_action(hold)]
-            for action in actions if actions is not None else []:
+                action, source = self._realtime_action(hold)
+                actions, sources = [action], [source]
+            for i, action in enumerate(actions if actions is not None else []):
                 if len(action) != len(hold):
                     raise ValueError(f'chunks have {len(action)} action dimensions; this '
                                      f'bridge executes {len(hold)} (OSC pose delta + '
                                      f'gripper): the model does not fit the task')
                 hold = np.concatenate([np.zeros(len(action) - 1), action[-1:]])
+                if s.action_mode != 'pose_target':
+                    executed.append(np.asarray(action, dtype=float))
+                    executed_from.append(sources[i])
                 # The env's own done flag is ignored: the episode ends on the bridge's rules.
                 obs, _, _, info = self.env.step(action)
                 steps += 1
@@ -344,12 +360,15 @@ class SimBridgeNode(Node):
             if success and s.terminate_on_success:
                 break
             if not s.lockstep:
-                next_tick += self.dt_ns / 1e9
+                next_tick += self.dt_ns / 1e9 / s.real_time_factor
                 time.sleep(max(0.0, next_tick - time.monotonic()))
         # last_stamp_ns: the stamp of the episode's last observation (replay-bag resets the
         # policy after it: topics are not ordered, so the result may arrive before it).
         result = {'episode': index, 'seed': seed, 'success': success, 'length': steps,
                   'wall_s': round(time.monotonic() - start, 3), 'last_stamp_ns': self.t_ns}
+        if executed:
+            for key, values in ex.smoothness(np.stack(executed), executed_from).items():
+                self._smoothness[key].extend(values)
         self.result_pub.publish(conv.make_status(
             f'sim_bridge: episode {index}',
             DiagnosticStatus.OK if success else DiagnosticStatus.WARN,
@@ -392,6 +411,12 @@ class SimBridgeNode(Node):
                      'steps_per_wall_s': steps / wall if wall else float('nan'),
                      'round_trip_p50_ms': percentile(self.round_trip_ms, 50),
                      'round_trip_p99_ms': percentile(self.round_trip_ms, 99),
+                     'arrival_delay_steps': {str(d): self.arrival_steps.count(d)
+                                             for d in sorted(set(self.arrival_steps))},
+                     'smoothness': {f'{key}_{stat}': fn(values) if values else None
+                                    for key, values in self._smoothness.items()
+                                    for stat, fn in (('mean', lambda v: float(np.mean(v))),
+                                                     ('max', lambda v: float(np.max(v))))},
                      'results': self.results}, **self.counters)
 
     def close(self) -> dict:

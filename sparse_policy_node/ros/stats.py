@@ -27,6 +27,9 @@ class RunStats:
         self.inference_ms = deque(maxlen=HISTORY)
         self.obs_to_chunk_ms = deque(maxlen=HISTORY)
         self.steady_obs_to_chunk_ms = deque(maxlen=HISTORY)  # without forced-dense chunks
+        # Observation stamp to publication on the node's clock (sim time under use_sim_time):
+        # the latency the robot's world sees, which rtc's delay estimate is built from.
+        self.stamp_to_chunk_ms = deque(maxlen=HISTORY)
         self.sparsity = deque(maxlen=HISTORY)
         self.chunk_times = deque(maxlen=HISTORY)
         self.counters = Counter()
@@ -38,10 +41,12 @@ class RunStats:
             self.counters[what] += n
 
     def chunk(self, inference_ms: float, obs_to_chunk_ms: float, sparsity: float,
-              dense: bool) -> None:
-        """Record one published chunk."""
+              dense: bool, stamp_to_chunk_ms: float = float('nan')) -> None:
+        """Record one published chunk; its stamp-to-publication time is on the node clock."""
         with self._lock:
             self.inference_ms.append(inference_ms)
+            if np.isfinite(stamp_to_chunk_ms):
+                self.stamp_to_chunk_ms.append(stamp_to_chunk_ms)
             self.obs_to_chunk_ms.append(obs_to_chunk_ms)
             if not dense:
                 self.steady_obs_to_chunk_ms.append(obs_to_chunk_ms)
@@ -73,6 +78,7 @@ class RunStats:
             inf = list(self.inference_ms)[-n:]
             o2c = list(self.obs_to_chunk_ms)[-n:]
             steady = list(self.steady_obs_to_chunk_ms)[-n:]
+            stamp = list(self.stamp_to_chunk_ms)[-n:]
             sp = list(self.sparsity)[-n:]
             times = list(self.chunk_times)
             counters = dict(self.counters)
@@ -82,6 +88,9 @@ class RunStats:
             'obs_to_chunk_p99_ms': percentile(o2c, 99),
             'steady_obs_to_chunk_p50_ms': percentile(steady, 50),
             'steady_obs_to_chunk_p99_ms': percentile(steady, 99),
+            'stamp_to_chunk_p50_ms': percentile(stamp, 50),
+            'stamp_to_chunk_p90_ms': percentile(stamp, 90),
+            'stamp_to_chunk_p99_ms': percentile(stamp, 99),
             'realized_sparsity': float(np.mean(sp)) if sp else float('nan'),
         }
         if recent:

@@ -146,6 +146,7 @@ class FakeRobot(Node):
         self.pose_pub = self.create_publisher(PoseStamped, 'ee_pose', qos_profile_sensor_data)
         self.cond = threading.Condition()
         self.chunks, self.next_actions, self.diagnostics = [], [], []
+        self.chunk_times = []
         self.diagnostics_received = 0
         self.create_subscription(JointTrajectory, f'{policy}/action_chunk', self._on_chunk, 10)
         self.create_subscription(JointState, f'{policy}/next_action',
@@ -190,6 +191,7 @@ class FakeRobot(Node):
     def _on_chunk(self, msg):
         with self.cond:
             self.chunks.append(msg)
+            self.chunk_times.append(time.time_ns())  # wall time of arrival, per chunk
             self.cond.notify_all()
 
     def _on_diag(self, msg):

@@ -99,7 +99,9 @@ class WorkerMixin:
         if committed is None:
             return None
         horizon = self.settings.execution_horizon or self.n_action_steps
-        return prefix_from(committed[:, :self.action_dim], self._rtc_delay(), horizon)
+        d = self._rtc_delay()
+        self.stats.count(f'rtc_delay_steps_{d}')  # the d each rtc chunk pinned
+        return prefix_from(committed[:, :self.action_dim], d, horizon)
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -255,6 +257,26 @@ class WorkerMixin:
             return True
         return False
 
+    def _wait_emulated_latency(self, stamp_ns: int) -> None:
+        """execution.emulated_latency_s: hold the chunk until the clock is that far past.
+
+        A test of execution under a known latency (the clock is sim time in the bring-up).
+        Bounded in wall time: a clock that stops (a lockstep bridge waits for this chunk)
+        does not stall the node.
+        """
+        extra = self.settings.execution_emulated_latency_s
+        if extra <= 0:
+            return
+        target = stamp_ns + int(round(extra * 1e9))
+        give_up = time.monotonic() + 1.0 + 20.0 * extra
+        while self.get_clock().now().nanoseconds < target and not self._stop.is_set():
+            if time.monotonic() > give_up:
+                self.get_logger().warning('execution.emulated_latency_s: the clock did not '
+                                          'reach the emulated latency; publishing',
+                                          throttle_duration_sec=5.0)
+                return
+            self._stop.wait(0.001)
+
     def _maybe_run_chunk(self) -> None:
         if not self._active or self.safety.deadman.reason(
                 self.get_clock().now().nanoseconds, self.safety.config.enable_timeout_s):
@@ -316,6 +338,7 @@ class WorkerMixin:
             self._skip_stamp = window.stamp_ns
             self._reject('action', exc)
             return
+        self._wait_emulated_latency(window.stamp_ns)
         # Checked and published under the lock that resets and deactivation take: a chunk
         # of an old episode, or one finished after deactivation, never goes out; nor one
         # that the enable input or the watchdog holds now (checked at publish time).
@@ -341,14 +364,15 @@ class WorkerMixin:
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
             self._last_chunk_ns, self._paused = window.stamp_ns, False
-            self._delay.add((now - window.stamp_ns) / 1e9)  # observation to publication
+            stamp_to_chunk_s = (now - window.stamp_ns) / 1e9  # observation to publication
+            self._delay.add(stamp_to_chunk_s)
             self.chunk_pub.publish(conv.chunk_to_trajectory(
                 actions, self.names, dt, conv.ns_to_stamp(window.stamp_ns)))
             self._publish_due_step()
         self._error = None
         st = out['stats']
         self.stats.chunk(st['latency_ms'], (time.monotonic() - window.newest_arrival) * 1e3,
-                         st['realized_sparsity'], st['dense'])
+                         st['realized_sparsity'], st['dense'], stamp_to_chunk_s * 1e3)
         self.stats.count('frames_encoded_in_chunks', st['frames_encoded'])
         self.get_logger().debug(f'chunk at {window.stamp_ns / 1e9:.3f} s: '
                                 f'{st["latency_ms"]:.1f} ms, sparsity '

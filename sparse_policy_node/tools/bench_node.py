@@ -14,11 +14,21 @@ Modes:
   the policy fell behind; ``startup_underruns`` counts the steps of each episode spent waiting
   for its first chunk (dense by rule, the slowest), reported apart. ``--replan-lead 1`` starts
   each chunk one step early, which gives it one more control period.
+  ``--real-time-factor 0.25`` runs the world four times slower than the wall clock (sim time
+  keeps one control period per step): the latency the world sees is the wall latency times
+  the factor, and a shared CPU that cannot step the simulator at 20 Hz keeps the pace.
+  ``--execution-mode rtc`` measures real-time chunking in the loop;
+  ``--emulated-latency-ms 200`` holds every chunk until 200 ms (sim time) after its
+  observation, the known latency of a ``sparse-policy latency`` point, with the node's own
+  code in the loop. ``arrival_delay_steps`` counts, per chunk, the control steps that ran
+  between its observation and its arrival at the bridge: the delay the world saw.
 * ``lockstep``: the bridge waits for every chunk (sim time pauses), so the latencies are
   measured without time pressure and episodes do not depend on CPU speed.
 
 ``obs_to_chunk_p50_ms`` / ``p99`` leave out the first chunk of each episode (dense by rule in
-every variant); ``all_chunks_p99_ms`` includes it.
+every variant); ``all_chunks_p99_ms`` includes it. ``stamp_to_chunk_p90_ms`` is the
+observation stamp to publication on the node's clock (sim time in the bring-up): the latency
+the world sees, the one rtc's delay is estimated from.
 """
 
 import json
@@ -27,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -37,7 +48,8 @@ import yaml
 
 COLUMNS = (('variant', '{}'), ('success', '{}'), ('chunks', '{}'),
            ('obs_to_chunk_p50_ms', '{:.1f}'), ('obs_to_chunk_p99_ms', '{:.1f}'),
-           ('all_chunks_p99_ms', '{:.1f}'), ('underrun_share', '{:.3f}'),
+           ('all_chunks_p99_ms', '{:.1f}'), ('arrival_delay_p50_steps', '{:.1f}'),
+           ('underrun_share', '{:.3f}'), ('jerk_boundary_vs_within', '{:.2f}'),
            ('startup_underruns', '{}'), ('realized_sparsity', '{:.3f}'))
 
 
@@ -64,6 +76,20 @@ def add_arguments(parser) -> None:
                         help='replan_lead_steps of the policy node: start the next chunk that '
                              'many steps before the current one runs out (hides latency in '
                              'realtime mode)')
+    parser.add_argument('--execution-mode', default='',
+                        choices=('', 'replace', 'blend', 'rtc', 'ensemble'),
+                        help="the policy node's execution.mode (default: the parameter "
+                             "file's); rtc starts each chunk d measured steps early")
+    parser.add_argument('--real-time-factor', type=float, default=1.0,
+                        help='realtime mode: the pace of the simulated world against the wall '
+                             "clock (the bridge's real_time_factor): 0.25 runs it four times "
+                             "slower, so the node's latency in sim time is a quarter of its "
+                             'wall latency and a busy CPU cannot slow the control rate')
+    parser.add_argument('--emulated-latency-ms', type=float, default=0.0,
+                        help="realtime mode: the node's execution.emulated_latency_s: each "
+                             'chunk is published no earlier than this long (sim time) after '
+                             'its observation, a known latency with the node in the loop '
+                             '(the sweep of sparse-policy latency, measured on the node)')
     parser.add_argument('--params-file', default='',
                         help='base policy node parameter file (default: config/policy.yaml)')
     parser.add_argument('--bridge-params-file', default='',
@@ -87,6 +113,14 @@ def check_args(args) -> None:
     check_range(args.steps, '--steps', low=1)
     check_range(args.replan_lead, '--replan-lead', low=0)
     check_range(args.max_episode_steps, '--max-episode-steps', low=1)
+    check_range(args.real_time_factor, '--real-time-factor', low=0.01, high=1.0)
+    check_range(args.emulated_latency_ms, '--emulated-latency-ms', low=0.0, high=10000.0)
+    if args.emulated_latency_ms and args.mode != 'realtime':
+        raise CommandError('--emulated-latency-ms needs the realtime bridge: a lockstep bridge '
+                           'stops its clock until the chunk arrives (use --mode realtime)')
+    if args.real_time_factor != 1.0 and args.mode != 'realtime':
+        raise CommandError('--real-time-factor paces the realtime bridge; lockstep has no pace '
+                           '(leave it at 1 or use --mode realtime)')
     check_model_dir(args.model, pruners=True)
     check_task(args.task)
     for path, option in ((args.params_file, '--params-file'),
@@ -111,7 +145,12 @@ def write_params(args, directory: str):
     policy = _load_params(args.params_file, 'policy.yaml')
     bridge = _load_params(args.bridge_params_file, 'sim_bridge.yaml')
     policy['/**']['ros__parameters']['replan_lead_steps'] = args.replan_lead
+    policy['/**']['ros__parameters']['execution.emulated_latency_s'] = \
+        args.emulated_latency_ms / 1000.0
+    if args.execution_mode:
+        policy['/**']['ros__parameters']['execution.mode'] = args.execution_mode
     bridge['/**']['ros__parameters']['max_episode_steps'] = args.max_episode_steps
+    bridge['/**']['ros__parameters']['real_time_factor'] = args.real_time_factor
     paths = []
     for name, data in (('policy.yaml', policy), ('sim_bridge.yaml', bridge)):
         paths.append(os.path.join(directory, name))
@@ -156,7 +195,7 @@ def make_row(variant: str, policy: dict, bridge: dict) -> dict:
     """Combine the two node summaries of one run into a result row."""
     nan = float('nan')
     steps = sum(r['length'] for r in bridge.get('results', []))
-    return {
+    row = {
         'variant': variant,
         'success': f'{bridge.get("successes", 0)}/{bridge.get("episodes", 0)}',
         'success_rate': bridge.get('success_rate', nan),
@@ -165,6 +204,9 @@ def make_row(variant: str, policy: dict, bridge: dict) -> dict:
         'obs_to_chunk_p50_ms': policy.get('steady_obs_to_chunk_p50_ms', nan),
         'obs_to_chunk_p99_ms': policy.get('steady_obs_to_chunk_p99_ms', nan),
         'all_chunks_p99_ms': policy.get('obs_to_chunk_p99_ms', nan),
+        'stamp_to_chunk_p50_ms': policy.get('stamp_to_chunk_p50_ms', nan),
+        'stamp_to_chunk_p90_ms': policy.get('stamp_to_chunk_p90_ms', nan),
+        'stamp_to_chunk_p99_ms': policy.get('stamp_to_chunk_p99_ms', nan),
         'latency_p50_ms': policy.get('latency_p50_ms', nan),
         'latency_p99_ms': policy.get('latency_p99_ms', nan),
         'chunk_rate_hz': policy.get('chunk_rate_hz', nan),
@@ -176,6 +218,20 @@ def make_row(variant: str, policy: dict, bridge: dict) -> dict:
         'sim_steps': steps,
         'steps_per_wall_s': bridge.get('steps_per_wall_s', nan),
     }
+    arrivals = bridge.get('arrival_delay_steps') or {}
+    row['arrival_delay_steps'] = arrivals
+    delays = [int(d) for d, n in arrivals.items() for _ in range(n)]
+    row['arrival_delay_p50_steps'] = float(np.percentile(delays, 50)) if delays else nan
+    row['arrival_delay_p90_steps'] = float(np.percentile(delays, 90)) if delays else nan
+    prefix = 'rtc_delay_steps_'  # the d each rtc chunk pinned, counted by the node
+    row['rtc_delay_steps'] = {k[len(prefix):]: v for k, v in policy.items()
+                              if k.startswith(prefix)}
+    smooth = bridge.get('smoothness') or {}
+    for key in ('d2a_boundary_mean', 'd2a_within_mean', 'da_boundary_mean', 'da_within_mean'):
+        row[key] = nan if smooth.get(key) is None else smooth[key]
+    row['jerk_boundary_vs_within'] = row['d2a_boundary_mean'] / row['d2a_within_mean'] \
+        if row['d2a_within_mean'] else nan
+    return row
 
 
 def add_ratios(rows: list, control_period_ms: float) -> None:
@@ -197,7 +253,6 @@ def plot_latency_cdf(rows: list, path: str, control_period_ms: float, title: str
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for row in rows:

@@ -32,11 +32,12 @@ import json
 import math
 import os
 import time
-from typing import Dict
 from typing import List
 
 import numpy as np
+from sparse_policy_node.core import keys
 from sparse_policy_node.core.checkpoint import load_policy_config
+from sparse_policy_node.ros.execution import smoothness
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -46,7 +47,6 @@ import torch
 
 MODES = ('replace', 'blend', 'rtc')
 CONTROL_HZ = 20.0  # robosuite control_freq of every task here (sim/robosuite_env.py)
-ARM_DIMS = 6       # OSC pose deltas; the 7th dimension is the gripper command
 
 
 def delay_steps(latency_ms: float, hz: float = CONTROL_HZ) -> int:
@@ -66,34 +66,30 @@ def schedule(d: int, n: int) -> int:
     return 0 if d == 0 else max(d, n - d)
 
 
-def smoothness(actions: np.ndarray, source: List[int]) -> Dict[str, List[float]]:
-    """Split first and second differences of executed actions into within / boundary.
+def drop_camera_frames(obs: dict, previous: dict, image_keys, rng, rate: float) -> dict:
+    """Return ``obs`` with each camera's image replaced by ``previous``'s at ``rate``.
+
+    A dropped camera frame: the policy sees the last frame that did arrive while the
+    proprioception is current (as a node whose camera link loses frames).
 
     Args:
-        actions: (T, A) executed actions.
-        source: T ids of the chunk each action came from (-1: a hold).
-
-    Returns:
-        ``{'da_within', 'da_boundary', 'd2a_within', 'd2a_boundary'}``: lists of norms over
-        the arm dimensions.
+        obs: this step's observation (not modified).
+        previous: the observation the policy saw at the previous step.
+        image_keys: the observation keys of the cameras.
+        rng: a ``numpy.random.Generator`` (one draw per camera and step).
+        rate: probability of a drop in [0, 1).
     """
-    a = np.asarray(actions, dtype=float)[:, :ARM_DIMS]
-    out = {'da_within': [], 'da_boundary': [], 'd2a_within': [], 'd2a_boundary': []}
-    for t in range(1, len(a)):
-        ids = source[t - 1:t + 1]
-        if min(ids) >= 0:
-            key = 'da_within' if ids[0] == ids[1] else 'da_boundary'
-            out[key].append(float(np.linalg.norm(a[t] - a[t - 1])))
-        if t >= 2:
-            ids = source[t - 2:t + 1]
-            if min(ids) >= 0:
-                key = 'd2a_within' if len(set(ids)) == 1 else 'd2a_boundary'
-                out[key].append(float(np.linalg.norm(a[t] - 2 * a[t - 1] + a[t - 2])))
+    if rate <= 0:
+        return obs
+    out = dict(obs)
+    for key in image_keys:
+        if rng.random() < rate:
+            out[key] = previous[key]
     return out
 
 
 def run_latency_episode(env, engine, seed: int, n_obs_steps: int, d: int,
-                        mode: str) -> dict:
+                        mode: str, drop_frames: float = 0.0) -> dict:
     """Run one episode with a delay of ``d`` control steps; return its result and jerk lists.
 
     Args:
@@ -103,6 +99,8 @@ def run_latency_episode(env, engine, seed: int, n_obs_steps: int, d: int,
         n_obs_steps: T_o.
         d: delay in control steps.
         mode: ``replace``, ``blend`` or ``rtc``.
+        drop_frames: probability that a camera frame is lost (:func:`drop_camera_frames`;
+            seeded with ``seed``).
     """
     from sparse_policy_node.core.rtc import prefix_from
     from sparse_policy_node.ros import execution as ex
@@ -115,6 +113,9 @@ def run_latency_episode(env, engine, seed: int, n_obs_steps: int, d: int,
     torch.manual_seed(seed)
     engine.reset()
     obs = env.reset(seed)
+    drop_rng = np.random.default_rng(seed)
+    image_keys = [keys.image_key(c) for c in engine.policy.config.obs.vision.cameras]
+    dropped = 0
     history = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
     pending = None          # (arrival step, base, (n, A) chunk, chunk id)
     chunk_id, current_id = 0, -1
@@ -156,10 +157,13 @@ def run_latency_episode(env, engine, seed: int, n_obs_steps: int, d: int,
             source.append(current_id)
         actions.append(action)
         obs, _, done, info = env.step(action)
-        history.append(obs)
+        seen = drop_camera_frames(obs, history[-1], image_keys, drop_rng, drop_frames)
+        dropped += sum(seen[k] is not obs[k] for k in image_keys)
+        history.append(seen)
         t += 1
     result = {'seed': seed, 'success': bool(info['success']), 'steps': env.steps,
               'underruns': underruns, 'startup_holds': startup, 'chunks': chunk_id,
+              'dropped_frames': dropped,
               'chunk_ms': round(float(np.mean(chunk_ms)), 2)}
     result.update(smoothness(np.stack(actions), source))
     return result
@@ -172,7 +176,8 @@ def summarize_point(episodes: List[dict]) -> dict:
            'steps_success': round(float(np.mean(wins)), 2) if wins else None,
            'underruns': sum(e['underruns'] for e in episodes),
            'startup_holds': sum(e['startup_holds'] for e in episodes),
-           'chunk_ms': round(float(np.mean([e['chunk_ms'] for e in episodes])), 2)}
+           'chunk_ms': round(float(np.mean([e['chunk_ms'] for e in episodes])), 2),
+           'dropped_frames': sum(e.get('dropped_frames', 0) for e in episodes)}
     for key in ('da_within', 'da_boundary', 'd2a_within', 'd2a_boundary'):
         values = [v for e in episodes for v in e[key]]
         out[f'{key}_mean'] = round(float(np.mean(values)), 5) if values else None
@@ -193,6 +198,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dense', action='store_true',
                         help="every unit computed (the serving schedule without the pruner's "
                              'gates): whether rtc needs a pruner of its own')
+    parser.add_argument('--drop-frames', type=float, default=0.0,
+                        help='probability that a camera frame is lost (the policy keeps the '
+                             'last frame that arrived; seeded per episode); a separate set of '
+                             'points, file names ending in _drop<P>')
     parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
     parser.add_argument('--threads', type=int, default=1, help='torch threads')
     parser.add_argument('--report-only', action='store_true',
@@ -209,9 +218,11 @@ def _mode_arg(name: str) -> str:
     return name
 
 
-def point_path(out: str, latency_ms: float, mode: str, dense: bool) -> str:
+def point_path(out: str, latency_ms: float, mode: str, dense: bool,
+               drop_frames: float = 0.0) -> str:
     """JSON file of one (latency, mode) point."""
-    return os.path.join(out, f'{"dense_" if dense else ""}{mode}_{latency_ms:g}ms.json')
+    drop = f'_drop{drop_frames:g}' if drop_frames > 0 else ''
+    return os.path.join(out, f'{"dense_" if dense else ""}{mode}_{latency_ms:g}ms{drop}.json')
 
 
 def _load(path: str) -> List[dict]:
@@ -264,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     """Run every (latency, mode) point on the same seeds; resume points already written."""
     check_range(args.episodes, '--episodes', low=1)
     check_range(args.max_steps, '--max-steps', low=1)
+    check_range(args.drop_frames, '--drop-frames', low=0.0, high=0.9)
     for ms in args.latency_ms:
         if not (math.isfinite(ms) and 0 <= ms <= 10000):
             raise CommandError(f'--latency-ms {ms:g} is out of range; give 0 to 10000 ms')
@@ -297,8 +309,9 @@ def run(args: argparse.Namespace) -> int:
             # At zero latency nothing overlaps: every mode is the same run, done once.
             modes = args.modes[:1] if d == 0 else args.modes
             for mode in modes:
-                path = point_path(args.out, ms, mode, args.dense)
+                path = point_path(args.out, ms, mode, args.dense, args.drop_frames)
                 meta = {'latency_ms': ms, 'delay_steps': d, 'mode': mode if d else 'any',
+                        'drop_frames': args.drop_frames,
                         'lead_steps': schedule(d, policy.config.n_action_steps),
                         'runs': runs, 'model': args.model,
                         'seed_start': args.seed_start}
@@ -310,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
                     if seed in done_seeds or args.report_only:
                         continue
                     episodes.append(run_latency_episode(
-                        env, engine, seed, policy.config.transformer.n_obs_steps, d, mode))
+                        env, engine, seed, policy.config.transformer.n_obs_steps, d, mode,
+                        args.drop_frames))
                     _save(path, meta, episodes)
                 point = dict(meta, **summarize_point(episodes))
                 summary.append(point)
@@ -320,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
                       f'within {point["d2a_within_mean"]}', flush=True)
     finally:
         env.close()
-    name = 'latency_dense' if args.dense else 'latency'
+    name = ('latency_dense' if args.dense else 'latency') + (
+        f'_drop{args.drop_frames:g}' if args.drop_frames > 0 else '')
     with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
         json.dump({'command': 'sparse-policy latency', 'points': summary}, f, indent=1)
     plot(summary, os.path.join(args.out, f'{name}.png'))
