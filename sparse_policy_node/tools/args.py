@@ -57,6 +57,31 @@ def add_model_argument(parser, default=None, help_text='model directory (config.
                                  '--model DIR')
 
 
+def add_episode_arguments(parser, *, task: bool = True, schedule: bool = True,
+                          max_steps: bool = True, workers: bool = True) -> None:
+    """Add the options every closed-loop command shares, worded the same everywhere.
+
+    ``--task``, ``--sampler`` / ``--steps`` (``schedule``), ``--max-steps``, ``--workers``
+    and ``--threads``; each command adds its own ``--episodes`` and ``--seed-start`` (their
+    defaults keep the commands' seed ranges apart).
+    """
+    if task:
+        parser.add_argument('--task', help='task (default: the one the model was trained on)')
+    if schedule:
+        from sparse_policy_node.core.config import SAMPLERS  # no torch import
+        parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
+        parser.add_argument('--steps', type=int,
+                            help="denoising steps K (default: the model's)")
+    if max_steps:
+        parser.add_argument('--max-steps', type=int,
+                            help="episode limit (default: the task's)")
+    if workers:
+        parser.add_argument('--workers', type=int, default=1,
+                            help='simulator processes (one episode each at a time)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads per process' if workers else 'torch threads')
+
+
 def resolve_model(args, command: str) -> str:
     """Apply the deprecated positional model directory; return ``args.model``.
 

@@ -27,6 +27,7 @@ from typing import List
 
 import numpy as np
 from sparse_policy_node.core.config import MATCHED_SPARSITY
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -74,9 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--episodes', type=int, default=20, help='evaluation episodes per point')
     parser.add_argument('--seed-start', type=int, default=100000,
                         help='first evaluation seed; keep it apart from the rollout seeds')
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    add_episode_arguments(parser, task=False, schedule=False)
     parser.add_argument('--out', default='runs/efficiency',
                         help='report directory (efficiency.json, efficiency.png, runs)')
     parser.add_argument('--resume', action='store_true',

@@ -32,7 +32,7 @@ from sparse_policy_node.core.checkpoint import load_policy
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import MATCHED_SPARSITY
-from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -64,10 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='episodes per variant (seeds --seed-start onwards)')
     parser.add_argument('--seed-start', type=int, default=100000,
                         help='first reset seed; keep it disjoint from the training seeds')
-    parser.add_argument('--task', help='task (default: the one the model was trained on)')
-    parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
-    parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
+    add_episode_arguments(parser)
     parser.add_argument('--variants', action=ListAction, default=['dense'], check=_variant_arg,
                         help='space or comma separated: default (serving.json), dense, sparse '
                              '(learned gates), dial-P (P %% or a fraction < 1), omni, '
@@ -89,8 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=('float32', 'float16', 'bfloat16'),
                         help='denoiser precision (RuntimeConfig.precision); below float32 the '
                              'dense variant runs on the engine with sparsity off')
-    parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--out', help='report directory (report.json, success.png)')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
 

@@ -36,6 +36,7 @@ from typing import Optional
 from typing import Sequence
 
 import numpy as np
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -301,8 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed-start', type=int, default=300000,
                         help='first reset seed; keep it apart from training, rollout and '
                              'validation seeds')
-    parser.add_argument('--task', help='task (default: the one the model was trained on)')
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
+    add_episode_arguments(parser, schedule=False)
     parser.add_argument('--ddim-steps', action=ListAction, nargs='*', check=int,
                         default=[5, 10, 16],
                         help='K of the dense DDIM points, space or comma separated')
@@ -324,8 +324,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='lossless: success at most this many episodes below dense')
     parser.add_argument('--max-steps-ratio', type=float, default=1.10,
                         help='lossless: steps per successful episode at most this x dense')
-    parser.add_argument('--workers', type=int, default=1, help='evaluation processes')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
     parser.add_argument('--no-deviation', action='store_true',
                         help='skip the dense reference per chunk (no action deviation)')
     parser.add_argument('--out', help='report directory (frontier.json, frontier.png)')

@@ -38,6 +38,7 @@ import numpy as np
 from sparse_policy_node.core import keys
 from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.ros.execution import smoothness
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -202,8 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='probability that a camera frame is lost (the policy keeps the '
                              'last frame that arrived; seeded per episode); a separate set of '
                              'points, file names ending in _drop<P>')
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
-    parser.add_argument('--threads', type=int, default=1, help='torch threads')
+    add_episode_arguments(parser, task=False, schedule=False, workers=False)
     parser.add_argument('--report-only', action='store_true',
                         help='run nothing: summarize and plot the points already in --out '
                              '(each with the episodes it has of the seed range)')

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import h5py
 import numpy as np
-from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_out_path
@@ -279,14 +279,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='first reset seed; keep it disjoint from the policy training '
                              'seeds and from the evaluation seeds (100000+)')
     parser.add_argument('--max-attempts', type=int, help='seeds to try (default 2 * num)')
-    parser.add_argument('--task', help='task (default: the one the model was trained on)')
-    parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
-    parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
     parser.add_argument('--keep-failures', action='store_true',
                         help='also keep failed episodes')
-    parser.add_argument('--workers', type=int, default=1, help='simulator processes')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    add_episode_arguments(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:

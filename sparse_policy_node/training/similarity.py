@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 from sparse_policy_node.core import keys
-from sparse_policy_node.core.config import SAMPLERS
+from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
@@ -258,13 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--episodes', type=int, default=5, help='episodes to record')
     parser.add_argument('--seed-start', type=int, default=100000,
                         help='first reset seed (one episode per seed)')
-    parser.add_argument('--task', help='task (default: the one the model was trained on)')
-    parser.add_argument('--sampler', choices=SAMPLERS, help="default: the model's own")
-    parser.add_argument('--steps', type=int, help="denoising steps K (default: the model's)")
-    parser.add_argument('--max-steps', type=int, help="episode limit (default: the task's)")
+    add_episode_arguments(parser, workers=False)
     parser.add_argument('--max-distance', type=int, default=10,
                         help='largest control-step distance d measured')
-    parser.add_argument('--threads', type=int, default=1, help='torch threads')
     parser.add_argument('--out', default='runs/similarity',
                         help='report directory (similarity.json, similarity.png)')
 
