@@ -21,6 +21,7 @@ in ``frame_id``) and ``~/gripper_command`` (std_msgs/Float64), turning each targ
 OSC pose delta that moves the simulated arm towards it.
 """
 
+from collections import Counter
 import json
 import sys
 import threading
@@ -117,12 +118,14 @@ class SimBridgeNode(Node):
         # observation stamped t reflects the actions of the steps before t).
         self._queue = ex.ChunkExecutor(ex.DELTA, self.dt_ns)
         self._sent = {}               # obs stamp -> monotonic publish time (round trip)
-        self.round_trip_ms, self.results, self.arrival_steps = [], [], []
+        self.round_trip_ms, self.results = [], []
+        self.arrival_steps = Counter()  # chunks per arrival delay (control steps)
         self.counters = {'chunks': 0, 'underruns': 0, 'startup_underruns': 0, 'republished': 0,
                          'bad_chunks': 0, 'stale_chunks': 0, 'targets': 0, 'bad_targets': 0}
         self._episode_start_ns = self._episode_chunks = 0
-        # |da|, |d2a| of the executed chunk actions, at chunk boundaries and within chunks.
-        self._smoothness = {k: [] for k in
+        # |da|, |d2a| of the executed chunk actions, at chunk boundaries and within chunks:
+        # [count, sum, max] each (bounded memory on an endless run).
+        self._smoothness = {k: [0, 0.0, 0.0] for k in
                             ('da_within', 'da_boundary', 'd2a_within', 'd2a_boundary')}
         self.stop = threading.Event()
         self.finished = Future()
@@ -146,7 +149,7 @@ class SimBridgeNode(Node):
                 self._queue.add(stamp, actions, self.t_ns)
                 # Control steps that ran since the chunk's observation: the delay d the world
                 # saw (its first d actions came too late to run).
-                self.arrival_steps.append(int((self.t_ns - stamp) // self.dt_ns))
+                self.arrival_steps[int((self.t_ns - stamp) // self.dt_ns)] += 1
             self._episode_chunks += 1
             self.counters['chunks'] += 1
             self._cond.notify_all()
@@ -368,7 +371,9 @@ class SimBridgeNode(Node):
                   'wall_s': round(time.monotonic() - start, 3), 'last_stamp_ns': self.t_ns}
         if executed:
             for key, values in ex.smoothness(np.stack(executed), executed_from).items():
-                self._smoothness[key].extend(values)
+                acc = self._smoothness[key]
+                acc[0], acc[1] = acc[0] + len(values), acc[1] + sum(values)
+                acc[2] = max([acc[2], *values])
         self.result_pub.publish(conv.make_status(
             f'sim_bridge: episode {index}',
             DiagnosticStatus.OK if success else DiagnosticStatus.WARN,
@@ -411,13 +416,18 @@ class SimBridgeNode(Node):
                      'steps_per_wall_s': steps / wall if wall else float('nan'),
                      'round_trip_p50_ms': percentile(self.round_trip_ms, 50),
                      'round_trip_p99_ms': percentile(self.round_trip_ms, 99),
-                     'arrival_delay_steps': {str(d): self.arrival_steps.count(d)
-                                             for d in sorted(set(self.arrival_steps))},
-                     'smoothness': {f'{key}_{stat}': fn(values) if values else None
-                                    for key, values in self._smoothness.items()
-                                    for stat, fn in (('mean', lambda v: float(np.mean(v))),
-                                                     ('max', lambda v: float(np.max(v))))},
+                     'arrival_delay_steps': {str(d): self.arrival_steps[d]
+                                             for d in sorted(self.arrival_steps)},
+                     'smoothness': self._smoothness_summary(),
                      'results': self.results}, **self.counters)
+
+    def _smoothness_summary(self) -> dict:
+        """Mean and max of each difference set (None: no difference of that kind ran)."""
+        out = {}
+        for key, (n, total, largest) in self._smoothness.items():
+            out[f'{key}_mean'] = total / n if n else None
+            out[f'{key}_max'] = largest if n else None
+        return out
 
     def close(self) -> dict:
         """Stop the episode loop, release the simulator and write the summary file."""
