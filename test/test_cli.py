@@ -189,3 +189,15 @@ def test_precision_says_what_it_does_before_the_long_work(monkeypatch, capsys):
                  '--windows', '3', '--json']) == 0
     assert seen[0].startswith('precision: comparing float32, float16, bfloat16')
     assert '3 windows' in seen[0]
+
+
+def test_episode_options_are_checked_alike_in_every_closed_loop_command(capsys, tmp_path):
+    # One check (tools/args.check_episode_arguments) for the options every command shares.
+    out = str(tmp_path / 'out')
+    cases = [['eval', '--steps', '0'], ['rollouts', '--out', out, '--threads', '0'],
+             ['similarity', '--threads', '0'], ['frontier', '--workers', '0'],
+             ['latency', '--out', out, '--threads', '0'],
+             ['train-efficiency', '--rollouts', 'r.hdf5', '--max-steps', '0']]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        assert f'{argv[-2]} must be >= 1, got 0' in capsys.readouterr().err, argv

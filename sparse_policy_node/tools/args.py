@@ -82,6 +82,16 @@ def add_episode_arguments(parser, *, task: bool = True, schedule: bool = True,
                         help='torch threads per process' if workers else 'torch threads')
 
 
+def check_episode_arguments(args) -> None:
+    """Check the :func:`add_episode_arguments` options ``args`` has: each at least 1.
+
+    Raises:
+        CommandError: ``--steps``, ``--max-steps``, ``--workers`` or ``--threads`` below 1.
+    """
+    for dest in ('steps', 'max_steps', 'workers', 'threads'):
+        check_range(getattr(args, dest, None), '--' + dest.replace('_', '-'), low=1)
+
+
 def resolve_model(args, command: str) -> str:
     """Apply the deprecated positional model directory; return ``args.model``.
 

@@ -29,6 +29,7 @@ import numpy as np
 from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import check_rollouts
@@ -87,9 +88,9 @@ def check_args(args: argparse.Namespace) -> int:
     """Check the values, the model and the rollouts; return the rollout file's episodes."""
     from sparse_policy_node.training.pruner_training import check_rollouts as same_policy
     from sparse_policy_node.training.rollouts import count_rollouts
-    for option in ('epochs', 'batch_episodes', 'episodes', 'workers', 'threads'):
+    for option in ('epochs', 'batch_episodes', 'episodes'):
         check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
+    check_episode_arguments(args)
     check_range(args.max_minutes, '--max-minutes', low=0)
     check_range(args.rollout_max_age, '--rollout-max-age', low=0)
     check_range(args.target_sparsity, '--target-sparsity', low=0.0, high=0.99,

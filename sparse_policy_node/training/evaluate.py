@@ -34,6 +34,7 @@ from sparse_policy_node.core.checkpoint import read_metadata
 from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import check_task
@@ -97,9 +98,7 @@ def check_args(args: argparse.Namespace) -> Dict[str, str]:
         ``{variant: what it runs}`` (schedule and gates).
     """
     check_range(args.episodes, '--episodes', low=1)
-    check_range(args.steps, '--steps', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
-    check_range(args.workers, '--workers', low=1)
+    check_episode_arguments(args)
     check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
     check_range(args.ablation_sparsity, '--ablation-sparsity', low=0.0, high=0.99)
     check_model_dir(args.model, pruners=True)

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import check_task
@@ -343,8 +344,7 @@ def check_args(args: argparse.Namespace) -> List[str]:
     for k in args.ddim_steps:
         check_range(k, '--ddim-steps', low=1)
     check_range(args.episodes, '--episodes', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
-    check_range(args.workers, '--workers', low=1)
+    check_episode_arguments(args)
     check_range(args.rollout_max_age, '--rollout-max-age', low=0, hint='0 never expires')
     try:
         schedule_dials = parse_schedule_dials(args.schedule_dials)

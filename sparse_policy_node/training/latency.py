@@ -40,6 +40,7 @@ from sparse_policy_node.core.checkpoint import load_policy_config
 from sparse_policy_node.ros.execution import smoothness
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import CommandError
@@ -274,7 +275,7 @@ def plot(summary: List[dict], path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run every (latency, mode) point on the same seeds; resume points already written."""
     check_range(args.episodes, '--episodes', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
+    check_episode_arguments(args)
     check_range(args.drop_frames, '--drop-frames', low=0.0, high=0.9)
     for ms in args.latency_ms:
         if not (math.isfinite(ms) and 0 <= ms <= 10000):

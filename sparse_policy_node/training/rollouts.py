@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_out_path
 from sparse_policy_node.tools.args import check_range
@@ -289,9 +290,7 @@ def check_args(args: argparse.Namespace) -> None:
     from sparse_policy_node.training.evaluate import model_task
     check_range(args.num, '--num', low=1)
     check_range(args.max_attempts, '--max-attempts', low=1)
-    check_range(args.steps, '--steps', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
-    check_range(args.workers, '--workers', low=1)
+    check_episode_arguments(args)
     config = check_model_dir(args.model)
     check_range(args.steps, '--steps', high=config.scheduler.num_train_timesteps,
                 hint="K cannot exceed the model's training timesteps")

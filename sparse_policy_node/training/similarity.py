@@ -37,6 +37,7 @@ import numpy as np
 from sparse_policy_node.core import keys
 from sparse_policy_node.tools.args import add_episode_arguments
 from sparse_policy_node.tools.args import add_model_argument
+from sparse_policy_node.tools.args import check_episode_arguments
 from sparse_policy_node.tools.args import check_model_dir
 from sparse_policy_node.tools.args import check_range
 from sparse_policy_node.tools.args import check_task
@@ -269,10 +270,8 @@ def run(args: argparse.Namespace) -> int:
     """Record the episodes, write the JSON and the plot, print the headline numbers."""
     from sparse_policy_node.training.evaluate import model_task
     check_range(args.episodes, '--episodes', low=1)
-    check_range(args.steps, '--steps', low=1)
-    check_range(args.max_steps, '--max-steps', low=1)
+    check_episode_arguments(args)
     check_range(args.max_distance, '--max-distance', low=1)
-    check_range(args.threads, '--threads', low=1)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CommandError(f'--out {args.out!r} is a file; give a directory for '
                            f'similarity.json and similarity.png')
