@@ -5,6 +5,7 @@ import json
 import pytest
 from sparse_policy_node.training.efficiency import draw_episodes
 from sparse_policy_node.training.efficiency import episode_summary
+from sparse_policy_node.training.efficiency import epochs_for_budget
 from test_training_rollouts import write_tiny_rollouts
 
 
@@ -36,6 +37,30 @@ def test_too_many_trajectories_is_one_line(tiny_policy, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'holds 3 episodes' in err
+
+
+def test_a_frame_budget_gives_few_trajectories_more_epochs():
+    assert epochs_for_budget(25, 400) == 16      # one Can episode of 25 chunks
+    assert epochs_for_budget(1600, 400) == 1     # never less than one pass
+    assert epochs_for_budget(100, 400) == 4
+    assert epochs_for_budget(300, 400) == 1      # nearest: 300 frames, not 600
+
+
+def test_rollout_lengths_are_read_without_loading(tiny_policy, tmp_path):
+    from sparse_policy_node.training.rollouts import rollout_lengths
+    path = str(tmp_path / 'rollouts.hdf5')
+    write_tiny_rollouts(tiny_policy, str(tmp_path / 'model'), path, lengths=(3, 2, 4))
+    assert rollout_lengths(path) == [3, 2, 4]
+
+
+def test_negative_frame_budget_is_one_line(tiny_policy, tmp_path, capsys):
+    from sparse_policy_node.cli import main
+    model_dir, path = str(tmp_path / 'model'), str(tmp_path / 'rollouts.hdf5')
+    write_tiny_rollouts(tiny_policy, model_dir, path)
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '--train-frames', '-5']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--train-frames' in err
 
 
 @pytest.mark.sim
@@ -74,6 +99,22 @@ def test_command_trains_evaluates_and_plots_every_point(tiny_policy, tmp_path, c
                  '--episodes', '1', '--seed-start', '3', '--max-steps', '12',
                  '--out', str(out), '--resume']) == 2
     assert 'other settings' in capsys.readouterr().err
+    # --train-frames: each point trains for the epochs nearest to the budget.
+    budget = tmp_path / 'budget'
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '1', '3', '--train-frames', '9', '--target-sparsity', '0.5',
+                 '--episodes', '1', '--seed-start', '3', '--max-steps', '12',
+                 '--out', str(budget)]) == 0
+    report = json.loads((budget / 'efficiency.json').read_text())
+    lengths = [3, 2, 4]
+    assert report['train_frames'] == 9
+    for point in report['points']:
+        frames = sum(lengths[i] for i in point['train_episodes'])
+        assert point['epochs'] == epochs_for_budget(frames, 9)
+        assert point['train_frames'] == frames * point['epochs']
+        run = budget / f'n{point["trajectories"]}_seed0'
+        assert len((run / 'log.jsonl').read_text().splitlines()) == point['epochs']
+    assert report['points'][1]['epochs'] == 1            # 9 frames: one pass
 
 
 def test_plot_with_no_successful_point(tmp_path):

@@ -7,7 +7,9 @@ a model and a rollout file (``sparse-policy rollouts``):
 1. for every number of trajectories n in ``--trajectories`` and every training seed in
    ``--train-seeds``: draw n episodes of the rollout file (a seeded draw without
    replacement), train a pruner on them alone (``train-pruner``'s recipe, no validation
-   episodes, the last epoch kept) for ``--epochs`` epochs;
+   episodes, the last epoch kept) for ``--epochs`` epochs, or, with ``--train-frames F``,
+   for as many epochs as bring its training frames nearest to F (at least one), so that every
+   point gets about the same training compute whatever its n (``epochs_for_budget``);
 2. roll it out in the simulator at the matched sparsity (the dial ``dial-P`` on the pruner's
    schedule, ``P = --target-sparsity``, so every point reuses exactly the same share and only
    the pruner's ranking differs) on the evaluation seeds;
@@ -42,6 +44,11 @@ def draw_episodes(total: int, n: int, seed: int) -> List[int]:
     return sorted(random.Random(seed).sample(range(total), n))
 
 
+def epochs_for_budget(frames: int, budget: int) -> int:
+    """Epochs over ``frames`` training frames nearest to ``budget`` frames in all (>= 1)."""
+    return max(1, round(budget / frames))
+
+
 def episode_summary(episodes: List[dict]) -> dict:
     """Success, steps per successful episode and realized sparsity of evaluated episodes."""
     wins = [e['steps'] for e in episodes if e['success']]
@@ -66,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='training seeds per point (the draw of trajectories and the '
                              'pruner initialisation)')
     parser.add_argument('--epochs', type=int, default=5, help='training epochs per pruner')
+    parser.add_argument('--train-frames', type=int, default=0,
+                        help='training frames per pruner (control steps seen, summed over '
+                             'epochs): each point trains for the epochs nearest to it, so '
+                             'that every n gets the same compute; 0: --epochs for every n')
     parser.add_argument('--max-minutes', type=float, default=0.0,
                         help='stop each training after the epoch crossing this time (0: none)')
     parser.add_argument('--target-sparsity', type=float, default=MATCHED_SPARSITY,
@@ -92,6 +103,7 @@ def check_args(args: argparse.Namespace) -> int:
         check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=1)
     check_episode_arguments(args)
     check_range(args.max_minutes, '--max-minutes', low=0)
+    check_range(args.train_frames, '--train-frames', low=0)
     check_range(args.rollout_max_age, '--rollout-max-age', low=0)
     check_range(args.target_sparsity, '--target-sparsity', low=0.0, high=0.99,
                 hint='give a fraction, e.g. 0.93')
@@ -141,8 +153,10 @@ def plot_efficiency(report: dict, path: str) -> None:
     ax_s.set_ylabel('success rate')
     ax_s.set_ylim(-0.05, 1.05)
     ax_l.set_ylabel('steps per successful episode')
+    budget = (f'about {report["train_frames"]} training frames per pruner'
+              if report.get('train_frames') else f'{report["epochs"]} epochs per pruner')
     fig.suptitle(f'{report["task"]}, {report["schedule"]}: {report["episodes"]} episodes '
-                 f'from seed {report["seed_start"]}, {report["epochs"]} epochs per pruner')
+                 f'from seed {report["seed_start"]}, {budget}')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -181,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
     from sparse_policy_node.training.pruner_training import PrunerTrainConfig
     from sparse_policy_node.training.pruner_training import train_pruner
     from sparse_policy_node.training.rollouts import read_rollout_attrs
+    from sparse_policy_node.training.rollouts import rollout_lengths
     total = check_args(args)
+    lengths = rollout_lengths(args.rollouts)
     attrs = read_rollout_attrs(args.rollouts)
     schedule = schedule_name(str(attrs['sampler']), int(attrs['num_inference_steps']))
     task = model_task(args.model)
@@ -191,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     report = {'model': args.model, 'task': task, 'rollouts': args.rollouts,
               'rollout_episodes': total, 'schedule': schedule,
               'target_sparsity': args.target_sparsity, 'epochs': args.epochs,
+              'train_frames': args.train_frames,
               'rollout_max_age': args.rollout_max_age, 'max_steps': args.max_steps,
               'seed_start': args.seed_start, 'episodes': args.episodes, 'points': []}
     report = resumed(report, args.out) if args.resume else report
@@ -206,11 +223,14 @@ def run(args: argparse.Namespace) -> int:
             if (n, seed) in done:
                 continue
             run_dir = os.path.join(args.out, f'n{n}_seed{seed}')
-            cfg = PrunerTrainConfig(target_sparsity=args.target_sparsity, epochs=args.epochs,
+            indices = draw_episodes(total, n, seed)
+            frames = sum(lengths[i] for i in indices)
+            epochs = (epochs_for_budget(frames, args.train_frames) if args.train_frames
+                      else args.epochs)
+            cfg = PrunerTrainConfig(target_sparsity=args.target_sparsity, epochs=epochs,
                                     batch_episodes=min(args.batch_episodes, n), val_episodes=0,
                                     max_minutes=args.max_minutes, seed=seed,
                                     threads=args.threads, rollout_max_age=args.rollout_max_age)
-            indices = draw_episodes(total, n, seed)
             summary = train_pruner(args.model, args.rollouts, run_dir, cfg,
                                    episode_indices=indices)
             model = candidate_model(args.model, os.path.join(run_dir, 'last'),
@@ -219,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
                                         args.workers, args.threads)
             report['points'].append(dict(
                 episode_summary(episodes), trajectories=n, train_seed=seed,
-                train_episodes=indices, train_minutes=round(summary['minutes'], 2),
+                train_episodes=indices, train_frames=frames * epochs, epochs=epochs,
+                train_minutes=round(summary['minutes'], 2),
                 train_sparsity=summary['best'].get('train_sparsity'), per_episode=episodes))
             _save(report, args.out)
             point = report['points'][-1]

@@ -167,6 +167,14 @@ def count_rollouts(path: str) -> int:
         return len(f['episodes'])
 
 
+def rollout_lengths(path: str) -> List[int]:
+    """Return the control steps (frames) of every episode, in file order, without reading them."""
+    read_rollout_attrs(path)
+    with h5py.File(path, 'r') as f:
+        return [len(f['episodes'][name]['noise'])
+                for name in sorted(f['episodes'].keys(), key=_episode_key)]
+
+
 def load_rollouts(path: str) -> List[dict]:
     """Read every episode of a rollout file into memory.
 
