@@ -130,6 +130,7 @@ def test_soft_path_ages_equal_hard_path(tiny_policy):
         gate_source='random', target_sparsity=0.8, num_inference_steps=K, rollout_max_age=1))
     soft_cache = FeatureCache(U)
     g = torch.Generator().manual_seed(0)
+    expired = 0
     for chunk in range(5):
         obs = make_obs(tiny_policy, seed=chunk)
         noise, step_noise = make_noise(tiny_policy)
@@ -145,10 +146,17 @@ def test_soft_path_ages_equal_hard_path(tiny_policy):
             obs_mem = model.encode_obs_tokens(cond)
             time_mem = model.encode_time_tokens(engine.scheduler.timesteps)
             kv_all = model.assemble_kv(model.time_kv(time_mem), model.obs_kv(obs_mem))
-            soft = sample_soft(model, engine.scheduler, kv_all, noise,
-                               F.one_hot(used[None], 4).float(), soft_cache, step_noise)
+            soft, compute = sample_soft(model, engine.scheduler, kv_all, noise,
+                                        F.one_hot(used[None], 4).float(), soft_cache,
+                                        step_noise, return_compute=True)
         soft = tiny_policy.normalizer.unnormalize('action', soft)
         assert torch.allclose(soft, hard['action_pred'], atol=1e-5), chunk
+        # The soft path's compute is what the hard path ran, expiries included.
+        ran = (engine.last_gates == 0).float()  # (K, U)
+        assert torch.equal(compute[0], ran), chunk
+        if chunk >= 2:  # slots of chunk c - 2 have expired: more ran than the gates chose
+            expired += int(ran.sum() - (used == 0).sum())
+    assert expired > 0
 
 
 def test_soft_path_keeps_ages_per_sample():

@@ -8,6 +8,7 @@ from sparse_policy_node.core.checkpoint import load_pruners
 from sparse_policy_node.core.checkpoint import read_serving_config
 from sparse_policy_node.core.checkpoint import trained_max_age
 from sparse_policy_node.core.config import ConfigError
+from sparse_policy_node.core.config import MATCHED_SPARSITY
 from sparse_policy_node.core.config import RuntimeConfig
 from sparse_policy_node.core.engine import load_engine
 import torch
@@ -50,7 +51,7 @@ def test_lift_serving_default_loads_and_runs_a_finite_chunk():
 CAN = os.path.join(os.path.dirname(LIFT), 'can')
 
 
-def test_can_is_a_state_only_model_with_a_ddim10_pruner_for_its_weights():
+def test_can_is_a_state_only_model_with_ddim10_and_ddpm100_pruners_for_its_weights():
     from sparse_policy_node.core.checkpoint import load_policy
     from sparse_policy_node.core.model_card import read_card
     policy = load_policy(CAN)
@@ -59,8 +60,11 @@ def test_can_is_a_state_only_model_with_a_ddim10_pruner_for_its_weights():
     card = read_card(CAN, policy.config)
     assert card['cameras'] == {} and card['inputs']['object']['dim'] == 14
     pruners = load_pruners(CAN)  # raises on a policy-hash mismatch
-    assert set(pruners) == {('ddim', 10)}
+    assert set(pruners) == {('ddim', 10), ('ddpm', 100)}
     assert trained_max_age(pruners[('ddim', 10)]) == 3
+    # The DDPM-100 pruner is the one of the 0.93 ablation (docs/ablation.md).
+    assert trained_max_age(pruners[('ddpm', 100)]) == 3
+    assert pruners[('ddpm', 100)].metadata['target_sparsity'] == MATCHED_SPARSITY
 
 
 def test_can_serving_default_runs_finite_chunks_from_state_alone():

@@ -69,6 +69,26 @@ def test_one_step_moves_realized_sparsity_toward_the_target(tiny_policy, tiny_ro
         assert torch.equal(value, params[key])
 
 
+@pytest.mark.parametrize('max_age', [0, 1])
+def test_sparsity_counts_expired_rollout_slots_as_compute(tiny_policy, tiny_rollouts, max_age):
+    # Gates that always choose the rollout cache. With max age 1, frame 2 finds the slots of
+    # frame 0 two chunks old: they expire and every unit computes, whatever the gates say;
+    # the sparsity (and so the sparsity loss) must say so.
+    cfg = PrunerTrainConfig(pruner=PCFG, rollout_max_age=max_age, directions=('rollout',))
+    runner = make_runner(tiny_policy, cfg, bias=(0.0, 0.0, 0.0, 10.0))
+    batch = EpisodeBatch(tiny_rollouts[2][2:])  # one episode of 4 frames
+    runner.reset()
+    with torch.no_grad():
+        outs = [runner(batch.frame(f), hard=True) for f in range(batch.num_frames)]
+    sparsity = [float(out['sparsity']) for out in outs]
+    assert outs[0]['dense']  # the first chunk computes everything and fills the slots
+    assert sparsity[1] > 0.5 and sparsity[3] > 0.5
+    if max_age:
+        assert sparsity[2] == 0.0  # every slot expired: all computed
+    else:
+        assert sparsity[2] == sparsity[1]
+
+
 def test_all_compute_gates_reproduce_the_recorded_target(tiny_policy, tiny_rollouts):
     cfg = PrunerTrainConfig(pruner=PCFG)
     runner = make_runner(tiny_policy, cfg, bias=(10.0, 0.0, 0.0, 0.0))

@@ -589,9 +589,12 @@ class SparseEngine:
                     gate_maps = self._gate_map(runtime, time_mem, obs_mem).to(cond.device)
                     timing['pruner_ms'] = (time.perf_counter() - t0) * 1e3
                 onehot = F.one_hot(gate_maps, 4).to(model.pos_emb.dtype)  # (B, K, U, 4)
-                nactions = sample_soft(model, sched, memory_kv(), noise, onehot, self.cache,
-                                       step_noise, generator)
-                executed = gate_maps.cpu()  # (B, K, U)
+                nactions, compute = sample_soft(model, sched, memory_kv(), noise, onehot,
+                                                self.cache, step_noise, generator,
+                                                return_compute=True)
+                # What ran: an expired or empty slot computed whatever the gate chose.
+                executed = torch.where(compute > 0.5, torch.zeros_like(gate_maps),
+                                       gate_maps).cpu()  # (B, K, U)
         finally:
             sched.inpaint = None
         action_pred = policy.normalizer.unnormalize(keys.ACTION, nactions)

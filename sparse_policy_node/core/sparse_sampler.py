@@ -111,7 +111,7 @@ def sample_sparse(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
 def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
                 noise: torch.Tensor, gates: torch.Tensor, cache: FeatureCache,
                 step_noise: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, return_compute: bool = False):
     """Batched reverse diffusion with soft (one-hot valued) gates; differentiable in ``gates``.
 
     Every unit is computed for every sample; caches are refreshed per sample where the compute
@@ -127,12 +127,18 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
         cache: feature caches holding (B, T_a, D) tensors; begin_chunk must have been called.
         step_noise: optional (K, B, T_a, A) DDPM variance noise.
         generator: draws variance noise when ``step_noise`` is None.
+        return_compute: also return what ran: the (B, K, U) compute weight of every unit,
+            1 where the gate chose compute *or* chose a candidate that was empty or expired
+            (the fallbacks), differentiable in ``gates``. Its mean is the compute the chunk
+            really does, which the gates alone overstate when slots expire.
 
     Returns:
-        (B, T_a, A) denoised normalized actions.
+        (B, T_a, A) denoised normalized actions; with ``return_compute``, the pair
+        (actions, compute).
     """
     K, U = scheduler.num_steps, model.num_units
     x_a = noise
+    compute = []
     for k in range(K):
         x = model.embed_sample(x_a.to(model.pos_emb.dtype))
         for b in range(U):
@@ -140,7 +146,10 @@ def sample_soft(model: DPTransformer, scheduler: NoiseScheduler, kv_all: list,
             x, g_compute = soft_mix(x, d, gates[:, k, b], cache.soft_candidates(k, b),
                                     cache.rollout_fresh_mask(k, b, x.shape[0]))
             cache.store_where(k, b, d.detach(), g_compute > 0.5)
+            compute.append(g_compute)
         eps = model.output(x).to(x_a.dtype)
         x_a = scheduler.step(eps, k, x_a, None if step_noise is None else step_noise[k],
                              generator)
+    if return_compute:
+        return x_a, torch.stack(compute, dim=1).reshape(-1, K, U)
     return x_a

@@ -12,6 +12,7 @@ trains on non-EMA weights and deploys EMA ones, §13.5). Per batch of episodes::
         f == 0: every unit computes (first-chunk rule), only L_s trains the pruner
         pred = sample_soft(K steps, gates, cache, recorded noise)    # differentiable
         L = fidelity(pred, recorded dense action_pred) + lambda * mean_i |s_i - rho|
+            # s_i: the sparsity that runs, fallbacks (expired or empty slots) counted
         backward, AdamW step; the rollout cache (detached) carries over to frame f + 1
 
 Episodes of different lengths are not truncated to the shortest (§13.4): a batch is sorted
@@ -223,7 +224,8 @@ class FrameRunner:
 
         Returns:
             ``loss`` (scalar, differentiable unless ``hard``), ``fidelity``, ``sparse_loss``,
-            ``raw_l1`` (raw action units), ``sparsity`` (the pruner's gate sparsity, (B,)),
+            ``raw_l1`` (raw action units), ``sparsity`` ((B,): the sparsity that runs,
+            expired and empty slots counted as compute; the gates' own on a dense frame),
             ``dense`` (bool: the first-chunk rule forced every unit to compute).
         """
         cfg, policy = self.cfg, self.policy
@@ -250,8 +252,15 @@ class FrameRunner:
         with torch.set_grad_enabled(not hard and not dense):
             used = F.one_hot(torch.zeros(B, K, U, dtype=torch.long, device=self.device),
                              4).float() if dense else gates
-            pred = sample_soft(model, self.scheduler, kv_all, frame['noise'], used, self.cache,
-                               frame['step_noise'])  # (B, T_a, A) normalized
+            pred, compute = sample_soft(model, self.scheduler, kv_all, frame['noise'], used,
+                                        self.cache, frame['step_noise'],
+                                        return_compute=True)  # (B, T_a, A), (B, K, U)
+            if not dense:
+                # The sparsity that runs: a gate whose rollout slot has expired (aging) or
+                # whose candidate is empty computes. Before, the loss counted the gates
+                # alone; with aging a pruner trained to 0.93 realized 0.77 on Can.
+                sparsity = 1.0 - compute.mean(dim=(1, 2))
+                sparse_loss = (sparsity - cfg.target_sparsity).abs().mean()
             target = policy.normalizer.normalize(keys.ACTION, frame['target'])
             if cfg.fidelity == 'normalized_l1':
                 fidelity = (pred - target).abs().mean()
