@@ -17,7 +17,7 @@ def load_script(name):
 
 
 def block(seed_start, outcomes):
-    """A frontier report of one block: ``outcomes`` = {point: [(success, steps), ...]}."""
+    """Return a frontier report of one block; ``outcomes`` = {point: [(success, steps), ...]}."""
     episodes = {name: [{'seed': seed_start + i, 'success': ok, 'steps': steps,
                         'chunk_ms': 10.0, 'realized_sparsity': 0.93}
                        for i, (ok, steps) in enumerate(eps)]
