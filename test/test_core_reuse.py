@@ -2,7 +2,9 @@
 
 * Today's chunks of every sparse path equal the ones saved before the rules were moved into
   one module (``test/artifacts/reuse_reference.pt``, made by ``test/reuse_runs.py`` at commit
-  354904c).
+  354904c). One entry was updated since, on purpose: ``batched_random_age1_gates``, when
+  the batched path began to report the choices that ran (109 rollout reuses whose slot had
+  expired now read compute, as the host path has always reported them; actions unchanged).
 * :func:`chunk_plan` (the whole-chunk device form) gives the executed choices and the very
   cached values of the per-unit host form (:meth:`FeatureCache.source` / ``store``), over
   random gate maps, rollout states and max ages.

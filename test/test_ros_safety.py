@@ -132,6 +132,22 @@ def publish_arm(robot, node, position):
     return seen()
 
 
+def pose_seen(node, robot, t_ns):
+    """Publish the measured pose stamped ``t_ns`` until the node has it.
+
+    Pose-target output integrates a chunk from the measured pose nearest its stamp. The pose
+    and the observation arrive on separate subscriptions, so on a loaded machine the chunk
+    of ``t_ns`` could be computed before its pose arrived, and be rejected.
+    """
+    def seen():
+        return any(ns == t_ns for ns, _, _ in list(node._poses))
+    deadline = time.monotonic() + 5.0
+    while not seen() and time.monotonic() < deadline:
+        robot.publish_pose(t_ns)
+        time.sleep(0.02)
+    return seen()
+
+
 def enable(robot, node, on=True):
     """Publish the enable input until the node has taken it."""
     def taken():
@@ -269,6 +285,7 @@ def test_enable_expires_without_refresh_and_reset_clears_it(system, delta_model)
                                          'safety.enable_timeout_s': 0.3})
     assert set_clock(node, robot, T0)
     assert enable(robot, node)
+    assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     assert robot.wait_for(lambda: robot.targets)
     commanded = pose_of(robot.targets[-1])
@@ -297,6 +314,7 @@ def test_silent_hold_publishes_nothing_while_disabled(system, delta_model):
                                          'safety.hold_output': 'silent'})
     assert set_clock(node, robot, T0)
     assert enable(robot, node)
+    assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     assert robot.wait_for(lambda: robot.targets)
     assert enable(robot, node, False)
@@ -329,6 +347,7 @@ def test_joint_hold_stops_at_the_target_in_force_not_measured(system, joint_mode
 def test_deactivate_sends_a_stop(system, delta_model):
     node, robot = system(delta_model, **{'output.mode': 'pose_target'})
     assert set_clock(node, robot, T0)
+    assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     assert robot.wait_for(lambda: robot.targets)
     last = pose_of(robot.targets[-1])
@@ -379,6 +398,7 @@ def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
         return out
     node.engine.predict_action = stall
     assert set_clock(node, robot, T0)
+    assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     assert set_clock(node, robot, T0 + 3 * DT)
     robot.publish_obs(T0 + 3 * DT)
@@ -524,6 +544,7 @@ def test_gripper_command_as_a_float64_multi_array_with_a_linear_width(system, de
     assert wait_until(lambda: node.gripper_pub.get_subscription_count() >= 1)
     force_actions(node, np.array([0.0] * 6 + [0.5]))     # 0.5: three quarters closed
     assert set_clock(node, robot, T0)
+    assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     assert robot.wait_for(lambda: got)
     assert list(got[0].data) == pytest.approx([0.08 + 0.75 * (0.0 - 0.08)])
