@@ -102,13 +102,24 @@ def force_actions(node, values):
     node.engine.predict_action = fixed
 
 
+def publish_until(publish, done, timeout_s=5.0, period_s=0.02):
+    """Call ``publish()`` every ``period_s`` until ``done()`` holds or ``timeout_s`` passes.
+
+    Returns:
+        ``done()`` at the end: whether the node took the input before the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        publish()
+        time.sleep(period_s)
+    return done()
+
+
 def set_clock(node, robot, t_ns, timeout=5.0):
     """Publish /clock at ``t_ns`` until the node's clock has it (a condition, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while node.get_clock().now().nanoseconds < t_ns and time.monotonic() < deadline:
-        robot.publish_clock(t_ns)
-        time.sleep(0.01)
-    return node.get_clock().now().nanoseconds >= t_ns
+    return publish_until(lambda: robot.publish_clock(t_ns),
+                         lambda: node.get_clock().now().nanoseconds >= t_ns,
+                         timeout_s=timeout, period_s=0.01)
 
 
 def wait_until(predicate, timeout=5.0):
@@ -125,27 +136,21 @@ def publish_arm(robot, node, position):
     def seen():
         j = node._joints
         return j is not None and np.allclose(j, position)
-    deadline = time.monotonic() + 5.0
-    while not seen() and time.monotonic() < deadline:
-        robot.arm_pub.publish(JointState(name=JOINTS, position=[float(v) for v in position]))
-        time.sleep(0.02)
-    return seen()
+    msg = JointState(name=JOINTS, position=[float(v) for v in position])
+    return publish_until(lambda: robot.arm_pub.publish(msg), seen)
 
 
-def pose_seen(node, robot, t_ns):
+def pose_seen(node, robot, t_ns, **pose):
     """Publish the measured pose stamped ``t_ns`` until the node has it.
+
+    ``pose``: keywords of ``FakeRobot.publish_pose`` (position, quat, frame_id).
 
     Pose-target output integrates a chunk from the measured pose nearest its stamp. The pose
     and the observation arrive on separate subscriptions, so on a loaded machine the chunk
     of ``t_ns`` could be computed before its pose arrived, and be rejected.
     """
-    def seen():
-        return any(ns == t_ns for ns, _, _ in list(node._poses))
-    deadline = time.monotonic() + 5.0
-    while not seen() and time.monotonic() < deadline:
-        robot.publish_pose(t_ns)
-        time.sleep(0.02)
-    return seen()
+    return publish_until(lambda: robot.publish_pose(t_ns, **pose),
+                         lambda: any(ns == t_ns for ns, _, _ in list(node._poses)))
 
 
 def enable(robot, node, on=True):
@@ -154,11 +159,7 @@ def enable(robot, node, on=True):
         now = node.get_clock().now().nanoseconds
         return (node.safety.deadman.reason(now, node.safety.config.enable_timeout_s) == '') \
             == on
-    deadline = time.monotonic() + 5.0
-    while not taken() and time.monotonic() < deadline:
-        robot.publish_enable(on)
-        time.sleep(0.02)
-    return taken()
+    return publish_until(lambda: robot.publish_enable(on), taken)
 
 
 def drive_at(node, robot, t_ns):
@@ -408,6 +409,39 @@ def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
     assert robot.wait_chunk(T0 + 4 * DT, timeout=0.5) is None
 
 
+def test_a_chunk_computed_across_a_hold_is_dropped_and_the_next_one_is_dense(
+        system, delta_model):
+    node, robot = system(delta_model, **{'output.mode': 'pose_target',
+                                         'safety.require_enable': True})
+    predict = node.engine.predict_action
+    calls, took_over = [], []
+
+    def held_meanwhile(*args, **kwargs):
+        out = predict(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:      # the operator lets go and takes over again meanwhile
+            took_over.extend([enable(robot, node, False),
+                              set_clock(node, robot, T0 + 5 * DT),     # a tick holds
+                              wait_until(lambda: node._holding is not None),
+                              enable(robot, node)])
+        return out
+    node.engine.predict_action = held_meanwhile
+    assert set_clock(node, robot, T0)
+    assert enable(robot, node)
+    assert pose_seen(node, robot, T0)
+    assert robot.drive(T0) is not None
+    dense = node.stats.counters.get('dense_after_pause', 0)
+    assert set_clock(node, robot, T0 + 3 * DT)
+    robot.publish_obs(T0 + 3 * DT)
+    assert set_clock(node, robot, T0 + 4 * DT)
+    robot.publish_obs(T0 + 4 * DT)
+    assert wait_until(lambda: node.stats.counters.get('discarded_holding', 0) >= 1)
+    assert took_over == [True] * 4
+    # Before, that chunk went out and cleared the pause: nothing after it ran dense.
+    assert drive_at(node, robot, T0 + 8 * DT)
+    assert node.stats.counters['dense_after_pause'] == dense + 1
+
+
 def test_unlimited_robot_output_warns_at_activation(system, context, delta_model):
     values = dict(TINY_PARAMS, model_dir=delta_model, autostart=False,
                   **{'output.mode': 'pose_target'})
@@ -471,6 +505,7 @@ def test_real_arm_profile_through_late_chunks_deadman_live_cap_pause_swap_deacti
 
     assert set_clock(node, robot, T0)
     assert enable(robot, node)
+    assert pose_seen(node, robot, T0, position=p_in)     # no pose before T0's to fall back on
     # Late chunks: the clock is 2.4 steps past the stamp when each chunk arrives.
     obs(T0)
     assert set_clock(node, robot, T0 + 12 * DT // 5)

@@ -125,3 +125,16 @@ def test_plot_with_no_successful_point(tmp_path):
               'points': [{'trajectories': 1, 'success': 0.0, 'steps_success': None}]}
     plot_efficiency(report, str(tmp_path / 'plot.png'))
     assert (tmp_path / 'plot.png').stat().st_size > 0
+
+
+def test_resume_takes_a_report_older_than_a_setting_and_names_what_differs(tmp_path):
+    from sparse_policy_node.tools.args import CommandError
+    from sparse_policy_node.training.efficiency import resumed
+    old = {'model': 'm', 'epochs': 3, 'points': [{'trajectories': 1}]}  # no train_frames yet
+    (tmp_path / 'efficiency.json').write_text(json.dumps(old))
+    new = {'model': 'm', 'epochs': 3, 'train_frames': 0, 'points': []}
+    assert resumed(new, str(tmp_path))['points'] == old['points']
+    with pytest.raises(CommandError, match=r'\(train_frames\)'):
+        resumed(dict(new, train_frames=800), str(tmp_path))
+    with pytest.raises(CommandError, match=r'\(epochs\)'):
+        resumed(dict(new, epochs=4), str(tmp_path))

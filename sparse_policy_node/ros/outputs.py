@@ -188,6 +188,7 @@ class OutputsMixin:
         first = self._holding is None
         if first:
             self.stats.count('holds')
+            self._holds_started += 1
             self.get_logger().warning(f'holding: {reason}')
         self._holding = reason
         self._current = None

@@ -162,20 +162,25 @@ def plot_efficiency(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+# Settings added after reports were first written, with the value older reports ran with.
+SETTINGS_ADDED_LATER = {'train_frames': 0}
+
+
 def resumed(report: dict, out: str) -> dict:
     """Return the report in ``out`` when it was made with the same settings, else ``report``.
 
-    Its dense episodes and finished points are kept (``--resume``).
+    Its dense episodes and finished points are kept (``--resume``). A setting an older report
+    lacks counts as the value it ran with (``SETTINGS_ADDED_LATER``).
     """
     path = os.path.join(out, 'efficiency.json')
     if not os.path.isfile(path):
         return report
     with open(path) as f:
-        old = json.load(f)
-    same = all(old.get(k) == v for k, v in report.items() if k != 'points')
-    if not same:
-        raise CommandError(f'{path} was made with other settings; give another --out or '
-                           f'drop --resume')
+        old = {**SETTINGS_ADDED_LATER, **json.load(f)}
+    differ = [k for k, v in report.items() if k != 'points' and old.get(k) != v]
+    if differ:
+        raise CommandError(f'{path} was made with other settings ({", ".join(differ)}); give '
+                           f'another --out or drop --resume')
     return old
 
 
