@@ -83,6 +83,10 @@ def test_command_trains_evaluates_and_plots_every_point(tiny_policy, tmp_path, c
     for point in report['points']:  # chunks after the first (dense by rule) run the dial
         assert point['realized_sparsity'] == pytest.approx(0.5, abs=0.06)
         assert point['per_episode'][0]['chunks'] == 3
+        run = out / f'n{point["trajectories"]}_seed{point["train_seed"]}'
+        last = json.loads((run / 'log.jsonl').read_text().splitlines()[-1])   # the evaluated
+        assert (point['train_fidelity'], point['train_sparsity']) == (
+            last['train_fidelity'], last['train_sparsity'])
     assert (out / 'efficiency.png').stat().st_size > 0
     assert (out / 'n2_seed1' / 'last' / 'pruner.json').is_file()
     assert json.loads(capsys.readouterr().out.splitlines()[0])['dense'] == 0.0

@@ -17,7 +17,9 @@ a model and a rollout file (``sparse-policy rollouts``):
 
 Output in ``--out``: ``efficiency.json`` (rewritten after every point, so an interrupted run
 keeps what it measured), ``efficiency.png`` (success and steps per successful episode against
-n, one dot per training seed, the mean and dense) and one run directory per point.
+n, one dot per training seed, the mean and dense) and one run directory per point. Each point
+records the training loss terms of the epoch it evaluates (``train_fidelity``,
+``train_sparsity``: the last epoch's).
 """
 
 import argparse
@@ -246,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
                 episode_summary(episodes), trajectories=n, train_seed=seed,
                 train_episodes=indices, train_frames=frames * epochs, epochs=epochs,
                 train_minutes=round(summary['minutes'], 2),
-                train_sparsity=summary['best'].get('train_sparsity'), per_episode=episodes))
+                train_sparsity=summary['last'].get('train_sparsity'),
+                train_fidelity=summary['last'].get('train_fidelity'), per_episode=episodes))
             _save(report, args.out)
             point = report['points'][-1]
             print(f'n={n} seed={seed}: {point["wins"]}/{point["episodes"]} at {dial} '

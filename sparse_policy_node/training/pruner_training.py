@@ -482,8 +482,8 @@ def train_pruner(model_dir: str, rollouts: str, out_dir: str, cfg: PrunerTrainCo
                                                  if isinstance(v, float)), file=sys.stderr)
         if cfg.max_minutes and time.time() - start > 60 * cfg.max_minutes:
             break
-    summary = {'best_epoch': best['epoch'], 'best': best['metrics'], 'out_dir': out_dir,
-               'minutes': (time.time() - start) / 60, 'metadata': metadata}
+    summary = {'best_epoch': best['epoch'], 'best': best['metrics'], 'last': row,
+               'out_dir': out_dir, 'minutes': (time.time() - start) / 60, 'metadata': metadata}
     if install:
         summary['installed'] = install_pruner(os.path.join(out_dir, 'best'), model_dir)
     return summary
