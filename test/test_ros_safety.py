@@ -442,6 +442,36 @@ def test_a_chunk_computed_across_a_hold_is_dropped_and_the_next_one_is_dense(
     assert node.stats.counters['dense_after_pause'] == dense + 1
 
 
+def test_a_late_chunk_still_ends_a_hold_for_missing_actions(system, delta_model):
+    # The watchdog's "no action" hold is the one hold a chunk ends, so a chunk that was
+    # computing when it began is published. The hold is injected the way the control tick
+    # calls it: the real watchdog would have to fire within one chunk (0.2 s) while the
+    # inputs stay fresh in wall time, which a loaded machine cannot promise.
+    node, robot = system(delta_model, **{'output.mode': 'pose_target'})
+    predict = node.engine.predict_action
+    calls = []
+
+    def late(*args, **kwargs):
+        out = predict(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with node._lock:
+                node._hold('watchdog: no action for 0.30 s (> 0.25 s)',
+                           node.get_clock().now().nanoseconds)
+        return out
+    node.engine.predict_action = late
+    assert set_clock(node, robot, T0)
+    assert pose_seen(node, robot, T0)
+    assert robot.drive(T0) is not None
+    assert set_clock(node, robot, T0 + 3 * DT)
+    robot.publish_obs(T0 + 3 * DT)
+    assert set_clock(node, robot, T0 + 4 * DT)
+    robot.publish_obs(T0 + 4 * DT)
+    assert wait_until(lambda: len(calls) >= 2 and node._holding is None)
+    assert node.stats.counters['holds'] >= 1
+    assert node.stats.counters.get('discarded_holding', 0) == 0
+
+
 def test_unlimited_robot_output_warns_at_activation(system, context, delta_model):
     values = dict(TINY_PARAMS, model_dir=delta_model, autostart=False,
                   **{'output.mode': 'pose_target'})

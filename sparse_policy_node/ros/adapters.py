@@ -105,7 +105,8 @@ class AdaptersMixin:
         self._joints = None                  # measured joint positions (output order)
         self._joints_ns = None               # when they arrived (node clock)
         self._paused = False                 # held or inputs gapped since the last chunk
-        self._holds_started = 0              # holds begun (a chunk overlapping one is dropped)
+        self._blocking_holds = 0             # holds begun that no chunk ends (see _hold)
+        self._blocking = False               # the current hold is one of them
         self._commanded = False              # an action went out since activation
         self._last_target = None             # (position, quaternion) last sent
         self._last_gripper = None

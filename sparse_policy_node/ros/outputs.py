@@ -188,8 +188,14 @@ class OutputsMixin:
         first = self._holding is None
         if first:
             self.stats.count('holds')
-            self._holds_started += 1
             self.get_logger().warning(f'holding: {reason}')
+        # A hold that no chunk can end (the enable input, stale inputs; not the watchdog's
+        # "no action", which the chunk in flight ends): a chunk that was computing when one
+        # began is not published (worker), even if the hold is over by then.
+        blocking = bool(self._hold_reason(now, covered=True))
+        if blocking and not self._blocking:
+            self._blocking_holds += 1
+        self._blocking = blocking
         self._holding = reason
         self._current = None
         self._paused = True       # the next chunk starts dense (docs/safety.md)
@@ -263,7 +269,7 @@ class OutputsMixin:
                 self._hold(reason, now)
                 return
             if self._holding:
-                self._holding = None
+                self._holding, self._blocking = None, False
                 self.get_logger().info('hold released: commanding again')
             step = self._exec.tick(now) if covered else None
             if step is not None:

@@ -305,7 +305,7 @@ class WorkerMixin:
         frame_ids = {k: [(episode, ns) for ns in window.stamps[k]] for k in self.image_keys}
         # noise_seed >= 0: noise from (seed, window stamp), reproducible offline (replay-bag).
         noise = engine_chunk_noise(self.engine, s.noise_seed, window.stamp_ns)
-        holds = self._holds_started      # before the pause check: see the publish check
+        holds = self._blocking_holds     # before the pause check: see the publish check
         if episode != self._engine_episode:
             # The episode's first chunk: dense, from empty caches. Tied to the chunk's own
             # episode, not to when the worker last looked for changes: a reset that lands
@@ -356,16 +356,17 @@ class WorkerMixin:
                 self.stats.count('discarded_holding')      # disabled or stalled meanwhile
                 self._hold(reason, now)
                 return
-            if self._holds_started != holds:
-                # A hold began and ended while this chunk ran: it comes from before the
-                # pause, so it is dropped and the next chunk starts dense.
+            if self._blocking_holds != holds:
+                # A hold no chunk ends (enable, stale inputs) began and ended while this
+                # chunk ran: it comes from before the pause, so it is dropped and the next
+                # chunk starts dense.
                 self.stats.count('discarded_holding')
                 self._paused = True
                 return
             if not self._publish_plan(window.stamp_ns, actions, plan):
                 return
             if self._holding:
-                self._holding = None
+                self._holding, self._blocking = None, False
                 self.get_logger().info('hold released: commanding again')
             self._exec.commit(self._planned)
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
