@@ -201,6 +201,12 @@ class OutputsMixin:
         self._paused = True       # the next chunk starts dense (docs/safety.md)
         self._send_hold(now, first)
 
+    def _release_hold(self) -> None:
+        """Command again (under the lock): end the hold in force, if any, and log it."""
+        if self._holding:
+            self._holding, self._blocking = None, False
+            self.get_logger().info('hold released: commanding again')
+
     def _send_hold(self, now: int, first: bool, stopping: bool = False) -> str:
         """Send the output mode's hold command through the safety layer; say what was sent.
 
@@ -268,9 +274,7 @@ class OutputsMixin:
             if reason:
                 self._hold(reason, now)
                 return
-            if self._holding:
-                self._holding, self._blocking = None, False
-                self.get_logger().info('hold released: commanding again')
+            self._release_hold()
             step = self._exec.tick(now) if covered else None
             if step is not None:
                 self._publish_step(current, step[0])

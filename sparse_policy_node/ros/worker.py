@@ -365,9 +365,7 @@ class WorkerMixin:
                 return
             if not self._publish_plan(window.stamp_ns, actions, plan):
                 return
-            if self._holding:
-                self._holding, self._blocking = None, False
-                self.get_logger().info('hold released: commanding again')
+            self._release_hold()
             self._exec.commit(self._planned)
             self._last, self._current = (window.stamp_ns, len(actions)), (window.stamp_ns,
                                                                           actions, plan)
