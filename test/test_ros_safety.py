@@ -384,27 +384,38 @@ def test_first_chunk_after_an_input_gap_is_dense(system, measured_delta_model):
 
 # ==== 9: the watchdog guards the publish path; unlimited activation warns ====
 
+def on_second_chunk(node, act):
+    """Run ``act()`` inside the engine call of the node's second chunk; return the calls."""
+    predict = node.engine.predict_action
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        out = predict(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            act()
+        return out
+    node.engine.predict_action = wrapped
+    return calls
+
+
+def observe_second_window(node, robot):
+    """After T0's chunk: the observations of T0 + 3 DT and T0 + 4 DT (the next window)."""
+    for t in (T0 + 3 * DT, T0 + 4 * DT):
+        assert set_clock(node, robot, t)
+        robot.publish_obs(t)
+
+
 def test_a_chunk_finished_after_a_stall_is_not_published(system, delta_model):
     # 1 s: the watchdog also counts wall time since arrival; a loaded machine must not trip it.
     node, robot = system(delta_model, **{'output.mode': 'pose_target',
                                          'safety.watchdog_s': 1.0})
-    predict = node.engine.predict_action
-    calls = []
-
-    def stall(*args, **kwargs):
-        out = predict(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:              # the inputs stop while this chunk is computed
-            set_clock(node, robot, T0 + 4 * DT + 40 * DT)
-        return out
-    node.engine.predict_action = stall
+    # The inputs stop while the second chunk is computed.
+    on_second_chunk(node, lambda: set_clock(node, robot, T0 + 4 * DT + 40 * DT))
     assert set_clock(node, robot, T0)
     assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
-    assert set_clock(node, robot, T0 + 3 * DT)
-    robot.publish_obs(T0 + 3 * DT)
-    assert set_clock(node, robot, T0 + 4 * DT)
-    robot.publish_obs(T0 + 4 * DT)
+    observe_second_window(node, robot)
     assert wait_until(lambda: node.stats.counters.get('discarded_holding', 0) >= 1)
     assert robot.wait_chunk(T0 + 4 * DT, timeout=0.5) is None
 
@@ -413,28 +424,19 @@ def test_a_chunk_computed_across_a_hold_is_dropped_and_the_next_one_is_dense(
         system, delta_model):
     node, robot = system(delta_model, **{'output.mode': 'pose_target',
                                          'safety.require_enable': True})
-    predict = node.engine.predict_action
-    calls, took_over = [], []
-
-    def held_meanwhile(*args, **kwargs):
-        out = predict(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:      # the operator lets go and takes over again meanwhile
-            took_over.extend([enable(robot, node, False),
-                              set_clock(node, robot, T0 + 5 * DT),     # a tick holds
-                              wait_until(lambda: node._holding is not None),
-                              enable(robot, node)])
-        return out
-    node.engine.predict_action = held_meanwhile
+    took_over = []
+    # The operator lets go and takes over again while the second chunk is computed.
+    on_second_chunk(node, lambda: took_over.extend([
+        enable(robot, node, False),
+        set_clock(node, robot, T0 + 5 * DT),     # a tick holds
+        wait_until(lambda: node._holding is not None),
+        enable(robot, node)]))
     assert set_clock(node, robot, T0)
     assert enable(robot, node)
     assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
     dense = node.stats.counters.get('dense_after_pause', 0)
-    assert set_clock(node, robot, T0 + 3 * DT)
-    robot.publish_obs(T0 + 3 * DT)
-    assert set_clock(node, robot, T0 + 4 * DT)
-    robot.publish_obs(T0 + 4 * DT)
+    observe_second_window(node, robot)
     assert wait_until(lambda: node.stats.counters.get('discarded_holding', 0) >= 1)
     assert took_over == [True] * 4
     # Before, that chunk went out and cleared the pause: nothing after it ran dense.
@@ -448,25 +450,16 @@ def test_a_late_chunk_still_ends_a_hold_for_missing_actions(system, delta_model)
     # calls it: the real watchdog would have to fire within one chunk (0.2 s) while the
     # inputs stay fresh in wall time, which a loaded machine cannot promise.
     node, robot = system(delta_model, **{'output.mode': 'pose_target'})
-    predict = node.engine.predict_action
-    calls = []
 
-    def late(*args, **kwargs):
-        out = predict(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            with node._lock:
-                node._hold('watchdog: no action for 0.30 s (> 0.25 s)',
-                           node.get_clock().now().nanoseconds)
-        return out
-    node.engine.predict_action = late
+    def no_action_hold():
+        with node._lock:
+            node._hold('watchdog: no action for 0.30 s (> 0.25 s)',
+                       node.get_clock().now().nanoseconds)
+    calls = on_second_chunk(node, no_action_hold)
     assert set_clock(node, robot, T0)
     assert pose_seen(node, robot, T0)
     assert robot.drive(T0) is not None
-    assert set_clock(node, robot, T0 + 3 * DT)
-    robot.publish_obs(T0 + 3 * DT)
-    assert set_clock(node, robot, T0 + 4 * DT)
-    robot.publish_obs(T0 + 4 * DT)
+    observe_second_window(node, robot)
     assert wait_until(lambda: len(calls) >= 2 and node._holding is None)
     assert node.stats.counters['holds'] >= 1
     assert node.stats.counters.get('discarded_holding', 0) == 0
