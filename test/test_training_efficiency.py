@@ -98,6 +98,23 @@ def test_command_trains_evaluates_and_plots_every_point(tiny_policy, tmp_path, c
     resumed = json.loads((out / 'efficiency.json').read_text())
     assert resumed['points'][:4] == report['points'] and resumed['dense'] == report['dense']
     assert [(p['trajectories'], p['train_seed']) for p in resumed['points'][4:]] == [(3, 1)]
+    # A run cut off while it evaluated a point: --resume evaluates the trained pruner again
+    # and does not train it again.
+    cut = dict(resumed, points=resumed['points'][:4])
+    (out / 'efficiency.json').write_text(json.dumps(cut))
+    log = (out / 'n3_seed1' / 'log.jsonl').read_text()
+    (out / 'n3_seed1' / 'log.jsonl').write_text(log)     # a retraining would rewrite it
+    mtime = (out / 'n3_seed1' / 'log.jsonl').stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
+                 '--trajectories', '3', '--train-seeds', '1', '--epochs', '1',
+                 '--target-sparsity', '0.5', '--episodes', '1', '--seed-start', '3',
+                 '--max-steps', '12', '--out', str(out), '--resume']) == 0
+    assert 'training finished' in capsys.readouterr().err
+    assert (out / 'n3_seed1' / 'log.jsonl').stat().st_mtime_ns == mtime
+    again = json.loads((out / 'efficiency.json').read_text())['points'][4]
+    kept = ('train_fidelity', 'train_sparsity', 'train_episodes')
+    assert {k: again[k] for k in kept} == {k: resumed['points'][4][k] for k in kept}
     assert main(['train-efficiency', '--model', model_dir, '--rollouts', path,
                  '--trajectories', '1', '--epochs', '2', '--target-sparsity', '0.5',
                  '--episodes', '1', '--seed-start', '3', '--max-steps', '12',
@@ -142,3 +159,27 @@ def test_resume_takes_a_report_older_than_a_setting_and_names_what_differs(tmp_p
         resumed(dict(new, train_frames=800), str(tmp_path))
     with pytest.raises(CommandError, match=r'\(epochs\)'):
         resumed(dict(new, epochs=4), str(tmp_path))
+
+
+def test_a_finished_training_is_found_only_when_it_matches(tmp_path):
+    from dataclasses import asdict
+    from dataclasses import replace
+    from sparse_policy_node.training.efficiency import finished_training
+    from sparse_policy_node.training.pruner_training import PrunerTrainConfig
+    cfg = PrunerTrainConfig(target_sparsity=0.93, epochs=3, batch_episodes=1, val_episodes=0)
+    rollouts = str(tmp_path / 'r.hdf5')
+    run = tmp_path / 'run'
+    (run / 'last').mkdir(parents=True)
+    (run / 'run.json').write_text(json.dumps({'train_config': asdict(cfg),
+                                              'rollouts': rollouts}))
+    rows = [{'epoch': e, 'minutes': 0.5 * (e + 1), 'train_fidelity': 0.1} for e in range(3)]
+    (run / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    assert finished_training(str(run), cfg, rollouts) is None          # no pruner saved yet
+    (run / 'last' / 'pruner.safetensors').write_bytes(b'x')
+    assert finished_training(str(run), cfg, rollouts) == {'minutes': 1.5, 'last': rows[-1]}
+    assert finished_training(str(run), replace(cfg, epochs=4), rollouts) is None  # cut short
+    assert finished_training(str(run), replace(cfg, seed=7), rollouts) is None
+    assert finished_training(str(run), cfg, str(tmp_path / 'other.hdf5')) is None
+    assert finished_training(str(tmp_path / 'none'), cfg, rollouts) is None
+    (run / 'log.jsonl').write_text('{not json')
+    assert finished_training(str(run), cfg, rollouts) is None

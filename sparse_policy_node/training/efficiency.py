@@ -16,18 +16,21 @@ a model and a rollout file (``sparse-policy rollouts``):
 3. roll out the dense policy (the rollout file's schedule) on the same seeds once.
 
 Output in ``--out``: ``efficiency.json`` (rewritten after every point, so an interrupted run
-keeps what it measured), ``efficiency.png`` (success and steps per successful episode against
+keeps what it measured; ``--resume`` picks it up, and a point whose training finished before the
+cut is evaluated without training it again), ``efficiency.png`` (success and steps per successful episode against
 n, one dot per training seed, the mean and dense) and one run directory per point. Each point
 records the training loss terms of the epoch it evaluates (``train_fidelity``,
 ``train_sparsity``: the last epoch's).
 """
 
 import argparse
+from dataclasses import asdict
 import json
 import os
 import random
 import sys
 from typing import List
+from typing import Optional
 
 import numpy as np
 from sparse_policy_node.core.config import MATCHED_SPARSITY
@@ -94,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='report directory (efficiency.json, efficiency.png, runs)')
     parser.add_argument('--resume', action='store_true',
                         help="keep the dense episodes and finished points of --out's report "
-                             '(same settings only)')
+                             '(same settings only), and the pruners whose training finished')
 
 
 def check_args(args: argparse.Namespace) -> int:
@@ -186,6 +189,28 @@ def resumed(report: dict, out: str) -> dict:
     return old
 
 
+def finished_training(run_dir: str, cfg, rollouts: str) -> Optional[dict]:
+    """Return the summary of a pruner training that finished in ``run_dir``, else None.
+
+    Finished: ``run.json`` records the same training config and rollout file, ``log.jsonl``
+    reaches the last epoch, and ``last/`` holds the pruner. ``--resume`` then evaluates that
+    pruner instead of training it again (a run cut off during a point's evaluation).
+    """
+    from sparse_policy_node.training.pruner_training import read_log
+    try:
+        with open(os.path.join(run_dir, 'run.json')) as f:
+            meta = json.load(f)
+        rows = read_log(run_dir)
+    except (OSError, ValueError):
+        return None
+    same = (meta.get('train_config') == json.loads(json.dumps(asdict(cfg)))
+            and meta.get('rollouts') == os.path.abspath(rollouts))
+    if not (same and rows and rows[-1].get('epoch') == cfg.epochs - 1
+            and os.path.isfile(os.path.join(run_dir, 'last', 'pruner.safetensors'))):
+        return None
+    return {'minutes': rows[-1]['minutes'], 'last': rows[-1]}
+
+
 def _save(report: dict, out: str) -> None:
     with open(os.path.join(out, 'efficiency.json'), 'w') as f:
         json.dump(report, f, indent=1)
@@ -238,8 +263,13 @@ def run(args: argparse.Namespace) -> int:
                                     batch_episodes=min(args.batch_episodes, n), val_episodes=0,
                                     max_minutes=args.max_minutes, seed=seed,
                                     threads=args.threads, rollout_max_age=args.rollout_max_age)
-            summary = train_pruner(args.model, args.rollouts, run_dir, cfg,
-                                   episode_indices=indices)
+            summary = args.resume and finished_training(run_dir, cfg, args.rollouts)
+            if summary:
+                print(f'n={n} seed={seed}: training finished in {run_dir}, evaluating it',
+                      file=sys.stderr)
+            else:
+                summary = train_pruner(args.model, args.rollouts, run_dir, cfg,
+                                       episode_indices=indices)
             model = candidate_model(args.model, os.path.join(run_dir, 'last'),
                                     os.path.join(run_dir, 'model'))
             episodes = evaluate_variant(model, seeds, task, dial, options, args.max_steps,
