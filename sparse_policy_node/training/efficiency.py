@@ -16,9 +16,10 @@ a model and a rollout file (``sparse-policy rollouts``):
 3. roll out the dense policy (the rollout file's schedule) on the same seeds once.
 
 Output in ``--out``: ``efficiency.json`` (rewritten after every point, so an interrupted run
-keeps what it measured; ``--resume`` picks it up, and evaluates without retraining a point whose
-training finished before the cut), ``efficiency.png`` (success and steps per successful episode
-against n, one dot per training seed, the mean and dense) and one run directory per point. Each point
+keeps what it measured; ``--resume`` picks it up, and evaluates without retraining a point
+whose training finished before the cut), ``efficiency.png`` (success and steps per successful
+episode against n, one dot per training seed, the mean and dense) and one run directory per
+point. Each point
 records the training loss terms of the epoch it evaluates (``train_fidelity``,
 ``train_sparsity``: the last epoch's).
 """
