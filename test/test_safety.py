@@ -70,14 +70,25 @@ def test_joint_targets_are_capped_from_the_target_in_force_and_need_a_reference(
 
 def test_deadman_expires_and_is_cleared():
     s = layer(require_enable=True, safety_enable_timeout_s=0.3)
-    assert s.hold_reason(0, {}, None) == 'enable input is off'
+    assert s.hold(0, {}, None) == ('enable input is off', True)
     s.deadman.receive(True, 0)
-    assert s.hold_reason(int(0.2e9), {}, None) == ''
-    assert 'expired' in s.hold_reason(int(0.4e9), {}, None)
+    assert s.hold(int(0.2e9), {}, None) is None
+    assert 'expired' in s.hold(int(0.4e9), {}, None).reason
     s.deadman.receive(True, int(0.4e9))
-    assert s.hold_reason(int(0.5e9), {}, None) == ''
+    assert s.hold(int(0.5e9), {}, None) is None
     s.deadman.clear()
-    assert s.hold_reason(int(0.5e9), {}, None) == 'enable input is off'
+    assert s.hold(int(0.5e9), {}, None) == ('enable input is off', True)
+
+
+def test_only_the_watchdogs_no_action_hold_is_not_blocking():
+    s = layer(safety_watchdog_s=0.5)
+    assert s.hold(int(1e9), {'state': 0.1}, int(0.8e9)) is None
+    stale = s.hold(int(1e9), {'state': 0.7, 'image': 0.2}, int(0.8e9))
+    assert stale.blocking and 'input state is 0.70 s old' in stale.reason
+    idle = s.hold(int(2e9), {'state': 0.1}, int(1e9))
+    assert not idle.blocking and 'no action for 1.00 s' in idle.reason
+    assert s.hold(int(2e9), {'state': 0.1}, None) is None   # covered now: no idle watchdog
+    assert layer(safety_watchdog_s=0.0).hold(int(9e9), {'state': 5.0}, 0) is None
 
 
 def test_pose_targets_are_capped_from_the_last_target_sent():

@@ -7,6 +7,7 @@ values from the same layer. What a hold sends per mode: :meth:`OutputsMixin._sen
 and docs/safety.md.
 """
 
+from typing import Optional
 
 from geometry_msgs.msg import PoseStamped
 import numpy as np
@@ -15,6 +16,7 @@ from sparse_policy_node.ros import actions as act
 from sparse_policy_node.ros import conversions as conv
 from sparse_policy_node.ros import execution as ex
 from sparse_policy_node.ros import gripper
+from sparse_policy_node.ros.safety import Hold
 from std_msgs.msg import Float64
 from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory
@@ -175,28 +177,27 @@ class OutputsMixin:
         self.gripper_pub.publish(Float64MultiArray(data=[value])
                                  if s.output_gripper_msg == 'multi_array' else Float64(data=value))
 
-    def _hold_reason(self, now: int, covered: bool) -> str:
-        """Return why the node holds now ('' to command): enable input, then the watchdog."""
+    def _hold_now(self, now: int, covered: bool) -> Optional[Hold]:
+        """Return why the node holds now (None to command): enable input, then the watchdog."""
         since = None
         if not covered:
             since = self._covered_ns if self._covered_ns is not None else self._activated_ns
         ages = self.history.ages(now) if self.safety.config.watchdog_s > 0 else {}
-        return self.safety.hold_reason(now, ages, since)
+        return self.safety.hold(now, ages, since)
 
-    def _hold(self, reason: str, now: int) -> None:
+    def _hold(self, hold: Hold, now: int) -> None:
         """Hold (under the lock): log once per hold, drop the chunk, send the hold output."""
         first = self._holding is None
         if first:
             self.stats.count('holds')
-            self.get_logger().warning(f'holding: {reason}')
-        # A hold that no chunk can end (the enable input, stale inputs; not the watchdog's
-        # "no action", which the chunk in flight ends): a chunk that was computing when one
-        # began is not published (worker), even if the hold is over by then.
-        blocking = bool(self._hold_reason(now, covered=True))
-        if blocking and not self._blocking:
+            self.get_logger().warning(f'holding: {hold.reason}')
+        # A blocking hold (the enable input, stale inputs; not the watchdog's "no action",
+        # which the chunk in flight ends): a chunk that was computing when one began is not
+        # published (worker), even if the hold is over by then.
+        if hold.blocking and not self._blocking:
             self._blocking_holds += 1
-        self._blocking = blocking
-        self._holding = reason
+        self._blocking = hold.blocking
+        self._holding = hold.reason
         self._current = None
         self._paused = True       # the next chunk starts dense (docs/safety.md)
         self._send_hold(now, first)
@@ -270,9 +271,9 @@ class OutputsMixin:
             covered = current is not None and self._exec.covers(now)
             if covered:
                 self._covered_ns = now
-            reason = self._hold_reason(now, covered)
-            if reason:
-                self._hold(reason, now)
+            hold = self._hold_now(now, covered)
+            if hold:
+                self._hold(hold, now)
                 return
             self._release_hold()
             step = self._exec.tick(now) if covered else None

@@ -14,7 +14,7 @@ applies the limits last and measures them from the last value actually sent on t
 - ``max_joint_speed``: a joint target moves at most ``v * (t - t_ref)`` from the target in
   force at ``t_ref`` (the last one sent, else the measured joints: no reference is a hold);
 - the enable input with a deadman timeout (:class:`Deadman`) and the watchdog
-  (:meth:`SafetyLayer.hold_reason`), which decide whether anything is commanded at all.
+  (:meth:`SafetyLayer.hold`), which decide whether anything is commanded at all.
 
 Shapes: actions (A,) or (n, A); positions (3,); quaternions (4,) as (x, y, z, w); joints (J,)
 or (n, J); times in ns.
@@ -23,6 +23,7 @@ or (n, J); times in ns.
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Dict
+from typing import NamedTuple
 from typing import Optional
 from typing import Tuple
 
@@ -222,6 +223,17 @@ class Sent:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
+class Hold(NamedTuple):
+    """Why the node holds (:meth:`SafetyLayer.hold`).
+
+    ``blocking``: no chunk can end it (the enable input, stale inputs); the watchdog's
+    "no action" is not blocking, since the chunk in flight ends it.
+    """
+
+    reason: str
+    blocking: bool
+
+
 class SafetyLayer:
     """Limits, enable and watchdog; the one place an action passes on its way out.
 
@@ -245,9 +257,9 @@ class SafetyLayer:
 
     # ==== whether to command at all ====
 
-    def hold_reason(self, now_ns: int, input_ages: Dict[str, float],
-                    last_covered_ns: Optional[int]) -> str:
-        """Return why the node must hold now ('' to command): enable, then the watchdog.
+    def hold(self, now_ns: int, input_ages: Dict[str, float],
+             last_covered_ns: Optional[int]) -> Optional['Hold']:
+        """Return why the node must hold now (None to command): enable, then the watchdog.
 
         Args:
             input_ages: seconds since each input's newest message.
@@ -255,15 +267,18 @@ class SafetyLayer:
         """
         c = self.config
         why = self.deadman.reason(now_ns, c.enable_timeout_s)
-        if why or c.watchdog_s <= 0:
-            return why
+        if why:
+            return Hold(why, blocking=True)
+        if c.watchdog_s <= 0:
+            return None
         if input_ages and max(input_ages.values()) > c.watchdog_s:
             key = max(input_ages, key=input_ages.get)
-            return f'watchdog: input {key} is {input_ages[key]:.2f} s old (> {c.watchdog_s} s)'
+            return Hold(f'watchdog: input {key} is {input_ages[key]:.2f} s old '
+                        f'(> {c.watchdog_s} s)', blocking=True)
         if last_covered_ns is not None and now_ns - last_covered_ns > c.watchdog_s * 1e9:
-            return (f'watchdog: no action for {(now_ns - last_covered_ns) / 1e9:.2f} s '
-                    f'(> {c.watchdog_s} s)')
-        return ''
+            return Hold(f'watchdog: no action for {(now_ns - last_covered_ns) / 1e9:.2f} s '
+                        f'(> {c.watchdog_s} s)', blocking=False)
+        return None
 
     # ==== vectors: ~/next_action, ~/action_chunk, the gripper ====
 

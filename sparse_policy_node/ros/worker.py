@@ -351,10 +351,10 @@ class WorkerMixin:
             if not self._active:
                 self.stats.count('discarded_inactive')     # deactivated while computing
                 return
-            reason = self._hold_reason(now, covered=True)
-            if reason:
+            hold = self._hold_now(now, covered=True)
+            if hold:
                 self.stats.count('discarded_holding')      # disabled or stalled meanwhile
-                self._hold(reason, now)
+                self._hold(hold, now)
                 return
             if self._blocking_holds != holds:
                 # A hold no chunk ends (enable, stale inputs) began and ended while this
