@@ -183,3 +183,54 @@ def test_a_finished_training_is_found_only_when_it_matches(tmp_path):
     assert finished_training(str(tmp_path / 'none'), cfg, rollouts) is None
     (run / 'log.jsonl').write_text('{not json')
     assert finished_training(str(run), cfg, rollouts) is None
+
+
+def _report(seed, points, dense_steps=(50, None)):
+    per_episode = [{'seed': 5 + i, 'success': steps is not None, 'steps': steps or 400,
+                    'chunk_ms': 10.0 + seed} for i, steps in enumerate(dense_steps)]
+    point = {'trajectories': 1, 'train_seed': seed, 'success': 0.5, 'wins': 1, 'episodes': 2,
+             'steps_success': 60.0}
+    return {'model': 'm', 'task': 'lift', 'schedule': 'ddpm-100', 'episodes': 2,
+            'seed_start': 5, 'epochs': 1, 'train_frames': 800, 'target_sparsity': 0.93,
+            'dense': {'success': 0.5, 'wins': 1, 'episodes': 2, 'steps_success': 50.0,
+                      'per_episode': per_episode},
+            'points': [dict(point, trajectories=n) for n in points]}
+
+
+def test_join_keeps_every_point_and_checks_settings_and_dense_episodes():
+    from sparse_policy_node.tools.args import CommandError
+    from sparse_policy_node.training.efficiency import join_reports
+    joined = join_reports([_report(0, [1, 4]), _report(1, [2, 1])], ['a', 'b'])
+    assert [(p['trajectories'], p['train_seed']) for p in joined['points']] == [
+        (1, 0), (1, 1), (2, 1), (4, 0)]
+    assert joined['dense'] == _report(0, [])['dense']   # timings may differ, episodes not
+    with pytest.raises(CommandError, match=r'b was made with other settings .*\(train_frames\)'):
+        join_reports([_report(0, [1]), dict(_report(1, [1]), train_frames=9)], ['a', 'b'])
+    with pytest.raises(CommandError, match='dense episodes of b differ'):
+        join_reports([_report(0, [1]), _report(1, [1], dense_steps=(51, None))], ['a', 'b'])
+    with pytest.raises(CommandError, match='b repeats the point n=1, seed 0'):
+        join_reports([_report(0, [1]), _report(0, [1])], ['a', 'b'])
+    no_dense = {k: v for k, v in _report(1, []).items() if k != 'dense'}
+    with pytest.raises(CommandError, match='b has no dense episodes yet'):
+        join_reports([_report(0, [1]), no_dense], ['a', 'b'])
+
+
+def test_join_command_writes_report_and_plot_or_one_line(tmp_path, capsys):
+    from sparse_policy_node.cli import main
+    for seed in (0, 1):
+        (tmp_path / f's{seed}').mkdir()
+        (tmp_path / f's{seed}' / 'efficiency.json').write_text(
+            json.dumps(_report(seed, [1, 2])))
+    out = tmp_path / 'joined'
+    assert main(['train-efficiency', '--join', str(tmp_path / 's0'), str(tmp_path / 's1'),
+                 '--out', str(out)]) == 0
+    assert len(json.loads((out / 'efficiency.json').read_text())['points']) == 4
+    assert (out / 'efficiency.png').stat().st_size > 0
+    capsys.readouterr()
+    assert main(['train-efficiency', '--join', str(tmp_path / 's0'), str(tmp_path / 'none'),
+                 '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'cannot read' in err
+    assert main(['train-efficiency', '--model', str(tmp_path), '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '--rollouts is required' in err

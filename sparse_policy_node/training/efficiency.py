@@ -19,9 +19,12 @@ Output in ``--out``: ``efficiency.json`` (rewritten after every point, so an int
 keeps what it measured; ``--resume`` picks it up, and evaluates without retraining a point
 whose training finished before the cut), ``efficiency.png`` (success and steps per successful
 episode against n, one dot per training seed, the mean and dense) and one run directory per
-point. Each point
-records the training loss terms of the epoch it evaluates (``train_fidelity``,
-``train_sparsity``: the last epoch's).
+point. Each point records the training loss terms of the epoch it evaluates
+(``train_fidelity``, ``train_sparsity``: the last epoch's).
+
+``--join A B --out C`` trains nothing: it joins the reports of runs with the same settings and
+the same dense episodes (for instance one process per training seed, side by side on two
+cores) into one report and plot in C.
 """
 
 import argparse
@@ -69,9 +72,9 @@ def episode_summary(episodes: List[dict]) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the command's options."""
     add_model_argument(parser, default='models/lift')
-    parser.add_argument('--rollouts', required=True,
+    parser.add_argument('--rollouts',
                         help='rollout file of this model (sparse-policy rollouts); it sets '
-                             'the schedule the pruners are trained for')
+                             'the schedule the pruners are trained for (required unless --join)')
     parser.add_argument('--trajectories', action=ListAction, check=int,
                         default=[1, 2, 4, 8, 16, 32, 64],
                         help='numbers of training trajectories, space or comma separated')
@@ -96,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_episode_arguments(parser, task=False, schedule=False)
     parser.add_argument('--out', default='runs/efficiency',
                         help='report directory (efficiency.json, efficiency.png, runs)')
+    parser.add_argument('--join', nargs='+', metavar='DIR', default=None,
+                        help='train nothing: join the reports of runs with the same settings '
+                             'and dense episodes (e.g. one process per --train-seeds value) '
+                             'into --out (efficiency.json, efficiency.png)')
     parser.add_argument('--resume', action='store_true',
                         help="keep the dense episodes and finished points of --out's report "
                              '(same settings only), and the pruners whose training finished')
@@ -105,6 +112,9 @@ def check_args(args: argparse.Namespace) -> int:
     """Check the values, the model and the rollouts; return the rollout file's episodes."""
     from sparse_policy_node.training.pruner_training import check_rollouts as same_policy
     from sparse_policy_node.training.rollouts import count_rollouts
+    if not args.rollouts:
+        raise CommandError('--rollouts is required (a rollout file of sparse-policy rollouts), '
+                           'unless --join')
     for option in ('epochs', 'batch_episodes', 'episodes'):
         check_range(getattr(args, option), f'--{option.replace("_", "-")}', low=1)
     check_episode_arguments(args)
@@ -212,6 +222,62 @@ def finished_training(run_dir: str, cfg, rollouts: str) -> Optional[dict]:
     return {'minutes': rows[-1]['minutes'], 'last': rows[-1]}
 
 
+# Per-episode fields that must agree for two reports' dense episodes to be the same ones.
+EPISODE_KEYS = ('seed', 'success', 'steps')
+
+
+def join_reports(reports: List[dict], names: List[str]) -> dict:
+    """Join efficiency reports of the same settings and dense episodes into one.
+
+    Each report's points are kept (sorted by trajectories, then training seed); the dense
+    episodes must be the same episode by episode (``EPISODE_KEYS``), a point may appear once.
+    Raises CommandError naming the report and what differs.
+    """
+    for report, name in zip(reports, names):
+        if 'dense' not in report:
+            raise CommandError(f'{name} has no dense episodes yet')
+    first = reports[0]
+    for report, name in zip(reports[1:], names[1:]):
+        differ = [k for k in set(first) | set(report) if k not in ('points', 'dense')
+                  and first.get(k) != report.get(k)]
+        if differ:
+            raise CommandError(f'{name} was made with other settings than {names[0]} '
+                               f'({", ".join(sorted(differ))})')
+        ours, theirs = (
+            [tuple(e[k] for k in EPISODE_KEYS) for e in r['dense']['per_episode']]
+            for r in (first, report))
+        if ours != theirs:
+            raise CommandError(f'the dense episodes of {name} differ from those of {names[0]}')
+    points, seen = [], set()
+    for report, name in zip(reports, names):
+        for point in report['points']:
+            key = (point['trajectories'], point['train_seed'])
+            if key in seen:
+                raise CommandError(f'{name} repeats the point n={key[0]}, seed {key[1]}')
+            seen.add(key)
+            points.append(point)
+    points.sort(key=lambda p: (p['trajectories'], p['train_seed']))
+    return dict(first, points=points)
+
+
+def run_join(args: argparse.Namespace) -> int:
+    """``--join``: write the joined report and its plot to ``--out``."""
+    reports = []
+    for run_dir in args.join:
+        path = os.path.join(run_dir, 'efficiency.json')
+        try:
+            with open(path) as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f'--join: cannot read {path} ({exc})') from exc
+    report = join_reports(reports, args.join)
+    os.makedirs(args.out, exist_ok=True)
+    _save(report, args.out)
+    print(f'{len(report["points"])} points from {len(reports)} reports -> '
+          f'{os.path.join(args.out, "efficiency.json")}')
+    return 0
+
+
 def _save(report: dict, out: str) -> None:
     with open(os.path.join(out, 'efficiency.json'), 'w') as f:
         json.dump(report, f, indent=1)
@@ -229,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
     from sparse_policy_node.training.pruner_training import train_pruner
     from sparse_policy_node.training.rollouts import read_rollout_attrs
     from sparse_policy_node.training.rollouts import rollout_lengths
+    if args.join:
+        return run_join(args)
     total = check_args(args)
     lengths = rollout_lengths(args.rollouts)
     attrs = read_rollout_attrs(args.rollouts)
