@@ -258,7 +258,7 @@ class SafetyLayer:
     # ==== whether to command at all ====
 
     def hold(self, now_ns: int, input_ages: Dict[str, float],
-             last_covered_ns: Optional[int]) -> Optional['Hold']:
+             last_covered_ns: Optional[int]) -> Optional[Hold]:
         """Return why the node must hold now (None to command): enable, then the watchdog.
 
         Args:

@@ -206,6 +206,7 @@ def finished_training(run_dir: str, cfg, rollouts: str) -> Optional[dict]:
     Finished: ``run.json`` records the same training config and rollout file, ``log.jsonl``
     reaches the last epoch, and ``last/`` holds the pruner. ``--resume`` then evaluates that
     pruner instead of training it again (a run cut off during a point's evaluation).
+    ``cfg``: the ``PrunerTrainConfig`` the point would train with.
     """
     from sparse_policy_node.training.pruner_training import read_log
     try:
