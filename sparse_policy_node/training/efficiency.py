@@ -182,6 +182,16 @@ def plot_efficiency(report: dict, path: str) -> None:
 SETTINGS_ADDED_LATER = {'train_frames': 0}
 
 
+def differing_settings(a: dict, b: dict) -> List[str]:
+    """Return the settings (every key but ``points`` and ``dense``) two reports differ on.
+
+    A setting a report lacks counts as the value it ran with (``SETTINGS_ADDED_LATER``).
+    """
+    a, b = {**SETTINGS_ADDED_LATER, **a}, {**SETTINGS_ADDED_LATER, **b}
+    return sorted(k for k in set(a) | set(b)
+                  if k not in ('points', 'dense') and a.get(k) != b.get(k))
+
+
 def resumed(report: dict, out: str) -> dict:
     """Return the report in ``out`` when it was made with the same settings, else ``report``.
 
@@ -193,7 +203,7 @@ def resumed(report: dict, out: str) -> dict:
         return report
     with open(path) as f:
         old = {**SETTINGS_ADDED_LATER, **json.load(f)}
-    differ = [k for k, v in report.items() if k != 'points' and old.get(k) != v]
+    differ = differing_settings(report, old)
     if differ:
         raise CommandError(f'{path} was made with other settings ({", ".join(differ)}); give '
                            f'another --out or drop --resume')
@@ -239,11 +249,10 @@ def join_reports(reports: List[dict], names: List[str]) -> dict:
             raise CommandError(f'{name} has no dense episodes yet')
     first = reports[0]
     for report, name in zip(reports[1:], names[1:]):
-        differ = [k for k in set(first) | set(report) if k not in ('points', 'dense')
-                  and first.get(k) != report.get(k)]
+        differ = differing_settings(first, report)
         if differ:
             raise CommandError(f'{name} was made with other settings than {names[0]} '
-                               f'({", ".join(sorted(differ))})')
+                               f'({", ".join(differ)})')
         ours, theirs = (
             [tuple(e[k] for k in EPISODE_KEYS) for e in r['dense']['per_episode']]
             for r in (first, report))
